@@ -1,0 +1,970 @@
+"""Data for LongQLoRA: text sources, a token cache, pretraining and SFT batches, a synthetic long-range
+corpus and the PG19 download.
+
+What LongQLoRA (arXiv 2311.04879) and LongLoRA (arXiv 2309.12307) feed the model:
+- Continued pretraining on long texts. Every document is tokenized with the model's sentencepiece
+  `tokenizer.model` as `BOS + text`. Two ways to cut it into training sequences of exactly `ctx` tokens:
+  * packing (LongLoRA, our default): the documents are joined with EOS into one stream
+    `BOS d1 EOS BOS d2 EOS ... BOS dn` and the stream is cut into consecutive chunks of `ctx` tokens
+    (the incomplete tail is dropped); labels = input_ids;
+  * truncation (LongQLoRA's original recipe): one sequence per document, `(BOS + doc)[:ctx]`, shorter
+    documents right-padded, labels -100 and padding_mask False on the padding.
+- SFT on long instructions with the Vicuna v1.1 template; only the answers (and their EOS) are learned.
+- Perplexity data: the PG19 / Proof-pile texts, or LongLoRA's pre-tokenized flat `.bin` token files
+  (uint16, or uint32 for vocabularies of more than 65,536 ids).
+
+A batch is a dict of equal-length tensors (the model shifts, so labels are *aligned* with input_ids:
+the loss at position t predicts labels[t + 1] from input_ids[: t + 1]):
+    {"input_ids": LongTensor (B, T),
+     "labels": LongTensor (B, T), -100 = ignored,
+     "padding_mask": BoolTensor (B, T), True = real token, or None when every token is real}
+
+Text is tokenized once and cached as a flat token file (`<name>.bin`, uint16/uint32) beside a small JSON
+index (`<name>.json`) with the document offsets and the fingerprints of the tokenizer and of the source
+files; a second run memory-maps the cache. All files are written atomically (temporary file, then
+`os.replace`): after an error nothing half-written is left.
+
+Command line:
+    python data.py download pg19 --split validation --out data/pg19 [--base-url URL]
+    python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+IGNORE_INDEX = -100
+PG19_SPLITS = ("train", "validation", "test")
+TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
+CACHE_FORMAT = 1
+CACHE_FOLDER = ".longqlora_cache"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+class Tokenizer:
+    """The model's sentencepiece `tokenizer.model`; BOS/EOS are the ids the model file defines.
+
+    pad_id: the model's pad id if it has one, else EOS (LLaMA has none). Padding positions are always
+    masked (labels -100, padding_mask False), so the id only has to be a valid embedding row.
+    fingerprint: sha256 of the model file; the token cache is keyed on it.
+    """
+
+    def __init__(self, path):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: sentencepiece tokenizer.model not found")
+        data = self.path.read_bytes()
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(data)
+        except Exception as e:  # sentencepiece raises RuntimeError/OSError depending on version
+            raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from None
+        self.fingerprint = hashlib.sha256(data).hexdigest()
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        pad = self.sp.pad_id()
+        self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id >= 0 else 0)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text, out_type=int)
+        return self._add_special(ids, bos, eos)
+
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        """Many documents at once, on all cores (sentencepiece's own thread pool)."""
+        out = self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+        return [self._add_special(ids, bos, eos) for ids in out]
+
+    def _add_special(self, ids, bos, eos):
+        if bos and self.bos_id >= 0:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id >= 0:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def load_tokenizer(model_dir) -> Tokenizer:
+    """`model_dir/tokenizer.model` (or the path of a .model file itself)."""
+    path = Path(model_dir)
+    if path.is_dir():
+        path = path / "tokenizer.model"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: not found; the model folder must contain the sentencepiece tokenizer.model")
+    return Tokenizer(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text sources
+# ----------------------------------------------------------------------------------------------------
+
+def is_text_file(path: Path) -> bool:
+    return path.name.endswith(TEXT_SUFFIXES)
+
+
+def is_pg19_layout(path: Path) -> bool:
+    """PG19 layout: a folder with train/, validation/ and/or test/ sub-folders (plus metadata.csv)."""
+    return path.is_dir() and any((path / split).is_dir() for split in PG19_SPLITS)
+
+
+def source_files(path, split=None) -> list[Path]:
+    """The files a source reads, in a fixed order.
+
+    - a `.bin` / `.txt` / `.jsonl` / `.jsonl.gz` file: itself;
+    - a PG19-layout folder: the `.txt` books of `path/split` (split is required there);
+    - any other folder: every `.txt`, `.jsonl`, `.jsonl.gz` below it, recursively, sorted by relative
+      path; hidden entries (like our `.longqlora_cache`) are skipped.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix == ".bin" or is_text_file(path):
+            return [path]
+        raise ValueError(f"{path}: unsupported file type (expected .txt, .jsonl, .jsonl.gz, .bin or a folder)")
+    root = path
+    if split is not None:
+        root = path / split
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: split folder not found (PG19 layout: {path}/{{train,validation,test}}/)")
+    elif is_pg19_layout(path):
+        raise ValueError(f"{path}: PG19-layout folder; choose a split ({', '.join(PG19_SPLITS)})")
+    files = []
+    for f in root.rglob("*"):
+        rel = f.relative_to(root)
+        if f.is_file() and is_text_file(f) and not any(part.startswith(".") for part in rel.parts):
+            files.append(f)
+    files.sort(key=lambda f: f.relative_to(root).as_posix())
+    if not files:
+        raise ValueError(f"{root}: empty source: no .txt, .jsonl or .jsonl.gz files found")
+    return files
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """UTF-8 text and the number of characters replaced by U+FFFD because their bytes were invalid."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", errors="replace")
+        # A U+FFFD already present in the file is text, not a replacement.
+        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def iter_jsonl(path):
+    """Yields (line number, parsed object, replaced characters) for each non-blank line of .jsonl(.gz)."""
+    path = Path(path)
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                line, replaced = decode_utf8(raw)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                yield lineno, obj, replaced
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(f"{path}: corrupt gzip file ({e})") from None
+
+
+def jsonl_text(obj, path, lineno) -> str:
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field \"text\"")
+    return obj["text"]
+
+
+def warn_replaced(replaced: dict):
+    """One warning for the whole source: how many characters were undecodable, and where."""
+    if replaced:
+        total = sum(replaced.values())
+        names = ", ".join(sorted(replaced))
+        warnings.warn(f"{total} characters were not valid UTF-8 and were replaced by U+FFFD in: {names}",
+                      stacklevel=3)
+
+
+def iter_documents(path, split=None):
+    """Yields (name, text) for each document of a text source (see `source_files`).
+
+    A .txt file is one document (named by its path relative to the source); each line of a .jsonl is one
+    (named `file:line`). Invalid UTF-8 is decoded with replacement; the count is reported once, in a
+    warning, when the iteration finishes.
+    """
+    path = Path(path)
+    files = source_files(path, split)
+    if files == [path] and path.suffix == ".bin":
+        raise ValueError(f"{path}: a pre-tokenized token file has no text; use load_token_file()")
+    root = path if path.is_dir() else path.parent
+    if path.is_dir() and split is not None:
+        root = path / split
+    replaced = {}
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        if f.name.endswith(".txt"):
+            text, n = decode_utf8(f.read_bytes())
+            text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
+            if n:
+                replaced[rel] = n
+            yield rel, text
+        else:
+            for lineno, obj, n in iter_jsonl(f):
+                if n:
+                    replaced[rel] = replaced.get(rel, 0) + n
+                yield f"{rel}:{lineno}", jsonl_text(obj, f, lineno)
+    warn_replaced(replaced)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Flat token files (LongLoRA's .bin) and the token cache
+# ----------------------------------------------------------------------------------------------------
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 holds ids 0..65535, so vocabularies of up to 65,536 ids; larger ones need uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where) -> None:
+    """Raises if any id is >= vocab_size (scanned in chunks so a large memmap is never copied whole)."""
+    chunk = 1 << 24
+    for start in range(0, len(tokens), chunk):
+        part = np.asarray(tokens[start:start + chunk])
+        if len(part) and int(part.max()) >= vocab_size:
+            pos = int(np.flatnonzero(part >= vocab_size)[0])
+            raise ValueError(f"{where}: token id {int(part[pos])} at position {start + pos} is outside the "
+                             f"model's vocabulary of {vocab_size} ids (wrong tokenizer or dtype?)")
+
+
+def load_token_file(path, vocab_size=None, dtype=None) -> np.ndarray:
+    """Memory-maps a flat token file: LongLoRA's `pg19-validation.bin` etc., no header, native byte order.
+
+    dtype: "uint16" | "uint32"; by default chosen from vocab_size (`token_dtype`), or uint16 (LongLoRA's)
+    when vocab_size is unknown. With vocab_size, every id is checked to be < vocab_size.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: token file not found")
+    if dtype is None:
+        dtype = token_dtype(vocab_size) if vocab_size else np.dtype(np.uint16)
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise ValueError(f"{path}: token dtype must be uint16 or uint32, not {dtype}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: empty token file")
+    if size % dtype.itemsize:
+        raise ValueError(f"{path}: size {size} bytes is not a multiple of {dtype.itemsize} "
+                         f"({dtype.name} tokens); truncated file or wrong dtype")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    if vocab_size is not None:
+        check_token_ids(tokens, vocab_size, path)
+    return tokens
+
+
+@dataclass
+class TokenCorpus:
+    """Tokenized documents in one flat array: document i is tokens[offsets[i]:offsets[i + 1]].
+
+    bos: True when every document starts with BOS (tokenized text); False for a `.bin` token file, which
+    is one stream of unknown layout and therefore a single document.
+    """
+    tokens: np.ndarray
+    offsets: np.ndarray
+    names: list
+    bos: bool
+    path: Path | None = None
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def document(self, i) -> np.ndarray:
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def source_fingerprint(files, root: Path) -> str:
+    """Changes when a file is added, removed, resized or touched."""
+    entries = []
+    for f in files:
+        st = f.stat()
+        entries.append([f.relative_to(root).as_posix() if f != root else f.name, st.st_size, st.st_mtime_ns])
+    return sha256_json(entries)
+
+
+def dir_is_writable(folder: Path) -> bool:
+    """Creates `folder` if needed and probes it with a real file (os.access lies for root and RO mounts)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def user_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longqlora"
+
+
+def default_cache_dir(source: Path) -> Path:
+    """`.longqlora_cache` beside the source, or the user cache folder when the source is read-only."""
+    beside = (source if source.is_dir() else source.parent) / CACHE_FOLDER
+    return beside if dir_is_writable(beside) else user_cache_dir()
+
+
+def cache_stem(source: Path, split, tokenizer: Tokenizer) -> str:
+    """Readable and unique: source name, split, and a hash of (absolute source path, split, tokenizer)."""
+    key = sha256_json([str(source.resolve()), split, tokenizer.fingerprint])[:16]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.name) or "source"
+    return f"{name}-{split}-{key}" if split else f"{name}-{key}"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha: str):
+    """The cached corpus, or None when it is missing, stale or inconsistent (then it is rebuilt)."""
+    try:
+        index = json.loads(index_path.read_text())
+        if (index.get("format") != CACHE_FORMAT or index.get("tokenizer_sha256") != tokenizer_sha
+                or index.get("source_sha256") != source_sha):
+            return None
+        dtype = np.dtype(index["dtype"])
+        offsets = np.asarray(index["offsets"], dtype=np.int64)
+        if bin_path.stat().st_size != int(offsets[-1]) * dtype.itemsize:
+            return None
+        tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+        return TokenCorpus(tokens, offsets, index["names"], bool(index["bos"]), bin_path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def batched_documents(docs, max_docs=64, max_chars=64 << 20):
+    """Groups (name, text) pairs so sentencepiece can encode a group on all cores at once."""
+    group, chars = [], 0
+    for name, text in docs:
+        group.append((name, text))
+        chars += len(text)
+        if len(group) >= max_docs or chars >= max_chars:
+            yield group
+            group, chars = [], 0
+    if group:
+        yield group
+
+
+def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path, index_path: Path,
+                source_sha: str, progress: bool) -> TokenCorpus:
+    """Tokenizes every document as BOS + text into `bin_path`, then writes the index.
+
+    Empty documents are skipped. The index is written last: its presence marks a complete cache.
+    """
+    dtype = token_dtype(tokenizer.vocab_size)
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
+    offsets, names, skipped = [0], [], 0
+    with_total = all(f.name.endswith(".txt") for f in files)
+    bar = tqdm(total=len(files) if with_total else None, unit="doc", desc=f"tokenizing {source.name}",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with open(tmp, "wb") as out:
+            for group in batched_documents(iter_documents(source, split)):
+                for (name, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group], bos=False)):
+                    if not ids:
+                        skipped += 1
+                        continue
+                    if tokenizer.bos_id >= 0:
+                        ids = [tokenizer.bos_id] + ids
+                    out.write(np.asarray(ids, dtype=dtype).tobytes())
+                    offsets.append(offsets[-1] + len(ids))
+                    names.append(name)
+                bar.update(len(group))
+        if not names:
+            raise ValueError(f"{source}: empty source: no text in {len(files)} file(s)")
+        index = {
+            "format": CACHE_FORMAT, "source": str(source.resolve()), "split": split,
+            "source_sha256": source_sha, "tokenizer": str(tokenizer.path.resolve()),
+            "tokenizer_sha256": tokenizer.fingerprint, "dtype": dtype.name, "bos": tokenizer.bos_id >= 0,
+            "eos": False, "n_documents": len(names), "n_tokens": offsets[-1], "skipped_empty": skipped,
+            "offsets": offsets, "names": names,
+        }
+        # An old index must never describe the new token file, so it goes first.
+        index_path.unlink(missing_ok=True)
+        os.replace(tmp, bin_path)
+        write_json_atomic(index_path, index)
+    finally:
+        bar.close()
+        tmp.unlink(missing_ok=True)
+    return TokenCorpus(np.memmap(bin_path, dtype=dtype, mode="r"), np.asarray(offsets, dtype=np.int64),
+                       names, tokenizer.bos_id >= 0, bin_path)
+
+
+def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=None, vocab_size=None,
+                    progress=True) -> TokenCorpus:
+    """The tokens of a source, tokenized once and cached (see the module docstring).
+
+    A `.bin` token file is memory-mapped as it is (one document; its dtype follows the vocabulary size)
+    and needs no tokenizer. vocab_size: the model's vocabulary, if it differs from the tokenizer's; every
+    token id is checked against it. cache_dir: default `.longqlora_cache` beside the source, or
+    `$XDG_CACHE_HOME/longqlora` (~/.cache/longqlora) when the source folder is read-only.
+    """
+    path = Path(path)
+    vocab = vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
+    files = source_files(path, split)
+    if path.is_file() and path.suffix == ".bin":
+        tokens = load_token_file(path, vocab_size=vocab)
+        return TokenCorpus(tokens, np.array([0, len(tokens)], dtype=np.int64), [path.name], False, path)
+    if tokenizer is None:
+        raise ValueError(f"{path}: a text source needs the model's tokenizer")
+    root = (path / split if split is not None else path) if path.is_dir() else path
+    source_sha = source_fingerprint(files, root)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(path)
+    stem = cache_stem(path, split, tokenizer)
+    bin_path, index_path = folder / f"{stem}.bin", folder / f"{stem}.json"
+    corpus = read_cache(bin_path, index_path, tokenizer.fingerprint, source_sha)
+    if corpus is None:
+        corpus = write_cache(path, split, files, tokenizer, bin_path, index_path, source_sha, progress)
+    if vocab is not None and vocab < tokenizer.vocab_size:
+        check_token_ids(corpus.tokens, vocab, path)
+    return corpus
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pretraining datasets, collate, sampler
+# ----------------------------------------------------------------------------------------------------
+
+def example(input_ids, labels, padding_mask=None) -> dict:
+    return {"input_ids": input_ids, "labels": labels, "padding_mask": padding_mask}
+
+
+class PackedDataset:
+    """LongLoRA packing: `BOS d1 EOS BOS d2 EOS ... BOS dn` cut into chunks of exactly ctx tokens.
+
+    EOS joins documents (none after the last one); the incomplete last chunk is dropped; labels equal
+    input_ids (a chunk may start mid-document; every token is real, so padding_mask is None). The stream
+    is never materialised: a chunk is gathered from the memory-mapped documents on demand.
+    """
+
+    def __init__(self, corpus: TokenCorpus, ctx: int, eos_id: int):
+        if ctx < 1:
+            raise ValueError(f"ctx must be positive, got {ctx}")
+        self.corpus, self.ctx, self.eos_id = corpus, ctx, eos_id
+        n_docs = len(corpus)
+        self.lengths = np.diff(corpus.offsets)
+        # document i starts after the i EOS tokens that precede it in the stream
+        self.starts = corpus.offsets[:-1] + np.arange(n_docs)
+        self.stream_len = int(corpus.offsets[-1]) + n_docs - 1
+        if self.stream_len < ctx:
+            raise ValueError(f"{corpus.path or 'corpus'}: {self.stream_len} tokens, fewer than ctx={ctx}")
+
+    def __len__(self):
+        return self.stream_len // self.ctx
+
+    def stream_slice(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty(stop - start, dtype=np.int64)
+        doc = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pos = start
+        while pos < stop:
+            inside = pos - int(self.starts[doc])
+            length = int(self.lengths[doc])
+            if inside < length:
+                take = min(length - inside, stop - pos)
+                begin = int(self.corpus.offsets[doc]) + inside
+                out[pos - start:pos - start + take] = self.corpus.tokens[begin:begin + take]
+                pos += take
+            else:  # the EOS that joins document doc to doc + 1
+                out[pos - start] = self.eos_id
+                pos += 1
+                doc += 1
+        return out
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ids = torch.from_numpy(self.stream_slice(i * self.ctx, (i + 1) * self.ctx))
+        return example(ids, ids.clone())
+
+
+def pad_right(ids: list[int], labels: list[int], ctx: int, pad_id: int) -> dict:
+    """Right-pads to ctx: pad_id in input_ids, -100 in labels, False in padding_mask (None if no padding)."""
+    n = len(ids)
+    input_ids = torch.full((ctx,), pad_id, dtype=torch.long)
+    input_ids[:n] = torch.as_tensor(ids, dtype=torch.long)
+    out_labels = torch.full((ctx,), IGNORE_INDEX, dtype=torch.long)
+    out_labels[:n] = torch.as_tensor(labels, dtype=torch.long)
+    mask = None
+    if n < ctx:
+        mask = torch.zeros(ctx, dtype=torch.bool)
+        mask[:n] = True
+    return example(input_ids, out_labels, mask)
+
+
+class TruncatedDataset:
+    """LongQLoRA: one sequence per document, `(BOS + doc)[:ctx]`; shorter documents right-padded."""
+
+    def __init__(self, corpus: TokenCorpus, ctx: int, pad_id: int):
+        if ctx < 1:
+            raise ValueError(f"ctx must be positive, got {ctx}")
+        self.corpus, self.ctx, self.pad_id = corpus, ctx, pad_id
+
+    def __len__(self):
+        return len(self.corpus)
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        ids = np.asarray(self.corpus.document(i)[:self.ctx], dtype=np.int64).tolist()
+        return pad_right(ids, ids, self.ctx, self.pad_id)
+
+
+def collate(examples: list[dict], pad_id: int = 0) -> dict:
+    """Stacks examples into a batch; unequal lengths are right-padded (pad_id, -100, mask False).
+
+    padding_mask is None when every token of the batch is real.
+    """
+    T = max(len(e["input_ids"]) for e in examples)
+    B = len(examples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[b, :n] = e["input_ids"]
+        labels[b, :n] = e["labels"]
+        mask[b, :n] = True if e["padding_mask"] is None else e["padding_mask"]
+    return {"input_ids": input_ids, "labels": labels, "padding_mask": None if bool(mask.all()) else mask}
+
+
+class ShuffledSampler:
+    """An endless stream of dataset indices: a fresh permutation of range(n) each epoch.
+
+    The permutation of epoch e depends only on (seed, e), so the order is reproducible and the state is
+    just (epoch, position): `state_dict()` saved with a checkpoint makes `load_state_dict()` resume at the
+    exact next index. Data parallel: rank r of world_size takes positions r, r + world_size, ... of the
+    epoch's permutation, truncated to a multiple of world_size so every rank sees the same number of
+    indices per epoch (the ranks' gradient all-reduces stay in step); the ranks' indices are disjoint.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in range(world_size={world_size})")
+        if n < world_size:
+            raise ValueError(f"{n} examples cannot be shared among {world_size} ranks")
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._cached = (None, None)
+
+    def __len__(self):
+        """Indices per epoch for this rank."""
+        return self.n // self.world_size
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        if self._cached[0] != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._cached = (epoch, perm[:len(self) * self.world_size][self.rank::self.world_size])
+        return self._cached[1]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+        index = int(self.epoch_indices(self.epoch)[self.position])
+        self.position += 1
+        return index
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("n", "seed", "world_size"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"sampler state was saved with {key}={state[key]}, "
+                                 f"but this run has {key}={getattr(self, key)}")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def batches(dataset, sampler: ShuffledSampler, batch_size: int, pad_id: int = 0):
+    """Endless batches; when a batch is yielded the sampler has consumed exactly its indices."""
+    while True:
+        yield collate([dataset[next(sampler)] for _ in range(batch_size)], pad_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# SFT: Vicuna v1.1
+# ----------------------------------------------------------------------------------------------------
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def sft_turns(record, where) -> list[tuple[str, str]]:
+    """[(human, assistant), ...] from {"input", "output"} (LongQLoRA) or {"conversation": [{"human",
+    "assistant"}, ...]} (multi-turn). Texts are stripped (the template supplies the spaces)."""
+    if isinstance(record, dict) and "conversation" in record:
+        conv = record["conversation"]
+        if not isinstance(conv, list) or not conv:
+            raise ValueError(f"{where}: \"conversation\" must be a non-empty list of turns")
+        turns = []
+        for k, turn in enumerate(conv):
+            if not (isinstance(turn, dict) and isinstance(turn.get("human"), str)
+                    and isinstance(turn.get("assistant"), str)):
+                raise ValueError(f"{where}: conversation turn {k} needs string fields \"human\" and \"assistant\"")
+            turns.append((turn["human"].strip(), turn["assistant"].strip()))
+        return turns
+    if isinstance(record, dict) and isinstance(record.get("input"), str) and isinstance(record.get("output"), str):
+        return [(record["input"].strip(), record["output"].strip())]
+    raise ValueError(f"{where}: expected {{\"input\", \"output\"}} strings or a \"conversation\" list")
+
+
+def vicuna_pieces(tokenizer: Tokenizer, turns) -> list[tuple[list[int], bool]]:
+    """The token pieces of a Vicuna v1.1 conversation as (ids, is_answer).
+
+    FastChat's `vicuna_v1.1` (sep_style ADD_COLON_TWO, sep=" ", sep2="</s>") renders
+        SYSTEM + " " + "USER: h1 ASSISTANT: a1</s>" + "USER: h2 ASSISTANT: a2</s>" + ...
+    and tokenizes it with the LLaMA tokenizer, which adds BOS and turns "</s>" into the EOS id. We build
+    the same ids piece by piece: [BOS], encode(SYSTEM + " USER: h1 ASSISTANT:"), encode(a1) + [EOS],
+    encode("USER: h2 ASSISTANT:"), encode(a2) + [EOS], ... The space between "ASSISTANT:" and the answer
+    and the one before "USER" after an EOS are the word-boundary marker that sentencepiece puts at the
+    start of each encoded piece, exactly as when the whole string is tokenized at once (pieces never
+    cross a space), so the label mask is exact. A turn whose assistant text is None ends the pieces
+    after its "ASSISTANT:" (a generation prompt).
+    (LongQLoRA's own SFT script writes `SYSTEM\\nUSER: {input}\\nASSISTANT: ` without BOS; we follow the
+    Vicuna v1.1 format the Vicuna models were trained with.)
+    """
+    pieces = [([tokenizer.bos_id], False)] if tokenizer.bos_id >= 0 else []
+    for k, (human, assistant) in enumerate(turns):
+        prompt = (VICUNA_SYSTEM + " " if k == 0 else "") + f"USER: {human} ASSISTANT:"
+        pieces.append((tokenizer.encode(prompt, bos=False), False))
+        if assistant is None:
+            break
+        pieces.append((tokenizer.encode(assistant, bos=False, eos=True), True))
+    return pieces
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, history, message: str) -> list[int]:
+    """Prompt for generating the next answer: history [(human, assistant)] then `USER: message ASSISTANT:`."""
+    pieces = vicuna_pieces(tokenizer, list(history) + [(message.strip(), None)])
+    return [i for ids, _ in pieces for i in ids]
+
+
+def build_sft_example(tokenizer: Tokenizer, turns, ctx: int) -> dict:
+    """Vicuna v1.1 sequence truncated to ctx and right-padded; labels are -100 except answers + EOS.
+
+    An example whose prompt alone fills ctx has no labelled token left (it then adds nothing to a
+    summed loss).
+    """
+    ids, labels = [], []
+    for piece, is_answer in vicuna_pieces(tokenizer, turns):
+        ids += piece
+        labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
+    return pad_right(ids[:ctx], labels[:ctx], ctx, tokenizer.pad_id)
+
+
+class SFTDataset:
+    """JSONL(.gz) of SFT records (see `sft_turns`), validated when loaded, tokenized on access."""
+
+    def __init__(self, path, tokenizer: Tokenizer, ctx: int):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: SFT file not found")
+        self.tokenizer, self.ctx = tokenizer, ctx
+        self.conversations, replaced = [], {}
+        for lineno, obj, n in iter_jsonl(path):
+            if n:
+                replaced[path.name] = replaced.get(path.name, 0) + n
+            self.conversations.append(sft_turns(obj, f"{path}:{lineno}"))
+        warn_replaced(replaced)
+        if not self.conversations:
+            raise ValueError(f"{path}: empty SFT file")
+
+    def __len__(self):
+        return len(self.conversations)
+
+    def __getitem__(self, i):
+        return build_sft_example(self.tokenizer, self.conversations[i], self.ctx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Synthetic long-range corpus (offline demo)
+# ----------------------------------------------------------------------------------------------------
+
+class SyntheticDataset:
+    """Sequences whose labelled tokens can only be predicted from exactly `distance` tokens back.
+
+    Sequence i (from numpy's generator seeded with (seed, i), so any item is reproducible on its own):
+        x[0] = BOS; x[1..distance] uniform random ids from `alphabet` ids starting at 3 (above LLaMA's
+        unk/bos/eos); x[t] = x[t - distance] for t > distance (the block repeats until ctx).
+    labels[t] = x[t] for t > distance, -100 elsewhere (the first block is unpredictable noise).
+    Why it is long-range: inside a block the tokens are independent, so the nearest token that carries
+    any information about x[t] is x[t - distance]; nothing within distance - 1 tokens helps, and the
+    loss can only go below log(alphabet) by attending `distance` tokens back. The default distance is
+    ctx // 8 (1,024 at ctx 8,192): half an S²-Attn group at the default group_size_ratio 1/4, so for
+    every position one of the two head halves (plain or shifted groups) can reach it in one layer.
+    """
+
+    def __init__(self, vocab_size: int, ctx: int, n_sequences: int, seed: int, distance: int | None = None,
+                 alphabet: int | None = None, bos_id: int = 1):
+        if vocab_size < 4:
+            raise ValueError(f"synthetic corpus needs a vocabulary of at least 4 ids, got {vocab_size}")
+        self.distance = distance if distance is not None else max(1, ctx // 8)
+        if not 1 <= self.distance < ctx - 1:
+            raise ValueError(f"synthetic distance {self.distance} must be in [1, ctx - 1) with ctx={ctx}")
+        self.alphabet = alphabet if alphabet is not None else min(vocab_size - 3, 256)
+        if not 1 <= self.alphabet <= vocab_size - 3:
+            raise ValueError(f"synthetic alphabet {self.alphabet} must be in [1, {vocab_size - 3}]")
+        self.vocab_size, self.ctx, self.n, self.seed, self.bos_id = vocab_size, ctx, n_sequences, seed, bos_id
+
+    def __len__(self):
+        return self.n
+
+    def tokens(self, i: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, i])
+        block = rng.integers(3, 3 + self.alphabet, size=self.distance)
+        body = np.tile(block, -(-(self.ctx - 1) // self.distance))[:self.ctx - 1]
+        return np.concatenate([[self.bos_id], body]).astype(np.int64)
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        ids = torch.from_numpy(self.tokens(i))
+        labels = ids.clone()
+        labels[:self.distance + 1] = IGNORE_INDEX
+        return example(ids, labels)
+
+
+def synthetic_dataset(vocab_size: int, ctx: int, n_sequences: int, seed: int, distance: int | None = None,
+                      bos_id: int = 1) -> SyntheticDataset:
+    """The built-in corpus of `--data synthetic` (see SyntheticDataset)."""
+    return SyntheticDataset(vocab_size, ctx, n_sequences, seed, distance, bos_id=bos_id)
+
+
+# ----------------------------------------------------------------------------------------------------
+# PG19 download (DeepMind's public bucket, Google Cloud Storage JSON API)
+# ----------------------------------------------------------------------------------------------------
+
+class TransientError(Exception):
+    """A failure worth retrying (connection cut, timeout, HTTP 429/5xx)."""
+
+
+# What a flaky network raises (HTTPError, a URLError subclass, is sorted out first).
+NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, http.client.HTTPException, socket.timeout, TimeoutError)
+
+
+def http_failure(e: urllib.error.HTTPError, url: str) -> Exception:
+    if e.code == 429 or e.code >= 500:
+        return TransientError(f"HTTP {e.code}")
+    return OSError(f"{url}: HTTP {e.code} {e.reason}")
+
+
+def with_retries(action, what: str, retries: int, backoff: float):
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except TransientError as e:
+            if attempt == retries:
+                raise OSError(f"{what}: failed after {retries + 1} attempts ({e})") from None
+            time.sleep(backoff * 2 ** attempt)
+
+
+def http_get(url: str, timeout: float) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.read()
+    except urllib.error.HTTPError as e:
+        raise http_failure(e, url) from None
+    except NETWORK_ERRORS as e:
+        raise TransientError(str(e)) from None
+
+
+def gcs_list(base_url: str, bucket: str, prefix: str, timeout=60.0, retries=5, backoff=1.0) -> list:
+    """[(object name, size)] under prefix, following nextPageToken; folder placeholders skipped."""
+    items, token = [], None
+    while True:
+        query = {"prefix": prefix}
+        if token:
+            query["pageToken"] = token
+        url = f"{base_url.rstrip('/')}/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
+        body = with_retries(lambda: http_get(url, timeout), url, retries, backoff)
+        try:
+            page = json.loads(body)
+            items += [(it["name"], int(it["size"])) for it in page.get("items", []) if not it["name"].endswith("/")]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{url}: unexpected listing ({e})") from None
+        token = page.get("nextPageToken")
+        if not token:
+            return items
+
+
+def download_file(url: str, dest: Path, size: int, bar, timeout=60.0, retries=5, backoff=1.0) -> None:
+    """Fetches url into dest through `dest.part`, resuming with an HTTP Range request after a cut.
+
+    A complete `.part` is renamed to dest; a server that ignores Range (200 instead of 206) restarts it.
+    """
+    part = dest.with_name(dest.name + ".part")
+
+    def restart(have):
+        part.unlink(missing_ok=True)
+        bar.update(-have)
+
+    def attempt():
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            restart(have)
+            have = 0
+        if have == size:
+            part.touch()  # an empty remote file has no bytes to fetch but still needs its .part
+            return
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                if have and resp.status != 206:
+                    bar.update(-have)
+                    have = 0
+                with open(part, "ab" if have else "wb") as f:
+                    while chunk := resp.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except urllib.error.HTTPError as e:
+            if e.code == 416:  # our .part does not fit the remote file: start over
+                restart(have)
+                raise TransientError("HTTP 416 range not satisfiable") from None
+            raise http_failure(e, url) from None
+        except NETWORK_ERRORS as e:
+            raise TransientError(str(e) or type(e).__name__) from None
+        got = part.stat().st_size
+        if got < size:
+            raise TransientError(f"connection closed after {got} of {size} bytes")
+        if got > size:
+            restart(got)
+            raise OSError(f"{url}: received {got} bytes, the listing says {size}")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with_retries(attempt, url, retries, backoff)
+    os.replace(part, dest)
+
+
+def download_pg19(split: str, out_dir, base_url: str = "https://storage.googleapis.com",
+                  bucket: str = "deepmind-gutenberg", timeout: float = 60.0, retries: int = 5,
+                  backoff: float = 1.0, progress: bool = True) -> list[Path]:
+    """Downloads PG19 `split` (+ metadata.csv) into out_dir in the PG19 layout; returns the file paths.
+
+    Lists `{base_url}/storage/v1/b/{bucket}/o?prefix={split}/` (GCS JSON API, paged) and fetches
+    `{base_url}/{bucket}/{name}`. Files already complete (same size) are skipped; interrupted ones resume
+    from their `.part`. Connection errors are retried `retries` times with exponential backoff.
+    """
+    if split not in PG19_SPLITS:
+        raise ValueError(f"unknown PG19 split {split!r}; choose one of {', '.join(PG19_SPLITS)}")
+    out_dir = Path(out_dir)
+    listing = gcs_list(base_url, bucket, f"{split}/", timeout, retries, backoff)
+    if not listing:
+        raise OSError(f"{base_url}/{bucket}: no files under {split}/")
+    listing += [(name, size) for name, size in gcs_list(base_url, bucket, "metadata.csv", timeout, retries, backoff)
+                if name == "metadata.csv"]
+    for name, _ in listing:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise ValueError(f"{base_url}/{bucket}: refusing unsafe object name {name!r}")
+    todo, done_bytes = [], 0
+    for name, size in listing:
+        dest = out_dir / name
+        if dest.is_file() and dest.stat().st_size == size:
+            continue
+        todo.append((name, size))
+        part = dest.with_name(dest.name + ".part")
+        done_bytes += min(part.stat().st_size, size) if part.is_file() else 0
+    total = sum(size for _, size in todo)
+    with tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+              desc=f"PG19 {split}", disable=not progress, dynamic_ncols=True) as bar:
+        for name, size in todo:
+            url = f"{base_url.rstrip('/')}/{bucket}/{urllib.parse.quote(name)}"
+            download_file(url, out_dir / name, size, bar, timeout, retries, backoff)
+    return [out_dir / name for name, _ in listing]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------
+
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse's usage errors in the project's form: one line `error: ...`, exit status 2."""
+    def error(message):
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = one_line_errors(argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0]))
+    sub = parser.add_subparsers(dest="command", required=True)
+    dl = one_line_errors(sub.add_parser("download", help="download a public dataset"))
+    dl.add_argument("dataset", help="pg19")
+    dl.add_argument("--split", default="validation", help="train | validation | test")
+    dl.add_argument("--out", default="data/pg19", help="output folder (PG19 layout)")
+    dl.add_argument("--base-url", default="https://storage.googleapis.com")
+    dl.add_argument("--bucket", default="deepmind-gutenberg")
+    tok = one_line_errors(sub.add_parser("tokenize", help="tokenize a text source into the cache"))
+    tok.add_argument("source")
+    tok.add_argument("--model", required=True, help="model folder with tokenizer.model")
+    tok.add_argument("--split", default=None, help="split of a PG19-layout folder")
+    tok.add_argument("--cache-dir", default=None)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "download":
+            if args.dataset != "pg19":
+                raise ValueError(f"unknown dataset {args.dataset!r}; only pg19 can be downloaded")
+            files = download_pg19(args.split, args.out, base_url=args.base_url, bucket=args.bucket)
+            print(f"{len(files)} files in {Path(args.out) / args.split}")
+        else:
+            corpus = tokenize_source(args.source, load_tokenizer(args.model), split=args.split,
+                                     cache_dir=args.cache_dir)
+            print(f"{len(corpus)} documents, {corpus.n_tokens} tokens -> {corpus.path}")
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
