@@ -91,6 +91,9 @@ class ModelArgs:
         # transformers 5 moved rope_theta (and the scaling) into `rope_parameters`.
         rope_params = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling") or rope_params or None
+        if scaling and "original_max_position_embeddings" in cfg:
+            # HF lets a top-level original_max_position_embeddings win over the one inside the scaling dict.
+            scaling = {**scaling, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
         known = set(required) | {"num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
                                  "max_position_embeddings", "tie_word_embeddings", "rope_scaling",
                                  "rope_parameters", "bos_token_id", "eos_token_id"}
