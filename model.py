@@ -448,7 +448,7 @@ def _load_prequantized(model, name, stats, file, dtype, device, quantize, quant_
         raise ValueError(f"{file}: {name} is NF4-quantised but only decoder linears can be")
     packed = stats.pop(name)
     try:
-        state = state_from_tensors(stats, prefix=name[: -len("weight")])
+        state = state_from_tensors(stats, prefix=name[: -len("weight")], packed=packed)
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
     want = tuple(expected[key].shape)

@@ -1,0 +1,518 @@
+"""LoRA (lora.py): the layer, add_lora, merge, and interoperability with PEFT and HF transformers.
+
+References: PEFT (`get_peft_model`, `PeftModel.from_pretrained`) and transformers' LlamaForCausalLM, used
+only here. Parity tests run in fp32 with non-zero lora_B so the adapter actually changes the logits.
+"""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from conftest import hf_model, make_hf_checkpoint
+from lora import (
+    DEFAULT_TARGETS, LoRALinear, adapter_state_dict, add_lora, load_adapter, merge_and_export,
+    merge_lora_weights, peft_key, save_adapter,
+)
+from model import ModelArgs, Transformer
+
+N_LAYERS = 2
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_lora_b(model, std=0.05):
+    """B starts at zero (the adapter is a no-op); give it values so the tests see the adapter."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.normal_(0, std)
+
+
+def tiny_args(**kw):
+    cfg = dict(vocab_size=97, dim=32, intermediate_size=48, n_layers=N_LAYERS, n_heads=4, max_position_embeddings=64)
+    cfg.update(kw)
+    return ModelArgs(**cfg)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """One HF checkpoint for the module; rope_theta differs from the default so the export must keep it."""
+    return make_hf_checkpoint(tmp_path_factory.mktemp("base") / "tiny", rope_theta=20000.0)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    torch.manual_seed(1)
+    return torch.randint(0, 512, (2, 24))
+
+
+def load_ours(path, **kw):
+    return Transformer.from_pretrained(path, dtype=torch.float32, **kw)
+
+
+# --------------------------------------------------------------------------- the layer
+
+def test_lora_linear_init_and_forward_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(20, 12, bias=True)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
+    assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (12, 4)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
+    assert torch.count_nonzero(layer.lora_B) == 0
+    bound = 1 / math.sqrt(20)                       # kaiming_uniform(a=sqrt(5)) on a (r, in) matrix
+    assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
+    x = torch.randn(3, 5, 20)
+    assert torch.equal(layer(x), base(x))           # B = 0: exactly the base model
+    randomize_lora_b(layer)
+    ref = (x.double() @ base.weight.double().T + base.bias.double()
+           + 2.0 * x.double() @ layer.lora_A.double().T @ layer.lora_B.double().T)
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_merge_equals_unmerged_and_unmerge_restores(dtype, tol):
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=False).to(dtype)
+    w0 = base.weight.detach().clone()
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.1).eval()
+    randomize_lora_b(layer, std=0.2)
+    x = torch.randn(4, 64).to(dtype)
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        assert layer.merged
+        merged = layer(x)
+        layer.merge()                                # idempotent
+        assert rel_err(layer(x).float(), merged.float()) == 0
+    assert merged.dtype == dtype
+    assert rel_err(merged.float(), unmerged.float()) < tol
+    # the merged weight is W + scaling * B @ A computed in fp32
+    expected = (w0.float() + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()).to(dtype)
+    assert torch.equal(base.weight, expected)
+    with torch.no_grad():
+        layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(base.weight.float(), w0.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_lora_path_is_fp32_and_output_keeps_base_dtype():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 16, bias=False).to(torch.bfloat16), r=4, alpha=16, dropout=0.0)
+    randomize_lora_b(layer)
+    x = torch.randn(2, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = layer.base_layer(x) + (4.0 * x.float() @ layer.lora_A.T @ layer.lora_B.T).to(torch.bfloat16)
+    assert torch.equal(y, ref)
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad is not None
+
+
+def test_dropout_applies_only_to_lora_input():
+    torch.manual_seed(0)
+    base = nn.Linear(32, 16, bias=False)
+    layer = LoRALinear(base, r=4, alpha=4, dropout=0.5)
+    x = torch.randn(8, 32)
+    layer.train()
+    assert torch.equal(layer(x), base(x))            # B = 0: dropout never touches the base path
+    randomize_lora_b(layer, std=0.5)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    dropped = F.dropout(x, 0.5, training=True)
+    assert not torch.equal(dropped, x)
+    torch.testing.assert_close(y, base(x) + dropped @ layer.lora_A.T @ layer.lora_B.T, rtol=1e-5, atol=1e-6)
+    layer.eval()
+    torch.testing.assert_close(layer(x), base(x) + x @ layer.lora_A.T @ layer.lora_B.T, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_refuses_nf4_base():
+    quant = pytest.importorskip("quant")
+    torch.manual_seed(0)
+    layer = LoRALinear(quant.Linear4bit.from_weight(torch.randn(32, 64), compute_dtype=torch.float32), 4, 8)
+    with pytest.raises(ValueError, match="merge_and_export"):
+        layer.merge()
+
+
+def test_lora_over_linear4bit_is_dequantized_base_plus_lora():
+    quant = pytest.importorskip("quant")
+    torch.manual_seed(0)
+    q = quant.Linear4bit.from_weight(torch.randn(48, 64), compute_dtype=torch.float32)
+    layer = LoRALinear(q, r=8, alpha=16, dropout=0.0)
+    randomize_lora_b(layer)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x)
+    w = q.dequantize().float()
+    ref = x @ w.T + 2.0 * x @ layer.lora_A.T @ layer.lora_B.T
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None and x.grad is not None
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+# --------------------------------------------------------------------------- add_lora
+
+def test_add_lora_wraps_targets_and_freezes_the_rest():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    params = add_lora(model, r=4, alpha=8, dropout=0.05)
+    lora_names = [n for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
+    assert len(lora_names) == 2 * len(DEFAULT_TARGETS) * N_LAYERS
+    assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in lora_names}
+    assert len(params) == len(lora_names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_names)
+    assert isinstance(model.layers[1].mlp.down_proj, LoRALinear)
+    assert isinstance(model.lm_head, nn.Linear)      # never adapted
+    assert model.lora_config == dict(r=4, alpha=8, dropout=0.05, targets=DEFAULT_TARGETS, train_embed_norm=False)
+    loss = model(torch.randint(0, 97, (1, 8))).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in params if p.shape[0] != 4)   # lora_B gets a gradient at B = 0
+    assert model.embed_tokens.weight.grad is None and model.layers[0].self_attn.q_proj.base_layer.weight.grad is None
+    assert set(adapter_state_dict(model)) == set(lora_names)
+    with pytest.raises(ValueError, match="already has LoRA"):
+        add_lora(model)
+
+
+def test_add_lora_plus_trains_embeddings_and_norms():
+    model = Transformer(tiny_args())
+    params = add_lora(model, r=4, targets=("q_proj", "v_proj"), train_embed_norm=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    norms = {f"layers.{i}.{n}.weight" for i in range(N_LAYERS) for n in ("input_layernorm", "post_attention_layernorm")}
+    lora = {f"layers.{i}.self_attn.{m}.{ab}" for i in range(N_LAYERS) for m in ("q_proj", "v_proj")
+            for ab in ("lora_A", "lora_B")}
+    assert trainable == lora | norms | {"embed_tokens.weight", "norm.weight"}
+    assert len(params) == len(trainable)
+    assert set(adapter_state_dict(model)) == trainable
+    assert not isinstance(model.layers[0].self_attn.k_proj, LoRALinear)
+
+
+def test_add_lora_bad_targets():
+    with pytest.raises(ValueError, match="lm_head"):
+        add_lora(Transformer(tiny_args()), targets=("q_proj", "lm_head"))
+    with pytest.raises(ValueError, match="qproj"):
+        add_lora(Transformer(tiny_args()), targets=("qproj",))
+
+
+def test_merge_lora_weights_pure_function_matches_layer_merge():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args()).eval()         # eval: no LoRA dropout
+    add_lora(model, r=4, alpha=16)
+    randomize_lora_b(model)
+    base = {"model." + k: v.clone() for k, v in model.state_dict().items() if k.endswith(".base_layer.weight")}
+    base = {k.replace(".base_layer", ""): v for k, v in base.items()}
+    base["model.norm.weight"] = model.norm.weight.detach().clone()
+    adapter = {peft_key(k): v for k, v in adapter_state_dict(model).items()}
+    merged = merge_lora_weights(base, adapter, scaling=4.0)
+    assert set(merged) == set(base)
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    tokens = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        before = model(tokens)
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.merge()
+        after = model(tokens)
+    assert rel_err(after, before) < 1e-5
+    q = model.layers[1].self_attn.q_proj.base_layer.weight
+    assert torch.equal(merged["model.layers.1.self_attn.q_proj.weight"], q)
+    assert not torch.equal(base["model.layers.1.self_attn.q_proj.weight"], q)
+    with pytest.raises(ValueError, match="lacks"):
+        merge_lora_weights({}, adapter, scaling=4.0)
+
+
+# --------------------------------------------------------------------------- files: ours <-> PEFT
+
+def test_save_adapter_writes_peft_format(tmp_path):
+    model = Transformer(tiny_args())
+    add_lora(model, r=4, alpha=8, dropout=0.05)
+    out = save_adapter(model, tmp_path / "adapter", base_model_name_or_path="meta-llama/Llama-2-7b-hf")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
+    assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8, 0.05)
+    assert cfg["target_modules"] == sorted(DEFAULT_TARGETS)
+    assert cfg["base_model_name_or_path"] == "meta-llama/Llama-2-7b-hf"
+    sd = load_file(out / "adapter_model.safetensors")
+    assert len(sd) == 2 * 7 * N_LAYERS
+    a = sd["base_model.model.model.layers.1.mlp.gate_proj.lora_A.weight"]
+    assert a.shape == (4, 32) and a.dtype == torch.float32
+    assert torch.equal(a, model.layers[1].mlp.gate_proj.lora_A.detach())
+    assert not (out / "trainable_params.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]      # no temp folders left behind
+
+
+def test_save_adapter_replaces_atomically(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = Transformer(tiny_args())
+    add_lora(model, r=4)
+    out = tmp_path / "adapter"
+    save_adapter(model, out)
+    before = load_file(out / "adapter_model.safetensors")
+    randomize_lora_b(model)
+    save_adapter(model, out)                         # overwrite an existing adapter
+    after = load_file(out / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert torch.count_nonzero(before[key]) == 0 and torch.count_nonzero(after[key]) > 0
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, out)
+    assert torch.equal(load_file(out / "adapter_model.safetensors")[key], after[key])   # old one intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_our_adapter_loads_in_peft_with_same_logits(ckpt, tokens, tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    ours = load_ours(ckpt)
+    add_lora(ours, r=8, alpha=16, dropout=0.05)
+    randomize_lora_b(ours)
+    save_adapter(ours, tmp_path / "adapter", base_model_name_or_path=str(ckpt))
+    peft_model = PeftModel.from_pretrained(hf_model(ckpt), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ref = peft_model(tokens).logits
+        base = hf_model(ckpt)(tokens).logits
+        got = ours.eval()(tokens)
+    assert rel_err(ref, base) > 1e-3                  # the adapter changes the logits
+    assert rel_err(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("with_adapter_name", [False, True])
+def test_peft_adapter_loads_in_ours_with_same_logits(ckpt, tokens, tmp_path, with_adapter_name):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(hf_model(ckpt), LoraConfig(r=8, lora_alpha=16, target_modules=list(DEFAULT_TARGETS),
+                                                           lora_dropout=0.05, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    if with_adapter_name:   # some tools save PEFT's in-memory names, which keep the adapter name
+        f = tmp_path / "adapter" / "adapter_model.safetensors"
+        sd = load_file(f)
+        save_file({k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, f)
+    ours = load_adapter(load_ours(ckpt), tmp_path / "adapter").eval()
+    assert ours.lora_config["r"] == 8 and ours.lora_config["alpha"] == 16
+    assert set(ours.lora_config["targets"]) == set(DEFAULT_TARGETS)
+    with torch.no_grad():
+        ref = peft_model.eval()(tokens).logits
+        got = ours(tokens)
+    assert rel_err(got, ref) <= 1e-5
+
+
+def test_adapter_round_trip_with_lora_plus(ckpt, tokens, tmp_path):
+    torch.manual_seed(0)
+    ours = load_ours(ckpt)
+    add_lora(ours, r=4, alpha=16, targets=("q_proj", "v_proj", "down_proj"), train_embed_norm=True)
+    randomize_lora_b(ours)
+    with torch.no_grad():
+        ours.embed_tokens.weight.add_(0.1 * torch.randn_like(ours.embed_tokens.weight))
+        ours.layers[1].post_attention_layernorm.weight.mul_(1.5)
+    save_adapter(ours, tmp_path / "adapter")
+    extra = load_file(tmp_path / "adapter" / "trainable_params.safetensors")
+    assert set(extra) == {"model.embed_tokens.weight", "model.norm.weight"} | {
+        f"model.layers.{i}.{n}.weight" for i in range(N_LAYERS) for n in ("input_layernorm", "post_attention_layernorm")}
+    loaded = load_adapter(load_ours(ckpt), tmp_path / "adapter")
+    assert loaded.lora_config["train_embed_norm"] is True
+    assert loaded.embed_tokens.weight.requires_grad
+    with torch.no_grad():
+        assert rel_err(loaded.eval()(tokens), ours.eval()(tokens)) < 1e-6
+    # loading into a model that already has the same LoRA replaces the values, and alpha is the file's
+    again = load_ours(ckpt)
+    add_lora(again, r=4, alpha=64, targets=("v_proj", "q_proj", "down_proj"), train_embed_norm=True)
+    load_adapter(again, tmp_path / "adapter")
+    assert again.lora_config["alpha"] == 16 and again.layers[0].self_attn.q_proj.scaling == 4.0
+    with torch.no_grad():
+        assert rel_err(again.eval()(tokens), ours(tokens)) < 1e-6
+
+
+def test_reads_longlora_trainable_params_bin(ckpt, tokens, tmp_path):
+    """LongLoRA saves LoRA+ embeddings/norms with torch.save under PeftModel state-dict names."""
+    torch.manual_seed(0)
+    ours = load_ours(ckpt)
+    add_lora(ours, r=4, alpha=16, targets=("q_proj",))
+    save_adapter(ours, tmp_path / "adapter")
+    new_norm = torch.rand(64) + 0.5
+    torch.save({"base_model.model.model.norm.weight": new_norm}, tmp_path / "adapter" / "trainable_params.bin")
+    loaded = load_adapter(load_ours(ckpt), tmp_path / "adapter")
+    assert torch.equal(loaded.norm.weight.detach(), new_norm) and loaded.norm.weight.requires_grad
+    assert loaded.lora_config["train_embed_norm"] is True
+
+
+# --------------------------------------------------------------------------- merge_and_export
+
+def test_merged_export_loads_in_transformers_with_rope_scaling(ckpt, tmp_path):
+    torch.manual_seed(0)
+    scaling = {"type": "linear", "factor": 2.0}
+    ours = load_ours(ckpt, rope_scaling=scaling)
+    add_lora(ours, r=8, alpha=16, train_embed_norm=True)
+    randomize_lora_b(ours)
+    with torch.no_grad():
+        ours.norm.weight.mul_(0.7)
+    save_adapter(ours, tmp_path / "adapter")
+    out = merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged", rope_scaling=scaling,
+                           max_shard_bytes=100_000)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["rope_scaling"] == {"type": "linear", "factor": 2.0} and cfg["rope_theta"] == 20000.0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (out / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
+    hf = hf_model(out)
+    assert hf.config.rope_parameters["rope_type"] == "linear" and hf.config.rope_parameters["factor"] == 2.0
+    tokens = torch.randint(0, 512, (2, 100))         # past half the trained context: PI matters here
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        got = ours.eval()(tokens)
+        unscaled = load_ours(ckpt)(tokens)
+    assert rel_err(got, ref) <= 1e-5
+    assert rel_err(unscaled, ref) > 1e-2
+    # and our own loader reads the export back without the adapter
+    with torch.no_grad():
+        assert rel_err(load_ours(out)(tokens), ref) <= 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+def test_merged_export_of_nf4_trained_adapter_uses_16bit_originals(tmp_path):
+    quant = pytest.importorskip("quant")
+    base = make_hf_checkpoint(tmp_path / "base16", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    nf4 = Transformer.from_pretrained(base, dtype=torch.float32, quantize="nf4")
+    add_lora(nf4, r=4, alpha=16)
+    randomize_lora_b(nf4)
+    save_adapter(nf4, tmp_path / "adapter")
+    out = merge_and_export(base, tmp_path / "adapter", tmp_path / "merged")
+    # the adapter also loads back into a fresh NF4 model
+    tokens = torch.randint(0, 512, (1, 16))
+    again = load_adapter(Transformer.from_pretrained(base, dtype=torch.float32, quantize="nf4"), tmp_path / "adapter")
+    assert isinstance(again.layers[0].mlp.up_proj.base_layer, quant.Linear4bit)
+    with torch.no_grad():
+        assert rel_err(again.eval()(tokens), nf4.eval()(tokens)) < 1e-6
+    original = {}
+    for f in base.glob("*.safetensors"):
+        original.update(load_file(f))
+    key = "model.layers.0.mlp.up_proj.weight"
+    shard = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"][key] \
+        if (out / "model.safetensors.index.json").exists() else "model.safetensors"
+    merged = load_file(out / shard)[key]
+    assert merged.dtype == torch.bfloat16
+    lora = nf4.layers[0].mlp.up_proj
+    expected = (original[key].float() + 4.0 * lora.lora_B.detach() @ lora.lora_A.detach()).to(torch.bfloat16)
+    assert torch.equal(merged, expected)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+@pytest.fixture(scope="module")
+def saved_adapter(ckpt, tmp_path_factory):
+    torch.manual_seed(0)
+    model = load_ours(ckpt)
+    add_lora(model, r=8, alpha=16)
+    randomize_lora_b(model)
+    return save_adapter(model, tmp_path_factory.mktemp("adapters") / "good")
+
+
+def copy_adapter(src, dst, config_changes=None, tensor_filter=None):
+    import shutil
+    shutil.copytree(src, dst)
+    if config_changes:
+        cfg = json.loads((dst / "adapter_config.json").read_text())
+        cfg.update(config_changes)
+        (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    if tensor_filter:
+        f = dst / "adapter_model.safetensors"
+        save_file(tensor_filter(load_file(f)), f)
+    return dst
+
+
+def test_missing_dir_and_files(ckpt, saved_adapter, tmp_path):
+    model = load_ours(ckpt)
+    with pytest.raises(FileNotFoundError, match="nowhere.*not found"):
+        load_adapter(model, tmp_path / "nowhere")
+    bad = copy_adapter(saved_adapter, tmp_path / "noweights")
+    (bad / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        load_adapter(model, bad)
+    bad = copy_adapter(saved_adapter, tmp_path / "noconfig")
+    (bad / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_adapter(model, bad)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        merge_and_export(ckpt, bad, tmp_path / "out")
+    assert not hasattr(model, "lora_config") or model.lora_config is None
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_peft_type_and_r_mismatch(ckpt, saved_adapter, tmp_path):
+    model = load_ours(ckpt)
+    with pytest.raises(ValueError, match="adapter_config.json.*peft_type.*PREFIX_TUNING"):
+        load_adapter(model, copy_adapter(saved_adapter, tmp_path / "pt", {"peft_type": "PREFIX_TUNING"}))
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*rank 8.*r=16"):
+        load_adapter(model, copy_adapter(saved_adapter, tmp_path / "r16", {"r": 16}))
+    with pytest.raises(ValueError, match="use_dora"):
+        load_adapter(model, copy_adapter(saved_adapter, tmp_path / "dora", {"use_dora": True}))
+    assert getattr(model, "lora_config", None) is None            # nothing was changed
+    other = load_ours(ckpt)
+    add_lora(other, r=4)
+    with pytest.raises(ValueError, match="r=8.*r=4"):
+        load_adapter(other, saved_adapter)
+    other = load_ours(ckpt)
+    add_lora(other, r=8, targets=("q_proj", "v_proj"))
+    with pytest.raises(ValueError, match="targets"):
+        load_adapter(other, saved_adapter)
+
+
+def test_target_modules_the_model_lacks(ckpt, saved_adapter, tmp_path):
+    bad = copy_adapter(saved_adapter, tmp_path / "gpt2", {"target_modules": ["c_attn", "q_proj"]})
+    with pytest.raises(ValueError, match=r"adapter_config.json.*\['c_attn'\]"):
+        load_adapter(load_ours(ckpt), bad)
+
+
+def test_missing_and_unexpected_tensors(ckpt, saved_adapter, tmp_path):
+    gone = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    bad = copy_adapter(saved_adapter, tmp_path / "missing", tensor_filter=lambda sd: {k: v for k, v in sd.items()
+                                                                                     if k != gone})
+    with pytest.raises(ValueError, match=f"adapter_model.safetensors.*missing.*{gone}"):
+        load_adapter(load_ours(ckpt), bad)
+    # tensors for modules the config does not target
+    bad = copy_adapter(saved_adapter, tmp_path / "extra", {"target_modules": ["q_proj"]})
+    with pytest.raises(ValueError, match="adapter_model.safetensors.*does not target"):
+        load_adapter(load_ours(ckpt), bad)
+    # a tensor that is not LoRA at all
+    bad = copy_adapter(saved_adapter, tmp_path / "foreign",
+                       tensor_filter=lambda sd: {**sd, "base_model.model.model.norm.weight": torch.ones(64)})
+    with pytest.raises(ValueError, match="unexpected tensor base_model.model.model.norm.weight"):
+        load_adapter(load_ours(ckpt), bad)
+
+
+def test_adapter_of_another_model_is_refused(ckpt, saved_adapter, tmp_path):
+    wide = make_hf_checkpoint(tmp_path / "wide", hidden_size=96, num_attention_heads=6, num_key_value_heads=6)
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors.*shape \(8, 64\).*\(8, 96\).*different model"):
+        load_adapter(load_ours(wide), saved_adapter)
+    with pytest.raises(ValueError, match="adapter_model.safetensors.*different model"):
+        merge_and_export(wide, saved_adapter, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    deeper = make_hf_checkpoint(tmp_path / "deep", num_hidden_layers=3)
+    with pytest.raises(ValueError, match="missing.*layers.2"):
+        load_adapter(load_ours(deeper), saved_adapter)
+
+
+def test_export_refuses_quantized_base(ckpt, saved_adapter, tmp_path):
+    import shutil
+    base = tmp_path / "bnb"
+    shutil.copytree(ckpt, base)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (base / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="config.json.*16-bit"):
+        merge_and_export(base, saved_adapter, tmp_path / "out")
