@@ -55,7 +55,6 @@ IGNORE_INDEX = -100
 PG19_SPLITS = ("train", "validation", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 CACHE_FORMAT = 1
-CACHE_FOLDER = ".longqlora_cache"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -139,7 +138,7 @@ def source_files(path, split=None) -> list[Path]:
     - a `.bin` / `.txt` / `.jsonl` / `.jsonl.gz` file: itself;
     - a PG19-layout folder: the `.txt` books of `path/split` (split is required there);
     - any other folder: every `.txt`, `.jsonl`, `.jsonl.gz` below it, recursively, sorted by relative
-      path; hidden entries (like our `.longqlora_cache`) are skipped.
+      path; hidden entries are skipped.
     """
     path = Path(path)
     if not path.exists():
@@ -324,26 +323,12 @@ def source_fingerprint(files, root: Path) -> str:
     return sha256_json(entries)
 
 
-def dir_is_writable(folder: Path) -> bool:
-    """Creates `folder` if needed and probes it with a real file (os.access lies for root and RO mounts)."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
-
-
-def user_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """`$LONGQLORA_CACHE`, else `$XDG_CACHE_HOME/longqlora` (~/.cache/longqlora). Never beside the source:
+    data folders are often shared or read-only, and root passes every writability probe anyway."""
+    if os.environ.get("LONGQLORA_CACHE"):
+        return Path(os.environ["LONGQLORA_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longqlora"
-
-
-def default_cache_dir(source: Path) -> Path:
-    """`.longqlora_cache` beside the source, or the user cache folder when the source is read-only."""
-    beside = (source if source.is_dir() else source.parent) / CACHE_FOLDER
-    return beside if dir_is_writable(beside) else user_cache_dir()
 
 
 def cache_stem(source: Path, split, tokenizer: Tokenizer) -> str:
@@ -444,8 +429,8 @@ def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=Non
 
     A `.bin` token file is memory-mapped as it is (one document; its dtype follows the vocabulary size)
     and needs no tokenizer. vocab_size: the model's vocabulary, if it differs from the tokenizer's; every
-    token id is checked against it. cache_dir: default `.longqlora_cache` beside the source, or
-    `$XDG_CACHE_HOME/longqlora` (~/.cache/longqlora) when the source folder is read-only.
+    token id is checked against it. cache_dir: default `default_cache_dir()`; cache names carry a hash of
+    the absolute source path, split and tokenizer, so one folder serves every source.
     """
     path = Path(path)
     vocab = vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
@@ -457,7 +442,7 @@ def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=Non
         raise ValueError(f"{path}: a text source needs the model's tokenizer")
     root = (path / split if split is not None else path) if path.is_dir() else path
     source_sha = source_fingerprint(files, root)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(path)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stem = cache_stem(path, split, tokenizer)
     bin_path, index_path = folder / f"{stem}.bin", folder / f"{stem}.json"
     corpus = read_cache(bin_path, index_path, tokenizer.fingerprint, source_sha)

@@ -348,17 +348,46 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 def _tensor_names(file: Path) -> list[str]:
     if file.suffix == ".safetensors":
-        with _open_safetensors(file) as f:
-            return list(f.keys())
+        return list(safetensors_header(file)[0])
     return list(_load_bin(file).keys())
 
 
-def _open_safetensors(file: Path):
-    from safetensors import safe_open
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers
-        raise ValueError(f"{file}: cannot read safetensors file, truncated or corrupt? ({e})") from None
+# safetensors layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+# then the raw tensor bytes. Reading each tensor with plain read() into its own buffer (rather than through
+# a memory map) keeps file pages out of this process's RSS, so loading costs one model's worth of memory.
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """({name: {dtype, shape, data_offsets}}, byte offset of the data), checked against the file size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({e})") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        end = 8 + n + info["data_offsets"][1]
+        if end > size:
+            raise ValueError(f"{file}: cannot read tensor {name}: it ends at byte {end} but the file has {size} "
+                             f"bytes, truncated or corrupt?")
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
+    return header, 8 + n
+
+
+def _read_safetensor(f, info: dict, data_start: int) -> torch.Tensor:
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    f.readinto(memoryview(buf.numpy()))
+    return buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def _load_bin(file: Path) -> dict:
@@ -369,22 +398,18 @@ def _load_bin(file: Path) -> dict:
 
 
 def read_tensors(files: dict[str, Path]):
-    """Yield (name, tensor, file), one tensor at a time, file by file (memory-mapped reads)."""
+    """Yield (name, tensor, file), one tensor at a time, file by file."""
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
         if file.suffix == ".safetensors":
-            with _open_safetensors(file) as f:
-                present = set(f.keys())
+            header, data_start = safetensors_header(file)
+            with open(file, "rb") as f:
                 for name in names:
-                    if name not in present:
+                    if name not in header:
                         raise ValueError(f"{file}: tensor {name} named by the index is not in this shard")
-                    try:
-                        tensor = f.get_tensor(name)
-                    except Exception as e:
-                        raise ValueError(f"{file}: cannot read tensor {name}, truncated or corrupt? ({e})") from None
-                    yield name, tensor, file
+                    yield name, _read_safetensor(f, header[name], data_start), file
         else:
             state = _load_bin(file)
             for name in names:
@@ -555,10 +580,11 @@ class _ChunkedCE(torch.autograd.Function):
         valid = targets != -100
         for s in range(0, h.shape[0], chunk_size):
             logits = (h[s:s + chunk_size] @ weight.t()).float()
-            lse[s:s + chunk_size] = torch.logsumexp(logits, dim=-1)
             t = targets[s:s + chunk_size].clamp(min=0)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            nll[s:s + chunk_size] = (lse[s:s + chunk_size] - picked) * valid[s:s + chunk_size]
+            # cross_entropy's fused kernel beats a separate logsumexp; lse = nll + the target's logit.
+            chunk_nll = F.cross_entropy(logits, t, reduction="none")
+            lse[s:s + chunk_size] = chunk_nll + logits.gather(1, t[:, None]).squeeze(1)
+            nll[s:s + chunk_size] = chunk_nll * valid[s:s + chunk_size]
         ctx.save_for_backward(h, weight, targets, lse)
         ctx.chunk_size = chunk_size
         return nll

@@ -160,17 +160,15 @@ def test_cache_reused_and_invalidated(tmp_path, model_dir):
     assert leftovers(cache) == []
 
 
-def test_default_cache_dir_beside_source_or_user_cache(tmp_path, tok, monkeypatch):
+def test_default_cache_dir_is_the_user_cache(tmp_path, tok, monkeypatch):
+    monkeypatch.delenv("LONGQLORA_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     src = write(tmp_path / "src" / "a.txt", "hello world")
     corpus = data.tokenize_source(src.parent, tok, progress=False)
-    assert corpus.path.parent == src.parent / ".longqlora_cache"
-    # read-only source folder: the user's cache folder
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(data, "dir_is_writable", lambda folder: False)
-    src2 = write(tmp_path / "ro" / "a.txt", "hello world")
-    corpus2 = data.tokenize_source(src2, tok, progress=False)
-    assert corpus2.path.parent == tmp_path / "xdg" / "longqlora"
-    assert not (src2.parent / ".longqlora_cache").exists()
+    assert corpus.path.parent == tmp_path / "xdg" / "longqlora"
+    assert [p.name for p in src.parent.iterdir()] == ["a.txt"]       # nothing written beside the data
+    monkeypatch.setenv("LONGQLORA_CACHE", str(tmp_path / "mine"))
+    assert data.tokenize_source(src, tok, progress=False).path.parent == tmp_path / "mine"
 
 
 # ----------------------------------------------------------------------------------------------------
