@@ -13,7 +13,6 @@ ours should peak near 1x for a dense load and near the NF4 size plus one tensor 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,14 +64,22 @@ def write_checkpoint(path: Path, layers: int, dim: int, inter: int, vocab: int, 
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def peak_rss() -> int:
+    """VmHWM of this process. (ru_maxrss would not do: Linux carries it over from the parent across exec.)"""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 def child(path: str, quantize: str):
     import torch
 
     from model import Transformer
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = peak_rss()
     model = Transformer.from_pretrained(path, dtype=torch.bfloat16, quantize=None if quantize == "none" else quantize)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     print(json.dumps({"peak_above_import": peak - base, "model_bytes": resident}))
 
