@@ -1,0 +1,546 @@
+"""Evaluation of a context-extended LLaMA: perplexity on long texts (PG19, Proof-pile) and passkey retrieval.
+
+LongQLoRA reports perplexity at evaluation lengths 1024 / 2048 / 4096 / 8192 with full causal attention
+(S²-Attn is a training-time approximation only) and Position Interpolation with
+factor = ceil(seq_len / max_position_embeddings) (REFERENCE §1, §6, §7). A model that was trained with PI keeps
+its training factor at every length instead (see `rope_rule`): --rope-factor, then the adapter's
+train_config.json, then the checkpoint's config.json, then the ceil rule.
+
+Perplexity. The evaluation text is one flat token stream x_0 .. x_{N-1} (tokenized documents back to back,
+each starting with BOS, or LongLoRA's pre-tokenized `.bin`). A window is x_s .. x_{s+L-1} (L = seq_len); the
+model predicts x_t from x_s .. x_{t-1}, so a window holds L - 1 predictions, with nll_t = -log p(x_t | ...).
+Three protocols:
+
+  longlora   LongLoRA's eval.py: windows start at s in range(0, N - L, stride) with the LAST start dropped
+             (stride 256 by default); each window's loss is the mean of its L - 1 nlls, and
+                 ppl = exp(mean over windows of the window losses).
+             Tokens in the overlap of windows are scored several times; the tail of the stream is not scored.
+  longqlora  LongQLoRA's evaluate.py: the same loop with stride = seq_len (non-overlapping windows). The default,
+             because the paper's table (REFERENCE §7) comes from it.
+  sliding    Every token x_1 .. x_{N-1} is scored exactly once, with up to L - 1 tokens of context:
+                 the first window [0, L) scores x_1 .. x_{L-1};
+                 then each window [e - L, e), e = L + stride, L + 2 stride, ..., N (the last one cut at N),
+                 scores only its new targets x_{e_prev} .. x_{e-1}, each with at least L - stride tokens of context.
+             Windows are right-aligned (all exactly L tokens long, unlike the HF docs' loop, whose last window is
+             shorter), stride defaults to L // 2 and must be < L. ppl = exp(sum of nlls / (N - 1)).
+             The scored token set is x_1 .. x_{N-1} whatever L is, so perplexities at different context lengths
+             are comparable: the same targets, only the context changes.
+
+"tokens" in the results counts scored predictions (with multiplicity for the overlapping longlora windows).
+Logits and loss are computed in chunks (model.chunked_cross_entropy over the final hidden states), so no
+(T, vocab) fp32 tensor exists, and attention goes through SDPA: an 8k window fits where eager attention would not.
+
+Passkey retrieval (LongLoRA, PI): filler text ("The grass is green. The sky is blue. ...") with one line
+"The pass key is K. Remember it. K is the pass key." at a random depth, then "What is the pass key? The pass
+key is"; K a random 5-digit number. The prompt is grown to seq_len - PASSKEY_NEW_TOKENS tokens (so the prompt
+and the answer fit in seq_len), the answer is decoded greedily with the KV cache, and a trial is correct when
+the first number in the answer is K. Accuracy per length and per depth bucket.
+
+    python eval.py --model DIR --dataset pg19 --seq-len 1024 2048 4096 8192 --out results.json
+    python eval.py --model DIR --adapter ADAPTER --dataset proof-pile --protocol longlora
+    python eval.py --model DIR --task passkey --seq-len 1024 2048 4096 8192 --trials 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import Transformer, chunked_cross_entropy
+from rope import normalize_rope_scaling
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROTOCOLS = ("longqlora", "longlora", "sliding")
+LONGLORA_STRIDE = 256
+CE_CHUNK = 1024                 # tokens per logits chunk: 1024 x 32000 fp32 = 131 MB
+DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192)
+
+
+# --------------------------------------------------------------------------- model
+
+def load_model(model_dir, adapter=None, quant="none", dtype=torch.bfloat16, rope_factor=None, device="cpu"):
+    """An HF LLaMA directory as our Transformer in eval mode, optionally with a PEFT LoRA adapter on top.
+
+    quant "nf4" stores the seven decoder linears in NF4 (QLoRA's frozen base); "none" keeps them in `dtype`.
+    The adapter stays unmerged (its fp32 update is added in every forward, exactly as in training). rope_factor:
+    None keeps the checkpoint's RoPE scaling, 1 removes it, F > 1 sets linear PI with factor F.
+    """
+    if quant not in ("none", "nf4"):
+        raise ValueError(f"--quant must be 'none' or 'nf4', got {quant!r}")
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
+                                        quantize=None if quant == "none" else "nf4")
+    if adapter is not None:
+        import lora  # only needed with an adapter
+        lora.load_adapter(model, adapter)
+    model.requires_grad_(False)
+    if rope_factor is not None:
+        set_rope_factor(model, rope_factor)
+    return model.eval()
+
+
+def linear_rope_scaling(factor: float) -> dict | None:
+    """Position Interpolation with `factor` as a normalised scaling dict (None for factor 1: plain RoPE)."""
+    if not factor > 0:
+        raise ValueError(f"rope factor must be positive, got {factor}")
+    return None if factor == 1 else normalize_rope_scaling({"rope_type": "linear", "factor": float(factor)})
+
+
+def set_rope_factor(model: Transformer, factor: float) -> None:
+    """model.py computes RoPE tables on every forward from model.args, so this switches PI without reloading."""
+    model.args.rope_scaling = linear_rope_scaling(factor)
+
+
+def default_rope_factor(seq_len: int, max_position_embeddings: int) -> int:
+    """The paper's rule: the smallest integer factor that stretches the trained range over seq_len."""
+    return max(1, math.ceil(seq_len / max_position_embeddings))
+
+
+def training_rope_scaling(adapter_dir) -> tuple[dict | None] | None:
+    """The RoPE scaling an adapter was trained with, as a 1-tuple, from train.py's `train_config.json` (key
+    "rope_scaling"), looked for in the adapter folder and the two above it (out/adapter, out/checkpoint-N/adapter);
+    None when there is no such file (e.g. a PEFT adapter from elsewhere)."""
+    adapter_dir = Path(adapter_dir)
+    for folder in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent):
+        file = folder / "train_config.json"
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{file}: malformed JSON ({e})") from None
+            if isinstance(config, dict) and "rope_scaling" in config:
+                return (normalize_rope_scaling(config["rope_scaling"]),)
+    return None
+
+
+def rope_rule(args, rope_factor: float | None = None, adapter=None):
+    """seq_len -> the RoPE scaling to run that length with, by priority:
+      1. --rope-factor F (1 = plain RoPE), at every length;
+      2. the scaling the adapter was trained with (train_config.json beside it), at every length: the weights
+         were tuned for those positions, so a LongQLoRA adapter trained at 8k with factor 2 keeps factor 2 at 1k;
+      3. the checkpoint's own config.json scaling (a merged LongQLoRA model carries it), at every length;
+      4. otherwise the paper's ceil(seq_len / max_position_embeddings).
+    `args` is the checkpoint's ModelArgs as loaded (before any override)."""
+    fixed = None
+    if rope_factor is not None:
+        fixed = (linear_rope_scaling(rope_factor),)
+    elif adapter is not None:
+        fixed = training_rope_scaling(adapter)
+    if fixed is None and args.rope_scaling is not None:
+        fixed = (dict(args.rope_scaling),)
+    if fixed is not None:
+        return lambda seq_len: fixed[0]
+    max_pos = args.max_position_embeddings
+    return lambda seq_len: linear_rope_scaling(default_rope_factor(seq_len, max_pos))
+
+
+def describe_rope(scaling: dict | None):
+    """For the results: 1 for plain RoPE, the factor for PI, the dict for other scaling rules."""
+    if scaling is None:
+        return 1
+    if scaling["rope_type"] == "linear" and set(scaling) == {"rope_type", "factor"}:
+        return scaling["factor"]
+    return dict(scaling)
+
+
+def model_device(model: Transformer) -> torch.device:
+    return model.embed_tokens.weight.device
+
+
+# --------------------------------------------------------------------------- data
+
+def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
+    """(path, split to pass to the reader) of a named dataset under data_dir, or FileNotFoundError that lists
+    every place looked at and how to get the data.
+
+    pg19: the PG19 text layout (`data_dir/pg19/<split>/*.txt`, or data_dir itself in that layout) is preferred,
+    since it is tokenized with the evaluated model's own tokenizer; LongLoRA's `pg19-<split>.bin` (LLaMA
+    tokenizer, uint16) otherwise. proof-pile: LongLoRA's `proof-pile-<split>.bin` first (the paper's sample of
+    128 long test documents), then jsonl(.gz) files of the Proof-pile split."""
+    data_dir = Path(data_dir)
+    if dataset == "pg19":
+        candidates = [(data_dir / "pg19", split, data_dir / "pg19" / split), (data_dir, split, data_dir / split),
+                      (data_dir / f"pg19-{split}.bin", None, None),
+                      (data_dir / "pg19" / f"pg19-{split}.bin", None, None)]
+        how = (f"get it with `python data.py download pg19 --split {split} --out {data_dir / 'pg19'}` "
+               f"(or add --download), or pass --data-path")
+    elif dataset == "proof-pile":
+        pp = data_dir / "proof-pile"
+        candidates = [(data_dir / f"proof-pile-{split}.bin", None, None), (pp / f"proof-pile-{split}.bin", None, None),
+                      (pp / split, None, pp / split), (pp / f"{split}.jsonl.gz", None, None),
+                      (pp / f"{split}.jsonl", None, None), (data_dir / f"proof-pile-{split}.jsonl.gz", None, None)]
+        how = ("get LongLoRA's pre-tokenized proof-pile-test.bin (linked from the LongLoRA README) or the Proof-pile "
+               "jsonl.gz test files into that folder, or pass --data-path")
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; choose pg19 or proof-pile, or pass --data-path")
+    looked = []
+    for path, reader_split, folder in candidates:
+        if folder is not None:
+            looked.append(f"{folder}/")
+            if folder.is_dir() and _has_text(folder):
+                return path, reader_split
+        else:
+            looked.append(str(path))
+            if path.is_file():
+                return path, None
+    raise FileNotFoundError(f"no {dataset} {split} data found; looked for {', '.join(looked)}; {how}")
+
+
+def _has_text(folder: Path) -> bool:
+    return any(f.is_file() and f.name.endswith((".txt", ".jsonl", ".jsonl.gz")) for f in folder.rglob("*"))
+
+
+def load_eval_tokens(path, split=None, tokenizer=None, vocab_size=None, bin_dtype=None, cache_dir=None,
+                     max_tokens=None, progress=True) -> np.ndarray:
+    """The flat token stream of a source: a `.bin` token file memory-mapped as is (uint16 unless bin_dtype or a
+    vocabulary above 65,536 says otherwise), or text tokenized with the model's tokenizer once and cached
+    (data.tokenize_source). Every id is checked against vocab_size. max_tokens keeps the first tokens only."""
+    import data
+
+    path = Path(path)
+    if path.suffix == ".bin":
+        tokens = data.load_token_file(path, vocab_size=vocab_size, dtype=bin_dtype)
+    else:
+        if tokenizer is None:
+            raise ValueError(f"{path}: a text source needs the model's tokenizer")
+        corpus = data.tokenize_source(path, tokenizer, split=split, cache_dir=cache_dir, vocab_size=vocab_size,
+                                      progress=progress)
+        tokens = corpus.tokens[:corpus.n_tokens]
+    if max_tokens is not None:
+        if max_tokens < 2:
+            raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
+        tokens = tokens[:max_tokens]
+    return tokens
+
+
+# --------------------------------------------------------------------------- perplexity
+
+def default_stride(protocol: str, seq_len: int) -> int:
+    return {"longlora": LONGLORA_STRIDE, "longqlora": seq_len, "sliding": max(1, seq_len // 2)}[protocol]
+
+
+def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
+                       stride: int | None = None) -> list[tuple[int, int, int]]:
+    """The windows of a protocol as (start, first_target, end): the model reads tokens[start:end] and the
+    targets scored are the tokens at positions first_target .. end - 1 (see the module docstring)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    stride = default_stride(protocol, seq_len) if stride is None else stride
+    if stride < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if protocol != "sliding":
+        starts = list(range(0, n_tokens - seq_len, stride))[:-1]   # LongLoRA drops the last start
+        if not starts:
+            raise ValueError(f"seq_len {seq_len}: {n_tokens} tokens are too few for one {protocol} window with stride "
+                             f"{stride} (need more than {seq_len + stride}, the last window start is dropped)")
+        return [(s, s + 1, s + seq_len) for s in starts]
+    if stride >= seq_len:
+        raise ValueError(f"sliding protocol: stride {stride} must be smaller than seq_len {seq_len} "
+                         f"(each scored token needs context inside its window)")
+    if n_tokens < 2:
+        raise ValueError(f"{n_tokens} tokens: nothing to score")
+    end = min(seq_len, n_tokens)
+    windows = [(0, 1, end)]
+    while end < n_tokens:
+        new_end = min(end + stride, n_tokens)
+        windows.append((new_end - seq_len, end, new_end))
+        end = new_end
+    return windows
+
+
+@torch.inference_mode()
+def token_nll(model: Transformer, tokens: torch.Tensor, attn: str = "full") -> torch.Tensor:
+    """nll (B, T - 1) float32 of the next tokens of tokens (B, T):
+    nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
+    hidden = model(tokens, attn=attn, return_hidden=True)
+    return chunked_cross_entropy(hidden, model.lm_head.weight, tokens, chunk_size=CE_CHUNK, reduction="none")
+
+
+def evaluate_perplexity(model: Transformer, tokens, seq_len: int, protocol: str = "longqlora",
+                        stride: int | None = None, batch_size: int = 1, attn: str = "full",
+                        progress: bool = True) -> dict:
+    """Perplexity of `tokens` (1-D array or tensor of ids) under one protocol; see the module docstring.
+
+    Returns {"seq_len", "stride", "protocol", "ppl", "nll", "tokens", "windows", "seconds"}, nll = log(ppl).
+    The result does not depend on batch_size (windows of one batch all have the same length)."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be positive, got {batch_size}")
+    stride = default_stride(protocol, seq_len) if stride is None else stride
+    windows = perplexity_windows(len(tokens), seq_len, protocol, stride)
+    device = model_device(model)
+    window_losses, nll_sum, scored = [], 0.0, 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(windows), desc=f"{protocol} L={seq_len}", unit="win", disable=not progress,
+               dynamic_ncols=True)
+    for batch in _same_length_batches(windows, batch_size):
+        ids = torch.stack([torch.from_numpy(np.asarray(tokens[s:e], dtype=np.int64)) for s, _, e in batch])
+        nll = token_nll(model, ids.to(device), attn).double().cpu()
+        for row, (s, first, e) in zip(nll, batch):
+            picked = row[first - s - 1:e - s - 1]        # prediction of token t sits at index t - s - 1
+            window_losses.append(picked.mean().item())
+            nll_sum += picked.sum().item()
+            scored += len(picked)
+        bar.update(len(batch))
+    bar.close()
+    mean_nll = nll_sum / scored if protocol == "sliding" else sum(window_losses) / len(window_losses)
+    return {"seq_len": seq_len, "stride": stride, "protocol": protocol, "ppl": math.exp(mean_nll), "nll": mean_nll,
+            "tokens": scored, "windows": len(windows), "seconds": time.perf_counter() - t0}
+
+
+def _same_length_batches(windows, batch_size):
+    batch = []
+    for w in windows:
+        if batch and (len(batch) == batch_size or w[2] - w[0] != batch[0][2] - batch[0][0]):
+            yield batch
+            batch = []
+        batch.append(w)
+    if batch:
+        yield batch
+
+
+# --------------------------------------------------------------------------- passkey retrieval
+
+PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+                "I will quiz you about the important information there.")
+FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
+PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+PASSKEY_NEW_TOKENS = 10         # " 12345." is at most 7 LLaMA tokens (digits are single tokens)
+DEPTH_BUCKETS = 5
+
+
+def filler_text(n_words: int) -> str:
+    """The first n_words words of the filler sentences repeated (word granularity lets the prompt length hit its
+    target within a token or two; LongLoRA cuts its filler at a character count)."""
+    words = " ".join(FILLER).split()
+    return " ".join(words[i % len(words)] for i in range(n_words))
+
+
+def passkey_text(n_filler: int, depth: float, key: str) -> str:
+    """The prompt text with n_filler filler words, round(depth * n_filler) of them before the key line."""
+    before = round(depth * n_filler)
+    return "\n".join([PASSKEY_TASK, filler_text(before), PASSKEY_LINE.format(key=key), filler_text(n_filler - before),
+                      PASSKEY_QUESTION])
+
+
+def passkey_prompt(tokenizer, target_len: int, depth: float, key: str) -> list[int]:
+    """BOS + passkey text with as many filler words as fit in target_len tokens."""
+    def length(n):
+        return len(tokenizer.encode(passkey_text(n, depth, key), bos=True))
+
+    fixed = length(0)
+    if fixed > target_len:
+        raise ValueError(f"a passkey prompt needs at least {fixed} tokens; {target_len} is too short")
+    per_word = max((length(200) - fixed) / 200, 1e-3)
+    n = int((target_len - fixed) / per_word)
+    # Tokens are nearly additive in words: a few steps from the estimate reach the largest n that fits.
+    while n > 0 and length(n) > target_len:
+        n -= max(1, int((length(n) - target_len) / per_word))
+    n = max(n, 0)
+    while length(n + 1) <= target_len:
+        n += 1
+    return tokenizer.encode(passkey_text(n, depth, key), bos=True)
+
+
+def passkey_correct(answer: str, key: str) -> bool:
+    """A trial counts when the first number in the model's answer is the key."""
+    m = re.search(r"\d+", answer)
+    return m is not None and m.group() == key
+
+
+def depth_bucket(depth: float, n_buckets: int = DEPTH_BUCKETS) -> str:
+    k = min(int(depth * n_buckets), n_buckets - 1)
+    return f"{100 * k // n_buckets}-{100 * (k + 1) // n_buckets}%"
+
+
+def passkey_summary(trials: list[dict], n_buckets: int = DEPTH_BUCKETS) -> dict:
+    """Accuracy over trials [{"depth", "correct"}] and per depth bucket (None for an empty bucket)."""
+    buckets = {depth_bucket((k + 0.5) / n_buckets, n_buckets): [] for k in range(n_buckets)}
+    for t in trials:
+        buckets[depth_bucket(t["depth"], n_buckets)].append(t["correct"])
+    return {"accuracy": sum(t["correct"] for t in trials) / len(trials), "correct": sum(t["correct"] for t in trials),
+            "trials": len(trials),
+            "depth_accuracy": {b: (sum(v) / len(v) if v else None) for b, v in buckets.items()}}
+
+
+def evaluate_passkey(model: Transformer, tokenizer, seq_len: int, trials: int = 20, seed: int = 0,
+                     progress: bool = True) -> dict:
+    """Passkey retrieval at one length: `trials` random (key, depth) pairs, greedy answers with the KV cache."""
+    from generate import generate
+
+    if trials < 1:
+        raise ValueError(f"--trials must be positive, got {trials}")
+    rng = random.Random(seed * 1_000_003 + seq_len)     # the same trials for a length whatever else runs
+    records, t0 = [], time.perf_counter()
+    for _ in tqdm(range(trials), desc=f"passkey L={seq_len}", unit="trial", disable=not progress, dynamic_ncols=True):
+        key, depth = str(rng.randint(10000, 99999)), rng.random()
+        prompt = passkey_prompt(tokenizer, seq_len - PASSKEY_NEW_TOKENS, depth, key)
+        answer = tokenizer.decode(generate(model, tokenizer, prompt, PASSKEY_NEW_TOKENS, temperature=0.0))
+        records.append({"key": key, "depth": depth, "prompt_tokens": len(prompt), "answer": answer,
+                        "correct": passkey_correct(answer, key)})
+    return {"task": "passkey", "seq_len": seq_len, **passkey_summary(records),
+            "seconds": time.perf_counter() - t0, "records": records}
+
+
+# --------------------------------------------------------------------------- output
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
+        return "-" if v is None else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def perplexity_table(results: list[dict]) -> str:
+    return markdown_table(["seq_len", "perplexity", "tokens", "windows", "seconds"],
+                          [[r["seq_len"], r["ppl"], r["tokens"], r["windows"], f"{r['seconds']:.1f}"] for r in results])
+
+
+def passkey_table(results: list[dict]) -> str:
+    buckets = list(results[0]["depth_accuracy"]) if results else []
+    return markdown_table(["seq_len", "accuracy", *[f"depth {b}" for b in buckets], "trials", "seconds"],
+                          [[r["seq_len"], r["accuracy"], *r["depth_accuracy"].values(), r["trials"],
+                            f"{r['seconds']:.1f}"] for r in results])
+
+
+def write_json_atomic(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
+    p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity")
+    p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, safetensors, tokenizer.model)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (ours or PEFT's)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
+    p.add_argument("--rope-factor", type=float, default=None,
+                   help="linear PI factor (1 = plain RoPE); default: the adapter's training scaling "
+                        "(train_config.json), else the checkpoint's, else ceil(seq_len / max_position_embeddings)")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--attn", choices=("full", "s2"), default="full",
+                   help="full causal attention (the paper's choice at inference) or S²-Attn (ablation)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19")
+    p.add_argument("--split", default=None, help="default: validation for pg19, test for proof-pile")
+    p.add_argument("--data-dir", default=os.environ.get("LONGQLORA_DATA", "data"),
+                   help="where --dataset looks (default $LONGQLORA_DATA or data/)")
+    p.add_argument("--data-path", default=None, help="any text folder, PG19-layout folder, .txt, .jsonl(.gz) or .bin")
+    p.add_argument("--download", action="store_true", help="download PG19 into DATA_DIR/pg19 when it is missing")
+    p.add_argument("--bin-dtype", choices=("uint16", "uint32"), default=None,
+                   help="element type of a .bin token file (default uint16, or uint32 above 65,536 ids)")
+    p.add_argument("--cache-dir", default=None, help="token cache folder (default: beside the data)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora")
+    p.add_argument("--stride", type=int, default=None,
+                   help=f"window stride (default: {LONGLORA_STRIDE} longlora, seq_len longqlora, seq_len//2 sliding)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--trials", type=int, default=20, help="passkey trials per length")
+    p.add_argument("--seed", type=int, default=0, help="passkey keys and depths")
+    p.add_argument("--out", default=None, help="results JSON")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def resolve_source(args) -> tuple[Path, str | None, str, str | None]:
+    """(path, reader split, dataset name, split name) of the evaluation data."""
+    import data
+
+    if args.data_path is not None:
+        path = Path(args.data_path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: --data-path not found")
+        split = (args.split or "validation") if data.is_pg19_layout(path) else None
+        return path, split, str(path), split
+    split = args.split or ("validation" if args.dataset == "pg19" else "test")
+    try:
+        path, reader_split = find_dataset(args.dataset, split, args.data_dir)
+    except FileNotFoundError:
+        if not (args.download and args.dataset == "pg19"):
+            raise
+        data.download_pg19(split, Path(args.data_dir) / "pg19", progress=not args.no_progress)
+        path, reader_split = find_dataset(args.dataset, split, args.data_dir)
+    return path, reader_split, args.dataset, split
+
+
+def run(args) -> dict:
+    import data
+
+    if args.download and args.dataset != "pg19":
+        raise ValueError(f"--download fetches PG19 only, not {args.dataset}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.task == "passkey" and args.attn != "full":
+        raise ValueError("passkey decodes with the KV cache, which needs --attn full")
+    show = not args.no_progress
+    needs_tokenizer = args.task == "passkey"
+    if args.task == "perplexity":  # missing data fails before the model is loaded
+        path, reader_split, dataset, split = resolve_source(args)
+        needs_tokenizer = path.suffix != ".bin"
+    tokenizer = data.load_tokenizer(args.model) if needs_tokenizer else None
+    model = load_model(args.model, args.adapter, args.quant, DTYPES[args.dtype], device=args.device)
+    scaling_for = rope_rule(model.args, args.rope_factor, args.adapter)
+    report = {"model": str(args.model), "adapter": None if args.adapter is None else str(args.adapter),
+              "quant": args.quant, "dtype": args.dtype, "attn": args.attn, "results": []}
+
+    if args.task == "perplexity":
+        tokens = load_eval_tokens(path, reader_split, tokenizer, model.args.vocab_size, args.bin_dtype,
+                                  args.cache_dir, args.max_tokens, progress=show)
+        for L in args.seq_len:  # fail on an impossible length before spending time on the others
+            perplexity_windows(len(tokens), L, args.protocol, args.stride)
+    else:
+        for L in args.seq_len:
+            passkey_prompt(tokenizer, L - PASSKEY_NEW_TOKENS, 0.5, "12345")
+    for L in args.seq_len:
+        model.args.rope_scaling = scaling_for(L)
+        if args.task == "perplexity":
+            r = evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, args.attn, show)
+            r = {"dataset": dataset, "split": split, **r, "rope_factor": describe_rope(model.args.rope_scaling)}
+        else:
+            r = evaluate_passkey(model, tokenizer, L, args.trials, args.seed, show)
+            r["rope_factor"] = describe_rope(model.args.rope_scaling)
+        report["results"].append(r)
+        if args.out:  # after every length, so a crash at 8k keeps the shorter results
+            write_json_atomic(args.out, report)
+    table = perplexity_table if args.task == "perplexity" else passkey_table
+    print(table(report["results"]))
+    return report
+
+
+def main(argv=None) -> int:
+    from data import one_line_errors
+
+    args = one_line_errors(build_parser()).parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""eval.py: perplexity protocols against HF transformers, data sources, passkey prompts, CLI and its errors."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import PG19_MINI, ROOT, hf_model, make_hf_checkpoint
+
+import data
+import eval as ev
+
+N_TOKENS = 420
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_hf_checkpoint(tmp_path_factory.mktemp("eval") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(0).integers(0, 512, N_TOKENS).astype(np.uint16)
+
+
+def rel(a, b):
+    return abs(a - b) / abs(b)
+
+
+# --------------------------------------------------------------------------- HF reference, written independently
+
+def hf_reference_ppl(path, tokens, seq_len, protocol, stride, factor):
+    """The three protocols as plain loops over HF LlamaForCausalLM and HF's own loss."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig.from_pretrained(path)
+    if factor is not None:
+        cfg.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": 10000.0}
+    model = hf_model(path, config=cfg)
+    ids = torch.as_tensor(tokens.astype(np.int64))[None]
+    n = ids.shape[1]
+    with torch.no_grad():
+        if protocol in ("longlora", "longqlora"):
+            starts = list(range(0, n - seq_len, stride))
+            starts.pop()
+            losses = [model(ids[:, s:s + seq_len], labels=ids[:, s:s + seq_len]).loss.item() for s in starts]
+            return math.exp(sum(losses) / len(losses)), len(starts) * (seq_len - 1)
+        total, count, done = 0.0, 0, 1          # done: first target position not scored yet
+        ends = list(range(seq_len, n, stride)) + [n]
+        for end in ends:
+            start = max(0, end - seq_len)
+            x = ids[:, start:end]
+            labels = x.clone()
+            labels[:, :done - start] = -100
+            k = end - done
+            total += model(x, labels=labels).loss.item() * k
+            count += k
+            done = end
+        return math.exp(total / count), count
+
+
+@pytest.mark.parametrize("factor", [None, 2.0], ids=["plain", "PI2"])
+@pytest.mark.parametrize("protocol,stride", [("longlora", 24), ("longqlora", 64), ("sliding", 20)])
+def test_perplexity_equals_hf(ckpt, tokens, protocol, stride, factor):
+    model = ev.load_model(ckpt, dtype=torch.float32, rope_factor=factor)
+    ours = ev.evaluate_perplexity(model, tokens, 64, protocol, stride=stride, progress=False)
+    ref_ppl, ref_tokens = hf_reference_ppl(ckpt, tokens, 64, protocol, stride, factor)
+    assert rel(ours["ppl"], ref_ppl) < 1e-4
+    assert ours["tokens"] == ref_tokens
+    assert math.isclose(ours["nll"], math.log(ours["ppl"]))
+
+
+def test_default_rope_factor_follows_the_paper(ckpt, tokens):
+    """seq_len 192 > max_position_embeddings 128: ceil(192 / 128) = 2, i.e. HF with linear factor 2."""
+    model = ev.load_model(ckpt, dtype=torch.float32)
+    assert ev.default_rope_factor(192, 128) == 2 and ev.default_rope_factor(128, 128) == 1
+    rule = ev.rope_rule(model.args)
+    assert rule(128) is None
+    model.args.rope_scaling = rule(192)
+    assert model.args.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    ours = ev.evaluate_perplexity(model, tokens, 192, "longlora", stride=16, progress=False)
+    ref, _ = hf_reference_ppl(ckpt, tokens, 192, "longlora", 16, 2.0)
+    assert rel(ours["ppl"], ref) < 1e-4
+
+
+def test_rope_rule_priorities(tmp_path):
+    from model import ModelArgs
+
+    plain = ModelArgs(vocab_size=8, dim=8, intermediate_size=8, n_layers=1, n_heads=1, max_position_embeddings=128)
+    own = ModelArgs(vocab_size=8, dim=8, intermediate_size=8, n_layers=1, n_heads=1, max_position_embeddings=128,
+                    rope_scaling={"type": "linear", "factor": 4.0})
+    pi = lambda f: {"rope_type": "linear", "factor": f}                                      # noqa: E731
+    assert [ev.rope_rule(plain)(L) for L in (64, 128, 129, 300)] == [None, None, pi(2.0), pi(3.0)]
+    assert ev.rope_rule(own)(64) == ev.rope_rule(own)(1000) == pi(4.0)          # the checkpoint's own scaling
+    assert ev.rope_rule(own, rope_factor=1)(1000) is None                        # --rope-factor wins; 1 = none
+    assert ev.rope_rule(plain, rope_factor=3)(64) == pi(3.0)
+    # an adapter trained by train.py: out/train_config.json records the scaling it was trained with
+    (tmp_path / "out" / "checkpoint-10" / "adapter").mkdir(parents=True)
+    (tmp_path / "out" / "train_config.json").write_text(json.dumps({"rope_scaling": pi(2.0), "ctx": 256}))
+    for adapter in (tmp_path / "out" / "adapter", tmp_path / "out" / "checkpoint-10" / "adapter"):
+        assert ev.rope_rule(plain, adapter=adapter)(64) == pi(2.0)
+        assert ev.rope_rule(own, adapter=adapter)(64) == pi(2.0)
+        assert ev.rope_rule(plain, rope_factor=1, adapter=adapter)(64) is None
+    (tmp_path / "out" / "train_config.json").write_text(json.dumps({"rope_scaling": None}))
+    assert ev.rope_rule(plain, adapter=tmp_path / "out" / "adapter")(1000) is None    # trained without PI
+    assert ev.rope_rule(plain, adapter=tmp_path / "elsewhere")(300) == pi(3.0)        # no train_config.json
+
+
+def test_batch_size_does_not_change_the_result(ckpt, tokens):
+    model = ev.load_model(ckpt, dtype=torch.float32)
+    for protocol in ev.PROTOCOLS:
+        one = ev.evaluate_perplexity(model, tokens, 32, protocol, stride=48 if protocol == "longlora" else None,
+                                     progress=False)
+        three = ev.evaluate_perplexity(model, tokens, 32, protocol, stride=one["stride"], batch_size=3, progress=False)
+        assert rel(three["ppl"], one["ppl"]) < 1e-6 and three["windows"] == one["windows"]
+
+
+def test_adapter_equals_merged_model(ckpt, tokens, tmp_path):
+    import lora
+
+    model = ev.load_model(ckpt, dtype=torch.float32)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, lora.LoRALinear):
+                m.lora_B.normal_(0, 0.2)
+    lora.save_adapter(model, tmp_path / "adapter")
+    merged = lora.merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged")
+
+    base = ev.evaluate_perplexity(ev.load_model(ckpt, dtype=torch.float32), tokens, 64, "sliding", progress=False)
+    with_adapter = ev.load_model(ckpt, adapter=tmp_path / "adapter", dtype=torch.float32)
+    ours = ev.evaluate_perplexity(with_adapter, tokens, 64, "sliding", progress=False)
+    ref = ev.evaluate_perplexity(ev.load_model(merged, dtype=torch.float32), tokens, 64, "sliding", progress=False)
+    assert rel(ours["ppl"], ref["ppl"]) < 1e-5
+    assert rel(ours["ppl"], base["ppl"]) > 1e-3      # the adapter really changes the model
+
+
+def test_nf4_base_equals_dense_model_with_dequantized_weights(ckpt, tokens):
+    from model import DECODER_LINEARS
+    from quant import dequantize_nf4, quantize_nf4
+
+    nf4 = ev.load_model(ckpt, quant="nf4", dtype=torch.float32)
+    dense = ev.load_model(ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        for name, m in dense.named_modules():
+            if name.rsplit(".", 1)[-1] in DECODER_LINEARS:
+                m.weight.copy_(dequantize_nf4(*quantize_nf4(m.weight), dtype=torch.float32))
+    a = ev.evaluate_perplexity(nf4, tokens, 64, "sliding", progress=False)
+    b = ev.evaluate_perplexity(dense, tokens, 64, "sliding", progress=False)
+    assert rel(a["ppl"], b["ppl"]) < 1e-5
+
+
+def test_s2_attention_at_evaluation_is_an_ablation(ckpt, tokens):
+    model = ev.load_model(ckpt, dtype=torch.float32)
+    full = ev.evaluate_perplexity(model, tokens, 64, "longqlora", progress=False)
+    s2 = ev.evaluate_perplexity(model, tokens, 64, "longqlora", attn="s2", progress=False)
+    assert math.isfinite(s2["ppl"]) and rel(s2["ppl"], full["ppl"]) > 1e-4
+    assert s2["tokens"] == full["tokens"]
+
+
+# --------------------------------------------------------------------------- windows
+
+@pytest.mark.parametrize("n", [300, 301, 64, 20])
+def test_sliding_scores_the_same_tokens_at_every_length(n):
+    sets = {}
+    for L in (16, 32, 64):
+        windows = ev.perplexity_windows(n, L, "sliding")
+        positions = [t for _, first, end in windows for t in range(first, end)]
+        assert len(positions) == len(set(positions)) == n - 1          # each token once
+        sets[L] = sorted(positions)
+        for start, first, end in windows:
+            assert end - start == min(L, n)                            # right-aligned, full length
+            assert first - start >= (1 if start == 0 else L - L // 2)  # context of the first target
+    assert sets[16] == sets[32] == sets[64] == list(range(1, n))
+
+
+def test_sliding_token_counts_match_across_lengths(ckpt, tokens):
+    model = ev.load_model(ckpt, dtype=torch.float32)
+    counts = {L: ev.evaluate_perplexity(model, tokens[:200], L, "sliding", batch_size=8, progress=False)["tokens"]
+              for L in (16, 32, 64)}
+    assert set(counts.values()) == {199}
+
+
+def test_longlora_windows_drop_the_last_start():
+    # range(0, 1000 - 100, 256) = 0, 256, 512, 768; LongLoRA pops 768.
+    assert ev.perplexity_windows(1000, 100, "longlora") == [(0, 1, 100), (256, 257, 356), (512, 513, 612)]
+    assert [w[0] for w in ev.perplexity_windows(1000, 100, "longqlora")] == [0, 100, 200, 300, 400, 500, 600, 700]
+    with pytest.raises(ValueError, match="too few"):
+        ev.perplexity_windows(150, 100, "longqlora")
+    with pytest.raises(ValueError, match="smaller than seq_len"):
+        ev.perplexity_windows(500, 100, "sliding", stride=100)
+
+
+# --------------------------------------------------------------------------- sources
+
+@pytest.fixture(scope="module")
+def text_source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("text")
+    for f in sorted((PG19_MINI / "validation").glob("*.txt"))[:2]:
+        (folder / f.name).write_text(f.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+    return folder
+
+
+def test_bin_and_text_sources_agree(ckpt, text_source, tmp_path):
+    tok = data.load_tokenizer(ckpt)
+    text_tokens = ev.load_eval_tokens(text_source, tokenizer=tok, vocab_size=512, cache_dir=tmp_path / "cache",
+                                      progress=False)
+    assert len(text_tokens) > 1000 and text_tokens[0] == tok.bos_id
+    np.asarray(text_tokens, dtype=np.uint16).tofile(tmp_path / "u16.bin")
+    np.asarray(text_tokens, dtype=np.uint32).tofile(tmp_path / "u32.bin")
+    u16 = ev.load_eval_tokens(tmp_path / "u16.bin", vocab_size=512)
+    u32 = ev.load_eval_tokens(tmp_path / "u32.bin", vocab_size=512, bin_dtype="uint32")
+    assert np.array_equal(u16, text_tokens) and np.array_equal(u32, text_tokens)
+
+    model = ev.load_model(ckpt, dtype=torch.float32)
+    ppl = {name: ev.evaluate_perplexity(model, t[:1200], 128, "longqlora", progress=False)["ppl"]
+           for name, t in (("text", text_tokens), ("u16", u16), ("u32", u32))}
+    assert ppl["text"] == ppl["u16"] == ppl["u32"]
+    # max_tokens keeps a prefix
+    assert np.array_equal(ev.load_eval_tokens(tmp_path / "u16.bin", max_tokens=100), text_tokens[:100])
+
+
+def test_find_dataset_layouts(tmp_path):
+    shutil.copytree(PG19_MINI / "validation", tmp_path / "pg19" / "validation")
+    assert ev.find_dataset("pg19", "validation", tmp_path) == (tmp_path / "pg19", "validation")
+    (tmp_path / "pg19-test.bin").write_bytes(np.arange(10, dtype=np.uint16).tobytes())
+    assert ev.find_dataset("pg19", "test", tmp_path) == (tmp_path / "pg19-test.bin", None)
+    assert ev.find_dataset("pg19", "validation", tmp_path / "pg19") == (tmp_path / "pg19", "validation")
+    (tmp_path / "proof-pile").mkdir()
+    (tmp_path / "proof-pile" / "test.jsonl").write_text('{"text": "a b c"}\n')
+    assert ev.find_dataset("proof-pile", "test", tmp_path) == (tmp_path / "proof-pile" / "test.jsonl", None)
+    (tmp_path / "proof-pile-test.bin").write_bytes(np.arange(10, dtype=np.uint16).tobytes())
+    assert ev.find_dataset("proof-pile", "test", tmp_path) == (tmp_path / "proof-pile-test.bin", None)
+
+
+def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        ev.find_dataset("pg19", "validation", tmp_path)
+    msg = str(e.value)
+    assert str(tmp_path / "pg19" / "validation") in msg and str(tmp_path / "pg19-validation.bin") in msg
+    assert f"python data.py download pg19 --split validation --out {tmp_path / 'pg19'}" in msg
+    assert "--download" in msg
+    with pytest.raises(FileNotFoundError, match="proof-pile-test.bin"):
+        ev.find_dataset("proof-pile", "test", tmp_path)
+
+
+# --------------------------------------------------------------------------- passkey
+
+@pytest.mark.parametrize("target", [180, 400, 1000])
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_passkey_prompt(ckpt, target, depth):
+    tok = data.load_tokenizer(ckpt)
+    ids = ev.passkey_prompt(tok, target, depth, "48213")
+    assert target - 4 <= len(ids) <= target
+    assert ids[0] == tok.bos_id
+    text = tok.decode(ids)
+    line = ev.PASSKEY_LINE.format(key="48213")
+    assert text.count(line) == 1 and text.count("48213") == 2
+    assert text.startswith(ev.PASSKEY_TASK) and text.endswith(ev.PASSKEY_QUESTION)
+    before, after = text.split(line)
+    n_before = len(before.split()) - len(ev.PASSKEY_TASK.split())      # filler words before the key line
+    n_filler = n_before + len(after.split()) - len(ev.PASSKEY_QUESTION.split())
+    assert n_filler > 0
+    assert abs(n_before / n_filler - depth) <= 0.5 / n_filler + 1e-9
+
+
+def test_passkey_prompt_too_short(ckpt):
+    with pytest.raises(ValueError, match="too short"):
+        ev.passkey_prompt(data.load_tokenizer(ckpt), 20, 0.5, "12345")
+
+
+def test_passkey_scoring():
+    assert ev.passkey_correct(" 12345. Remember", "12345")
+    assert ev.passkey_correct("12345", "12345")
+    assert not ev.passkey_correct(" 1234", "12345")
+    assert not ev.passkey_correct(" 123456", "12345")
+    assert not ev.passkey_correct(" 54321 12345", "12345")
+    assert not ev.passkey_correct(" the key", "12345")
+    trials = [{"depth": 0.05, "correct": True}, {"depth": 0.1, "correct": False}, {"depth": 0.5, "correct": True},
+              {"depth": 0.99, "correct": True}]
+    s = ev.passkey_summary(trials)
+    assert s["accuracy"] == 0.75 and s["correct"] == 3 and s["trials"] == 4
+    assert s["depth_accuracy"] == {"0-20%": 0.5, "20-40%": None, "40-60%": 1.0, "60-80%": None, "80-100%": 1.0}
+
+
+def test_passkey_evaluation_runs_with_the_kv_cache(ckpt):
+    model = ev.load_model(ckpt, dtype=torch.float32)
+    tok = data.load_tokenizer(ckpt)
+    r = ev.evaluate_passkey(model, tok, 192, trials=3, seed=5, progress=False)
+    assert r["trials"] == 3 and len(r["records"]) == 3
+    assert all(192 - ev.PASSKEY_NEW_TOKENS - 4 <= t["prompt_tokens"] <= 192 - ev.PASSKEY_NEW_TOKENS
+               for t in r["records"])
+    assert all(len(t["key"]) == 5 for t in r["records"])
+    assert r["accuracy"] == sum(ev.passkey_correct(t["answer"], t["key"]) for t in r["records"]) / 3
+    # reproducible: the same seed gives the same keys, depths and answers
+    again = ev.evaluate_passkey(model, tok, 192, trials=3, seed=5, progress=False)
+    assert again["records"] == r["records"]
+
+
+# --------------------------------------------------------------------------- command line
+
+def run_cli(capsys, *argv):
+    code = ev.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_smoke_pg19_mini(ckpt, tmp_path):
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), "--model", str(ckpt), "--data-path", str(PG19_MINI),
+         "--split", "validation", "--cache-dir", str(tmp_path / "cache"), "--seq-len", "32", "64",
+         "--max-tokens", "400", "--dtype", "fp32", "--protocol", "sliding", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["model"] == str(ckpt) and report["adapter"] is None
+    assert [r["seq_len"] for r in report["results"]] == [32, 64]
+    for r in report["results"]:
+        assert {"dataset", "split", "seq_len", "stride", "protocol", "ppl", "nll", "tokens", "windows"} <= set(r)
+        assert r["split"] == "validation" and r["protocol"] == "sliding" and r["tokens"] == 399
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1
+    assert "| seq_len | perplexity | tokens | windows | seconds |" in proc.stdout
+    assert not list(tmp_path.glob("results.json.tmp-*"))
+
+
+def test_cli_dataset_from_data_dir_and_passkey(ckpt, tmp_path, capsys, monkeypatch):
+    shutil.copytree(PG19_MINI / "validation", tmp_path / "data" / "pg19" / "validation")
+    monkeypatch.setenv("LONGQLORA_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.json"
+    # --data-dir's default is read when the parser is built, so the environment variable counts
+    code, stdout, err = run_cli(capsys, "--model", ckpt, "--dataset", "pg19", "--seq-len", "64", "--max-tokens", "300",
+                                "--dtype", "fp32", "--out", out, "--no-progress")
+    assert code == 0, err
+    r = json.loads(out.read_text())["results"][0]
+    assert (r["dataset"], r["split"], r["protocol"], r["stride"], r["windows"]) == ("pg19", "validation", "longqlora",
+                                                                                   64, 3)
+    code, stdout, err = run_cli(capsys, "--model", ckpt, "--task", "passkey", "--seq-len", "192", "--trials", "2",
+                                "--dtype", "fp32", "--out", out, "--no-progress")
+    assert code == 0, err
+    r = json.loads(out.read_text())["results"][0]
+    assert r["task"] == "passkey" and r["trials"] == 2 and 0 <= r["accuracy"] <= 1 and len(r["depth_accuracy"]) == 5
+    assert "| seq_len | accuracy |" in stdout
+
+
+def test_cli_missing_data(ckpt, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "--model", ckpt, "--data-dir", tmp_path, "--seq-len", "64", "--no-progress")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: no pg19 validation data found")
+    assert "python data.py download pg19" in err and str(tmp_path / "pg19" / "validation") in err
+
+
+def test_cli_bin_with_ids_beyond_the_vocabulary(ckpt, tmp_path, capsys):
+    ids = np.arange(1000, dtype=np.uint16) % 512
+    ids[700] = 600
+    ids.tofile(tmp_path / "bad.bin")
+    code, _, err = run_cli(capsys, "--model", ckpt, "--data-path", tmp_path / "bad.bin", "--seq-len", "64",
+                           "--dtype", "fp32", "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert "bad.bin" in err and "600" in err and "vocabulary of 512" in err
+
+
+def test_cli_adapter_for_another_model(ckpt, tmp_path, capsys):
+    import lora
+    from model import Transformer
+
+    other = make_hf_checkpoint(tmp_path / "other", intermediate_size=96)
+    model = Transformer.from_pretrained(other, dtype=torch.float32)
+    lora.add_lora(model, r=4, alpha=8)
+    lora.save_adapter(model, tmp_path / "adapter")
+    (np.arange(1000, dtype=np.uint16) % 512).tofile(tmp_path / "ok.bin")
+    capsys.readouterr()                                   # drop the checkpoint writer's progress bar
+    code, _, err = run_cli(capsys, "--model", ckpt, "--adapter", tmp_path / "adapter", "--data-path",
+                           tmp_path / "ok.bin", "--seq-len", "64", "--dtype", "fp32", "--no-progress")
+    assert code == 2 and err.count("\n") == 1
+    assert "different model" in err
+
+
+def test_cli_impossible_length_fails_before_evaluating(ckpt, tmp_path, capsys):
+    (np.arange(300, dtype=np.uint16) % 512).tofile(tmp_path / "short.bin")
+    code, out, err = run_cli(capsys, "--model", ckpt, "--data-path", tmp_path / "short.bin", "--seq-len", "32", "256",
+                             "--dtype", "fp32", "--no-progress")
+    assert code == 2 and "seq_len 256" in err and out == ""
