@@ -1,0 +1,404 @@
+"""train.py: the training loop (loss falls, token-weighted accumulation, checkpointing == no checkpointing,
+bit-exact resume, fp16 loss scaling, 2-process gloo == 1 process), the offline demo, SFT, full fine-tuning,
+the dry-run memory prediction and the one-line errors on bad input."""
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import PG19_MINI, ROOT, make_hf_checkpoint
+from model import ModelArgs, Transformer, chunked_cross_entropy
+
+TIMING_KEYS = ("tokens_per_s", "peak_mem_bytes")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny LLaMA (trained context 128) + tokenizer, and a token cache shared by the module's runs. Weights
+    drawn with std 1/sqrt(dim) rather than 0.02, so that the frozen lm_head can express a peaked distribution
+    and a few LoRA steps visibly lower the loss."""
+    root = tmp_path_factory.mktemp("train")
+    book = sorted((PG19_MINI / "validation").glob("*.txt"))[0]
+    (root / "small.txt").write_text(book.read_text(encoding="utf-8")[500:1500])
+    return {"model": make_hf_checkpoint(root / "tiny", initializer_range=0.125), "cache": root / "cache",
+            "root": root, "small": root / "small.txt"}
+
+
+def common(tiny, out, *extra):
+    """Flags of a fast fp32 run on the PG19-mini validation books (a repeated flag: the last one wins)."""
+    return ["--model", str(tiny["model"]), "--data", str(PG19_MINI), "--split", "validation",
+            "--cache-dir", str(tiny["cache"]), "--out", str(out), "--dtype", "fp32", "--ctx", "128",
+            "--log-every", "100", *map(str, extra)]
+
+
+def rows(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def exact(row):
+    return {k: v for k, v in row.items() if k not in TIMING_KEYS}
+
+
+def adapter(out):
+    return load_file(str(Path(out) / "adapter" / "adapter_model.safetensors"))
+
+
+def tree_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- the loop
+
+def test_loss_falls_and_outputs(tiny, tmp_path):
+    out = tmp_path / "run"
+    # 1000 characters of a book: 4 packed sequences of 128 tokens, seen again and again
+    summary = train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 8, "--lr", "1e-2", "--warmup", 0,
+                                "--save-every", 4))
+    r = rows(out)
+    assert [x["step"] for x in r] == list(range(1, 9))
+    assert summary["first_loss"] == r[0]["loss"] and summary["last_loss"] == r[-1]["loss"]
+    assert sum(x["loss"] for x in r[-3:]) / 3 < r[0]["loss"] - 0.5, [x["loss"] for x in r]
+    for x in r:
+        assert set(x) >= {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "peak_mem_bytes", "skipped"}
+        assert x["tokens"] == 128 and x["skipped"] == 0 and x["peak_mem_bytes"] > 0 and x["lr"] == 1e-2
+    cfg = json.loads((out / "train_config.json").read_text())
+    # PI: ceil(128 / 128) would be 1; ctx 128 on a model trained for 128 uses no interpolation.
+    assert cfg["pi_factor"] == 1.0 and cfg["rope_scaling"] is None and cfg["lora_r"] == 64
+    peft_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA" and peft_cfg["r"] == 64 and peft_cfg["lora_alpha"] == 16
+    assert len(adapter(out)) == 2 * 7 * 2            # A and B of 7 linears x 2 layers
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-4", "checkpoint-8", "metrics.jsonl",
+                                                     "train_config.json"]
+
+
+def test_pi_factor_and_model(tiny):
+    assert train.pi_factor(8192, 4096) == 2 and train.pi_factor(12288, 4096) == 3 and train.pi_factor(100, 4096) == 1
+    assert train.pi_factor(8192, 4096, rope_factor=1.0) == 1
+    torch.manual_seed(0)
+    model, trainable, factor = train.build_model(tiny["model"], ctx=300, dtype=torch.float32)
+    assert factor == 3 and model.args.rope_scaling == {"rope_type": "linear", "factor": 3.0}
+    assert model.training and model.gradient_checkpointing
+    assert type(model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
+    assert all(p.dtype == torch.float32 for p in trainable) and len(trainable) == 28
+    assert sum(p.requires_grad for p in model.parameters()) == len(trainable)
+
+
+def lora_model_with_nonzero_b(tiny, seed=0, dropout=0.05):
+    torch.manual_seed(seed)
+    model, trainable, _ = train.build_model(tiny["model"], ctx=64, dtype=torch.float32, lora_dropout=dropout)
+    with torch.no_grad():                 # B = 0 at init would give A no gradient at all
+        for p in trainable:
+            p.add_(torch.randn_like(p) * 0.05)
+    return model, trainable
+
+
+def test_gradient_checkpointing_same_gradients(tiny):
+    model, trainable = lora_model_with_nonzero_b(tiny)
+    tokens = torch.randint(3, 512, (2, 64), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": tokens, "labels": tokens, "padding_mask": None}
+    grads, losses = [], []
+    for checkpointing in (True, False):
+        model.gradient_checkpointing = checkpointing
+        torch.manual_seed(123)            # the same dropout masks (checkpoint() replays the RNG in recompute)
+        loss = train.micro_batch_loss(model, batch, loss_chunk=16)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in trainable])
+        for p in trainable:
+            p.grad = None
+    assert losses[0] == losses[1]
+    for a, b in zip(*grads):
+        assert a.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_loss_in_training_equals_plain_loss(tiny):
+    """The training loss (chunked lm_head + CE, summed) is the plain mean cross-entropy times the token count."""
+    model, trainable = lora_model_with_nonzero_b(tiny, dropout=0.0)
+    model.gradient_checkpointing = False
+    tokens = torch.randint(3, 512, (1, 64), generator=torch.Generator().manual_seed(2))
+    labels = tokens.clone()
+    labels[0, :10] = -100
+    batch = {"input_ids": tokens, "labels": labels, "padding_mask": None}
+    summed = train.micro_batch_loss(model, batch, loss_chunk=7)
+    logits = model(tokens, attn="s2")
+    plain = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], reduction="sum")
+    assert train.loss_token_count(batch) == 63 - 9
+    torch.testing.assert_close(summed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_accumulation_is_token_weighted(tiny):
+    """Two micro-batches with different numbers of loss tokens == one batch holding both (same gradient;
+    SGD with lr 1 turns the parameter change into exactly minus the gradient)."""
+    tokens = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(3))
+    labels = tokens.clone()
+    labels[0, :40] = -100                 # 7 loss tokens in sequence 0, 47 in sequence 1 (SFT-like)
+    split = [{"input_ids": tokens[i:i + 1], "labels": labels[i:i + 1], "padding_mask": None} for i in (0, 1)]
+    joint = [{"input_ids": tokens, "labels": labels, "padding_mask": None}]
+    results = []
+    for micro_batches in (split, joint):
+        model, trainable = lora_model_with_nonzero_b(tiny, dropout=0.0)
+        before = [p.detach().clone() for p in trainable]
+        opt = torch.optim.SGD(trainable, lr=1.0)
+        sched = train.constant_with_warmup(opt, 0)
+        r = train.train_step(model, micro_batches, opt, sched, trainable, max_grad_norm=0.0)
+        results.append((r, [b - p.detach() for b, p in zip(before, trainable)]))
+    (r1, g1), (r2, g2) = results
+    assert r1["tokens"] == r2["tokens"] == 96
+    assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-6)
+    assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_resume_reproduces_uninterrupted_run_bit_for_bit(tiny, tmp_path):
+    flags = ["--lr", "1e-3", "--warmup", 3, "--save-every", 2, "--keep-checkpoints", 0]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train.main(common(tiny, full, "--max-steps", 4, *flags))
+    train.main(common(tiny, part, "--max-steps", 2, *flags))
+    # What a kill during step 3 leaves behind: a metrics row past the checkpoint, a half-written checkpoint.
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n")
+    (part / ".checkpoint-4.tmp-999-x").mkdir()
+    (part / ".checkpoint-4.tmp-999-x" / "trainer_state.pt").write_bytes(b"garbage")
+    summary = train.main(common(tiny, part, "--max-steps", 4, *flags, "--resume"))
+    assert summary["steps_run"] == 2
+    assert [exact(r) for r in rows(part)] == [exact(r) for r in rows(full)]
+    a, b = adapter(full), adapter(part)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    state = torch.load(full / "checkpoint-4" / "trainer_state.pt", weights_only=True)
+    assert set(state) >= {"optimizer", "scheduler", "scaler", "sampler", "rng", "step"}
+    assert state["sampler"]["position"] == 4 and state["step"] == 4
+
+
+def test_resume_refuses_a_different_recipe(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--max-steps", 1, "--save-every", 1))
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match="different recipe.*lr"):
+        train.main(common(tiny, out, "--max-steps", 2, "--lr", "1e-3", "--resume"))
+    assert tree_digest(out) == before
+
+
+# --------------------------------------------------------------------------- fp16 loss scaling
+
+def test_loss_scaler_skips_overflow_and_lowers_scale():
+    p = torch.nn.Parameter(torch.ones(3))
+    scaler = train.LossScaler(enabled=True, init_scale=1024.0, growth_interval=2)
+    p.grad = torch.tensor([1024.0, float("inf"), 2048.0])
+    finite = scaler.unscale_([p])
+    scaler.update(finite)
+    assert not finite and scaler.scale == 512.0 and scaler.good_steps == 0
+    for expected in (512.0, 1024.0):       # grows after growth_interval good steps in a row
+        p.grad = torch.tensor([512.0, 0.0, -512.0])
+        assert scaler.unscale_([p])
+        assert torch.equal(p.grad, torch.tensor([1.0, 0.0, -1.0]))
+        scaler.update(True)
+        assert scaler.scale == expected
+    state = scaler.state_dict()
+    other = train.LossScaler(enabled=True)
+    other.load_state_dict(state)
+    assert other.scale == 1024.0 and other.growth_interval == 2
+    off = train.LossScaler(enabled=False)
+    p.grad = torch.tensor([float("nan"), 1.0, 1.0])
+    assert off.scale == 1.0 and off.unscale_([p]) is True
+
+
+def test_overflow_step_is_skipped_in_train_step(tiny):
+    model, trainable = lora_model_with_nonzero_b(tiny, dropout=0.0)
+    opt, _ = train.make_optimizer(trainable, 1e-3, 0.0, torch.device("cpu"))
+    sched = train.constant_with_warmup(opt, 10)
+    before = [p.detach().clone() for p in trainable]
+    tokens = torch.randint(3, 512, (1, 32), generator=torch.Generator().manual_seed(4))
+    batch = [{"input_ids": tokens, "labels": tokens, "padding_mask": None}]
+    scaler = train.LossScaler(enabled=True, init_scale=2.0 ** 140)   # beyond fp32's range: the gradients overflow
+    r = train.train_step(model, batch, opt, sched, trainable, scaler=scaler)
+    assert r["skipped"] and r["grad_norm"] is None and math.isfinite(r["loss"])
+    assert scaler.scale == 2.0 ** 139 and sched.last_epoch == 0      # LR schedule does not advance
+    assert all(torch.equal(a, b) for a, b in zip(before, trainable))
+    assert all(p.grad is None for p in trainable)
+    r = train.train_step(model, batch, opt, sched, trainable, scaler=train.LossScaler(enabled=True, init_scale=1024.0))
+    assert not r["skipped"] and sched.last_epoch == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable))
+
+
+def test_fp16_run_records_loss_scale(tiny, tmp_path):
+    out = tmp_path / "fp16"
+    train.main(common(tiny, out, "--max-steps", 2, "--save-every", 0, "--dtype", "fp16", "--ctx", 64))
+    r = rows(out)
+    assert len(r) == 2 and all("loss_scale" in x and math.isfinite(x["loss"]) for x in r)
+    assert json.loads((out / "train_config.json").read_text())["compute_dtype"] == "float16"
+
+
+# --------------------------------------------------------------------------- data parallel
+
+def test_two_process_gloo_equals_one_process_with_double_accumulation(tiny, tmp_path):
+    flags = ["--max-steps", 3, "--lr", "1e-3", "--warmup", 1, "--batch-size", 2, "--lora-dropout", 0,
+             "--save-every", 0]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train.main(common(tiny, tmp_path / "warm", "--max-steps", 1))       # tokenize once, outside the race
+    train.main(common(tiny, one, *flags, "--grad-accum", 2))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *common(tiny, two, *flags, "--grad-accum", 1)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((two / "train_config.json").read_text())["world_size"] == 2
+    r1, r2 = rows(one), rows(two)
+    assert [x["tokens"] for x in r1] == [x["tokens"] for x in r2] == [512] * 3
+    for x, y in zip(r1, r2):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    a, b = adapter(one), adapter(two)
+    for k in a:
+        # AdamW's first steps are ~lr * sign(grad): a grad near 0 turns summation-order noise into up to
+        # ~1% of lr; anything systematic (a wrong weighting) would be off by O(lr) everywhere.
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- other modes
+
+def test_sft_run_on_tiny_jsonl(tiny, tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"input": f"What is {i} plus one?", "output": f"It is {i + 1}."}) + "\n"
+                            for i in range(6)))
+    out = tmp_path / "sft"
+    summary = train.main([str(x) for x in ["--model", tiny["model"], "--data", data, "--sft", "--ctx", 128,
+                                           "--dtype", "fp32", "--out", out, "--batch-size", 2, "--lr", "1e-2",
+                                           "--warmup", 0, "--save-every", 0, "--log-every", 100]])
+    r = rows(out)
+    assert len(r) == 3 == summary["steps"]               # one epoch: 6 conversations / batch 2
+    assert r[-1]["loss"] < r[0]["loss"]
+    assert json.loads((out / "train_config.json").read_text())["sft"] is True
+
+
+def test_full_finetune_saves_dense_model(tiny, tmp_path):
+    out = tmp_path / "full"
+    train.main(common(tiny, out, "--max-steps", 2, "--full-finetune", "--lr", "1e-3", "--save-every", 1,
+                      "--keep-checkpoints", 1, "--ctx", 256))
+    assert (out / "model" / "config.json").is_file() and not (out / "adapter").exists()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    assert cfg["rope_scaling"]["factor"] == 2.0                    # PI written into the saved model
+    trained = Transformer.from_pretrained(out / "model", dtype=torch.float32)
+    base = Transformer.from_pretrained(tiny["model"], dtype=torch.float32)
+    assert not torch.equal(trained.layers[0].mlp.up_proj.weight, base.layers[0].mlp.up_proj.weight)
+
+
+# --------------------------------------------------------------------------- the offline default
+
+def test_offline_demo_short(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--ctx", "512", "--max-steps", "3", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "DEMO" in p.stdout and "first step" in p.stdout
+    assert len(rows(out)) == 3
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert cfg["demo"] is True and cfg["pi_factor"] == 4.0 and cfg["quant"] == "nf4" and cfg["attn"] == "s2"
+    # running the demo again replaces its own previous output
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+# --------------------------------------------------------------------------- memory prediction
+
+def test_dry_run_7b_12k_under_32gb(capsys):
+    summary = train.main(["--preset", "llama2-7b-12k", "--dry-run"])
+    printed = capsys.readouterr().out
+    last = printed.strip().splitlines()[-1]
+    assert last == f"peak_bytes={summary['peak_bytes']}"
+    assert summary["peak_bytes"] < 32e9
+    # the persistent parts agree with REFERENCE §7's first-principles table (decimal GB)
+    assert summary["nf4_weights"] / 1e9 == pytest.approx(3.34, abs=0.03)
+    assert summary["embed_and_head"] / 1e9 == pytest.approx(0.52, abs=0.01)
+    assert summary["lora_weights_grads_adam"] / 1e9 == pytest.approx(2.56, abs=0.01)
+    assert summary["checkpointed_hidden_states"] / 1e9 == pytest.approx(3.22 * 34 / 32, abs=0.02)
+
+
+def test_predicted_memory_grows_linearly_with_ctx():
+    args = ModelArgs(**train.ARCHS["llama2-7b"])
+    peak = [train.predict_peak_memory(args, ctx)["peak_bytes"] for ctx in (4096, 8192, 12288, 16384)]
+    steps = [b - a for a, b in zip(peak, peak[1:])]
+    assert steps[0] > 0 and steps[0] == steps[1] == steps[2]
+    assert train.predict_peak_memory(args, 8192, batch_size=2)["peak_bytes"] == \
+        train.predict_peak_memory(args, 16384)["peak_bytes"]
+    # full fine-tuning of the dense 7B: 16-bit weights + 16-bit grads + fp32 moments = 12 bytes per parameter
+    full = train.predict_peak_memory(args, 8192, quant="none", full_finetune=True)
+    assert full["lora_params"] == 0 and full["trainable_grads_and_adam"] / 6.74e9 == pytest.approx(10, rel=0.01)
+    assert full["peak_bytes"] > 6.7e9 * 12
+
+
+def test_dry_run_reads_only_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, max_position_embeddings=4096)))
+    p = train.main(["--model", str(tmp_path), "--ctx", "8192", "--dry-run"])
+    assert capsys.readouterr().out.strip().endswith(f"peak_bytes={p['peak_bytes']}")
+    assert p == train.main(["--preset", "vicuna-13b-sft-8k", "--dry-run", "--grad-accum", "1"])
+
+
+# --------------------------------------------------------------------------- bad input
+
+def run_cli(args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def existing_out(tiny):
+    """A finished run that every bad invocation points --out at; it must never change."""
+    out = tiny["root"] / "existing"
+    train.main(common(tiny, out, "--max-steps", 1, "--save-every", 1))
+    return out
+
+
+def bad_cases(tiny, tmp):
+    bad_jsonl = tmp / "bad.jsonl"
+    bad_jsonl.write_text('{"input": "a", "output": "b"}\n{"input": oops}\n')
+    short = tmp / "short.txt"
+    short.write_text("A few words only.")
+    m = tiny["model"]
+    return {
+        "ctx < 2": (["--model", m, "--ctx", 1], "--ctx 1"),
+        "group < 1": (["--model", m, "--ctx", 3], "S²-Attn groups of 0 tokens"),
+        "ratio": (["--model", m, "--group-size-ratio", 0], "--group-size-ratio"),
+        "missing model": (["--model", tmp / "nope", "--ctx", 64], "config.json"),
+        "missing data": (["--model", m, "--data", tmp / "nope.txt", "--ctx", 64], "nope.txt"),
+        "malformed sft": (["--model", m, "--sft", "--data", bad_jsonl, "--ctx", 64], "bad.jsonl:2"),
+        "ctx > data": (["--model", m, "--data", short, "--ctx", 4096, "--cache-dir", tmp / "c"],
+                       f"{short}: 11 tokens, fewer than --ctx 4096"),
+        "bad flag": (["--model", m, "--attn", "sparse"], "--attn"),
+        "existing run": (["--model", m, "--ctx", 64], "already holds a training run"),
+    }
+
+
+def test_bad_inputs_one_line_exit_2_out_untouched(tiny, existing_out, tmp_path):
+    before = tree_digest(existing_out)
+    for name, (args, message) in bad_cases(tiny, tmp_path).items():
+        p = run_cli([*args, "--out", existing_out, "--dtype", "fp32"])
+        assert p.returncode == 2, (name, p.stderr[-2000:])
+        lines = p.stderr.strip().splitlines()       # (a tokenizer progress bar may come before it)
+        errors = [line for line in lines if "error" in line.lower()]
+        assert errors == [lines[-1]] and lines[-1].startswith("error: ") and message in lines[-1], (name, p.stderr)
+        assert "Traceback" not in p.stderr
+        assert tree_digest(existing_out) == before, name
+    # a fresh --out is not created by a failing run
+    p = run_cli(["--model", tmp_path / "nope", "--out", tmp_path / "fresh"])
+    assert p.returncode == 2 and not (tmp_path / "fresh").exists()
