@@ -243,7 +243,8 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.gradient_checkpointing = False
-        self.init_weights()
+        if self.embed_tokens.weight.device.type != "meta":   # from_pretrained builds on meta: nothing to init
+            self.init_weights()
 
     def init_weights(self, std: float = 0.02):
         """HF LLaMA's initialisation (normal(0, 0.02) weights, unit norms), for models trained from scratch."""
@@ -570,43 +571,81 @@ def save_pretrained(model: Transformer, out_dir, max_shard_bytes: int = 2 * 1024
 # --------------------------------------------------------------------------- loss
 
 class _ChunkedCE(torch.autograd.Function):
-    """Cross-entropy of h @ W^T without keeping the (N, V) logits: forward keeps only the log-sum-exp per
-    token; backward recomputes each chunk's logits and uses d(nll)/d(logits) = softmax - onehot."""
+    """Cross-entropy of h @ W^T, chunk by chunk of tokens, without ever keeping the (N, V) logits.
+
+    d(nll)/d(logits) = softmax(logits) - onehot(target), so d(nll)/dh = (softmax - onehot) @ W.
+    - Frozen head (LoRA, the usual case): that (N, dim) gradient is computed in the forward pass, while
+      each chunk's logits exist anyway, and saved; backward only scales it. No logits are recomputed.
+    - Trained head (full fine-tuning): forward saves the log-sum-exp per token; backward recomputes each
+      chunk's logits to get both dh and dW.
+    - No gradient wanted (evaluation): only the nll.
+    """
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):
-        nll = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        lse = torch.zeros_like(nll)
+        n = h.shape[0]
+        nll = torch.empty(n, dtype=torch.float32, device=h.device)
         valid = targets != -100
-        for s in range(0, h.shape[0], chunk_size):
-            logits = (h[s:s + chunk_size] @ weight.t()).float()
-            t = targets[s:s + chunk_size].clamp(min=0)
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h and not want_w else None
+        lse = torch.empty_like(nll) if want_w else None
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            logits = (h[s:e] @ weight.t()).float()
+            t = targets[s:e].clamp(min=0)
             # cross_entropy's fused kernel beats a separate logsumexp; lse = nll + the target's logit.
             chunk_nll = F.cross_entropy(logits, t, reduction="none")
-            lse[s:s + chunk_size] = chunk_nll + logits.gather(1, t[:, None]).squeeze(1)
-            nll[s:s + chunk_size] = chunk_nll * valid[s:s + chunk_size]
-        ctx.save_for_backward(h, weight, targets, lse)
-        ctx.chunk_size = chunk_size
+            chunk_lse = chunk_nll + logits.gather(1, t[:, None]).squeeze(1)
+            nll[s:e] = chunk_nll * valid[s:e]
+            if lse is not None:
+                lse[s:e] = chunk_lse
+            if dnll_dh is not None:
+                dnll_dh[s:e] = _dlogits_times_head(logits, chunk_lse, t, valid[s:e], weight)
+            del logits
+        ctx.chunk_size, ctx.h_dtype = chunk_size, h.dtype
+        if want_w:
+            ctx.save_for_backward(h, weight, targets, lse)
+        else:
+            ctx.save_for_backward(dnll_dh)
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
+        if not ctx.needs_input_grad[1]:
+            (dnll_dh,) = ctx.saved_tensors
+            return (dnll_dh * grad_nll[:, None]).to(ctx.h_dtype), None, None, None
         h, weight, targets, lse = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        g = grad_nll * (targets != -100)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        valid = targets != -100
         for s in range(0, h.shape[0], ctx.chunk_size):
-            hs = h[s:s + ctx.chunk_size]
-            probs = torch.exp((hs @ weight.t()).float() - lse[s:s + ctx.chunk_size, None])
-            t = targets[s:s + ctx.chunk_size].clamp(min=0)
-            probs.scatter_add_(1, t[:, None], -torch.ones_like(probs[:, :1]))
-            dlogits = probs * g[s:s + ctx.chunk_size, None]
+            e = min(s + ctx.chunk_size, h.shape[0])
+            t = targets[s:e].clamp(min=0)
+            probs = _softmax_minus_onehot((h[s:e] @ weight.t()).float(), lse[s:e], t, valid[s:e])
+            probs.mul_(grad_nll[s:e, None])
             if grad_h is not None:
-                grad_h[s:s + ctx.chunk_size] = (dlogits.to(weight.dtype) @ weight).to(h.dtype)
-            if grad_w is not None:
-                grad_w += dlogits.t() @ hs.float()
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+                grad_h[s:e] = (probs.to(weight.dtype) @ weight).to(h.dtype)
+            grad_w += probs.t() @ h[s:e].float()
+            del probs
+        return grad_h, grad_w.to(weight.dtype), None, None
+
+
+def _softmax_minus_onehot(logits, lse, targets, valid):
+    """d(nll)/d(logits) in place over `logits` (rows of ignored tokens are zero)."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs.scatter_add_(1, targets[:, None], -torch.ones_like(probs[:, :1]))
+    return probs.mul_(valid[:, None])
+
+
+# A power of two applied before the 16-bit matmul and removed after it: softmax values near 1/V (~3e-5) would
+# otherwise land in fp16's subnormal range and lose precision. Exact for every dtype.
+_DLOGITS_SCALE = 1024.0
+
+
+def _dlogits_times_head(logits, lse, targets, valid, weight):
+    """(softmax - onehot) @ W for one chunk, in fp32, consuming `logits`."""
+    probs = _softmax_minus_onehot(logits, lse, targets, valid).mul_(_DLOGITS_SCALE)
+    return (probs.to(weight.dtype) @ weight).float().div_(_DLOGITS_SCALE)
 
 
 def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024, reduction: str = "mean"):

@@ -101,6 +101,15 @@ def test_return_hidden_and_chunked_loss(tmp_path):
     assert abs(loss.item() - ref.item()) < 1e-5
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) < 1e-5
+    # frozen head (LoRA training): dh is computed in the forward pass instead of recomputing logits
+    model.lm_head.weight.requires_grad_(False)
+    for dtype in (torch.float32, torch.bfloat16):
+        h = model(ids, return_hidden=True).to(dtype)
+        loss = chunked_cross_entropy(h, model.lm_head.weight.to(dtype), labels, chunk_size=7)
+        g = torch.autograd.grad(loss, model.layers[0].mlp.up_proj.weight)[0]
+        assert rel_err(g, g_ref[1]) < (1e-5 if dtype == torch.float32 else 2e-2)
+    with torch.no_grad():
+        assert abs(chunked_cross_entropy(hidden, model.lm_head.weight, labels).item() - ref.item()) < 1e-5
     per_token = chunked_cross_entropy(hidden, model.lm_head.weight, labels, chunk_size=16, reduction="none")
     assert per_token.shape == (2, 49) and (per_token[0, 9:19] == 0).all()
     assert abs(per_token.sum().item() / (labels[:, 1:] != -100).sum().item() - ref.item()) < 1e-5
