@@ -1,0 +1,328 @@
+"""The paper's claim on a real GPU: LLaMA-2-7B, NF4 + LoRA, 8,192 and 12,288 tokens, one micro-batch.
+
+No weights are needed. The model is LLaMA-2-7B's geometry (dim 4096, intermediate 11008, 32 layers, 32
+heads, vocab 32000, trained context 4096) with random weights, built without ever holding a 16-bit copy
+of the decoder on the GPU: the module is created on the `meta` device, then every decoder linear gets a
+random bf16 weight on the GPU that is quantized at once to NF4 (quant.Linear4bit.from_weight) and
+dropped; embeddings and lm_head are random 16-bit, norms ones. Then the paper's recipe (REFERENCE §2)
+through train.py's own functions:
+
+    PI factor ceil(ctx / 4096) (2 at 8k, 3 at 12k), LoRA r=64 alpha=16 dropout=0.05 on q,k,v,o,gate,up,down
+    (fp32), every decoder layer checkpointed, S²-Attn (group 1/4, shifted half), chunked lm_head + CE,
+    paged AdamW 32-bit (train.make_optimizer), lr 2e-4, max grad norm 0.3, fp16 with dynamic loss scaling
+    or bf16; micro-batch 1 x ctx, --grad-accum micro-batches per step (the paper: 16; peak memory does not
+    depend on it: LoRA gradients accumulate in place)
+
+For each (dtype, ctx): one warm-up step, then --steps timed steps. Printed beside each other:
+    peak allocated   torch.cuda.max_memory_allocated over the steps (torch's allocator only)
+    + paged states   the paged AdamW moments (8 bytes per LoRA parameter) live in CUDA managed memory,
+                     outside torch's allocator, so max_memory_allocated does not see them; added back
+    reserved         torch.cuda.max_memory_reserved (allocator cache included)
+    predicted        train.predict_peak_memory, what `train.py --dry-run` prints (peak_bytes=...)
+    tokens/s         timed tokens / timed wall seconds
+    MFU / HFU        model / hardware FLOPs per second over --peak-tflops (default 989: H100/H200 SXM
+                     dense bf16 and fp16). FLOPs per token, with N = decoder linear params, R = LoRA params,
+                     V d = lm_head params, L layers, and k = mean keys per query (S²-Attn: (g + 1) / 2 with
+                     g = ctx / 4; full causal: (ctx + 1) / 2); attention forward = 4 d k per layer:
+        model FLOPs     4 N (forward + input gradient; the frozen base has no weight gradient)
+                        + 6 R (forward + input and weight gradients) + 4 V d + 3 L (4 d k)
+        hardware FLOPs  model FLOPs + the recomputed forward of checkpointing (2 N + 2 R + L 4 d k)
+                        + the chunked loss recomputing its logits in backward (2 V d)
+                     At 8k with full attention this is ~50 GFLOP/token of hardware FLOPs (REFERENCE §7).
+
+    python bench/gpu_check.py                          # fp16 and bf16 at 8192 and 12288, < 8 min on an H100/H200
+    python bench/gpu_check.py --dtypes bf16 --ctx 8192 --steps 3
+    python bench/gpu_check.py --cpu-smoke              # the same code path on a tiny model on the CPU
+
+It refuses to run (exit 2) without CUDA, except with --cpu-smoke, which runs dim 128, 2 layers, vocab 1024,
+trained context 256 at 512 and 768 tokens (PI factors 2 and 3, like 8k and 12k) on the CPU, where memory
+is the process's peak RSS (VmHWM) and the optimizer torch AdamW (what train.make_optimizer picks off CUDA).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LLAMA2_7B = dict(vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=32, n_heads=32, norm_eps=1e-5,
+                 max_position_embeddings=4096)
+SMOKE = dict(vocab_size=1024, dim=128, intermediate_size=344, n_layers=2, n_heads=4, norm_eps=1e-5,
+             max_position_embeddings=256)
+DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+V100_BYTES = 32 * 2**30          # the paper's card: a 32 GB V100 (32 GiB)
+
+
+# --------------------------------------------------------------------------- building the model
+
+def build_random_nf4_model(margs, dtype, device, seed: int):
+    """LLaMA with random weights, decoder linears quantized to NF4 one at a time on `device`."""
+    import torch
+    import torch.nn as nn
+
+    from model import Transformer
+    from quant import Linear4bit
+
+    with torch.device("meta"):
+        model = Transformer(margs)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=g, device=device, dtype=dtype).mul_(0.02)
+
+    model.embed_tokens.weight = nn.Parameter(randn(margs.vocab_size, margs.dim), requires_grad=False)
+    model.lm_head.weight = nn.Parameter(randn(margs.vocab_size, margs.dim), requires_grad=False)
+    model.norm.weight = nn.Parameter(torch.ones(margs.dim, device=device, dtype=dtype), requires_grad=False)
+    for layer in model.layers:
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.weight = nn.Parameter(torch.ones(margs.dim, device=device, dtype=dtype), requires_grad=False)
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEARS:
+                if hasattr(parent, name):
+                    meta = getattr(parent, name)
+                    w = randn(meta.out_features, meta.in_features)          # the only 16-bit copy, one linear
+                    setattr(parent, name, Linear4bit.from_weight(w, compute_dtype=dtype))
+                    del w
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"tensors left on the meta device: {leftover[:5]}")
+    return model
+
+
+def set_pi_factor(model, factor: float) -> None:
+    """Position Interpolation for this context: RoPE positions divided by `factor` (1: none)."""
+    from rope import normalize_rope_scaling
+
+    model.args.rope_scaling = None if factor == 1 else normalize_rope_scaling({"rope_type": "linear", "factor": factor})
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+def flops_per_token(margs, ctx: int, lora_params: int, attn: str, group_size_ratio: float) -> dict:
+    """Model and hardware FLOPs per trained token (see the module docstring)."""
+    a = margs
+    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    n = a.n_layers * (a.dim * q_out + 2 * a.dim * kv_out + q_out * a.dim + 3 * a.dim * a.intermediate_size)
+    head = a.vocab_size * a.dim
+    span = max(1, int(ctx * group_size_ratio)) if attn == "s2" else ctx
+    keys = (span + 1) / 2
+    attn_fwd = a.n_layers * 4 * q_out * keys
+    model_flops = 4 * n + 6 * lora_params + 4 * head + 3 * attn_fwd
+    hardware = model_flops + 2 * n + 2 * lora_params + attn_fwd + 2 * head
+    return {"model": model_flops, "hardware": hardware, "decoder_linear_params": n}
+
+
+# --------------------------------------------------------------------------- measuring
+
+class Meter:
+    """Peak memory on CUDA (torch allocator) or, on the CPU, the process's peak RSS."""
+
+    def __init__(self, device):
+        import torch
+
+        self.torch, self.device = torch, device
+        self.cuda = device.type == "cuda"
+
+    def reset(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+            self.torch.cuda.empty_cache()
+            self.torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")                 # reset the RSS high-water mark
+            except OSError:
+                pass
+
+    def sync(self):
+        if self.cuda:
+            self.torch.cuda.synchronize(self.device)
+
+    def read(self) -> dict:
+        if self.cuda:
+            free, total = self.torch.cuda.mem_get_info(self.device)
+            return {"peak_allocated": self.torch.cuda.max_memory_allocated(self.device),
+                    "peak_reserved": self.torch.cuda.max_memory_reserved(self.device),
+                    "device_used_now": total - free, "device_total": total}
+        with open("/proc/self/status") as f:     # VmHWM: ru_maxrss would include the parent's RSS
+            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        return {"peak_allocated": hwm}
+
+
+def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict:
+    """Warm-up step + timed steps at `ctx` tokens with the paper's recipe; memory, speed, utilisation."""
+    import torch
+
+    import train
+
+    factor = train.pi_factor(ctx, margs.max_position_embeddings)
+    set_pi_factor(model, factor)
+    for p in trainable:
+        p.grad = None
+    meter.reset()
+    optimizer, optimizer_name = train.make_optimizer(trainable, args.lr, 0.0, device)
+    scheduler = train.constant_with_warmup(optimizer, 20)
+    scaler = train.LossScaler(enabled=dtype == torch.float16)
+    g = torch.Generator().manual_seed(args.seed)
+
+    def step():
+        batches = []
+        for _ in range(args.grad_accum):
+            tokens = torch.randint(3, margs.vocab_size, (1, ctx), generator=g)
+            batches.append({"input_ids": tokens, "labels": tokens, "padding_mask": None})
+        return train.train_step(model, batches, optimizer, scheduler, trainable, scaler=scaler,
+                                max_grad_norm=0.3, attn=args.attn, group_size_ratio=0.25, s2_shift="segment",
+                                loss_chunk=args.loss_chunk)
+
+    results = [step()]                            # warm-up: optimizer state, kernels, allocator
+    meter.sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        results.append(step())
+    meter.sync()
+    seconds = time.perf_counter() - t0
+    mem = meter.read()
+    tokens = args.steps * args.grad_accum * ctx
+    n_lora = sum(p.numel() for p in trainable)
+    flops = flops_per_token(margs, ctx, n_lora, args.attn, 0.25)
+    tok_s = tokens / seconds
+    pred = train.predict_peak_memory(margs, ctx, 1, args.lora_r, quant="nf4", dtype_bytes=2,
+                                     lora_dropout=0.05, loss_chunk=args.loss_chunk)
+    paged = 8 * n_lora if optimizer_name.startswith("bitsandbytes Paged") else 0
+    del optimizer, scheduler
+    return {
+        "dtype": str(dtype).replace("torch.", ""), "ctx": ctx, "pi_factor": factor, "attn": args.attn,
+        "optimizer": optimizer_name, "grad_accum": args.grad_accum, "timed_steps": args.steps,
+        "losses": [r["loss"] for r in results], "skipped": [r["skipped"] for r in results],
+        "tokens_per_s": tok_s, "seconds": seconds, **mem, "paged_optimizer_state": paged,
+        "peak_allocated_plus_paged": mem["peak_allocated"] + paged, "predicted_peak": pred["peak_bytes"],
+        "model_tflops_per_token": flops["model"] / 1e12, "hardware_tflops_per_token": flops["hardware"] / 1e12,
+        "mfu": tok_s * flops["model"] / (args.peak_tflops * 1e12),
+        "hfu": tok_s * flops["hardware"] / (args.peak_tflops * 1e12),
+        "lora_params": n_lora, "decoder_linear_params": flops["decoder_linear_params"],
+    }
+
+
+# --------------------------------------------------------------------------- main
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ctx", type=int, nargs="+", default=None, help="[8192 12288; --cpu-smoke: 512 768]")
+    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16"])
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed optimizer steps per configuration, after one warm-up step [2; --cpu-smoke: 1]")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (paper: 16; peak does not change)")
+    p.add_argument("--attn", choices=["s2", "full"], default="s2")
+    p.add_argument("--lora-r", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--loss-chunk", type=int, default=1024)
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="dense 16-bit peak of the device in TFLOP/s for MFU (H100/H200 SXM: 989)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny geometry on the CPU: exercises the same code path")
+    p.add_argument("--out", help="write the results JSON here")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    import torch
+
+    from model import ModelArgs
+    import lora
+
+    if a.cpu_smoke:
+        device, geometry, a.ctx = torch.device("cpu"), SMOKE, a.ctx or [512, 768]
+        a.steps = 1 if a.steps is None else a.steps
+        torch.set_num_threads(1)        # a code-path check: one thread is quickest on a busy shared machine
+    else:
+        if not torch.cuda.is_available():
+            raise ValueError("bench/gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); "
+                             "use --cpu-smoke to exercise the code path on a tiny model on the CPU")
+        device, geometry, a.ctx = torch.device("cuda", 0), LLAMA2_7B, a.ctx or [8192, 12288]
+        a.steps = 2 if a.steps is None else a.steps
+    for name in ("steps", "grad_accum", "lora_r", "loss_chunk"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    margs = ModelArgs(**geometry)
+    meter = Meter(device)
+    name = "GPU " + torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test)"
+    print(f"{name}; torch {torch.__version__}; geometry dim {margs.dim}, intermediate {margs.intermediate_size}, "
+          f"{margs.n_layers} layers, {margs.n_heads} heads, vocab {margs.vocab_size}, trained ctx "
+          f"{margs.max_position_embeddings}; attention {a.attn}; {a.grad_accum} micro-batch(es) x 1 sequence per step; "
+          f"MFU against {a.peak_tflops:g} TFLOP/s", flush=True)
+    t_start = time.perf_counter()
+    rows = []
+    for dtype_name in a.dtypes:
+        dtype = getattr(torch, DTYPES[dtype_name])
+        t0 = time.perf_counter()
+        torch.manual_seed(a.seed)
+        model = build_random_nf4_model(margs, dtype, device, a.seed)
+        trainable = lora.add_lora(model, r=a.lora_r, alpha=16, dropout=0.05, targets=LINEARS)
+        model.gradient_checkpointing = True
+        model.train()
+        resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        print(f"\n{dtype_name}: built NF4 model + LoRA in {time.perf_counter() - t0:.1f} s; "
+              f"{resident / 1e9:.2f} GB of weights and adapters", flush=True)
+        for ctx in a.ctx:
+            try:
+                r = run_config(model, trainable, margs, ctx, dtype, a, device, meter)
+            except torch.cuda.OutOfMemoryError as e:
+                r = {"dtype": dtype_name, "ctx": ctx, "error": f"CUDA out of memory: {str(e).splitlines()[0]}"}
+                print(f"  ctx {ctx}: {r['error']}", flush=True)
+                rows.append(r)
+                continue
+            rows.append(r)
+            gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
+            extra = (f", reserved {gb(r['peak_reserved'])}, device in use after the steps {gb(r['device_used_now'])}"
+                     if "peak_reserved" in r else "")
+            print(f"  ctx {ctx:6d} (PI x{r['pi_factor']:g}): peak allocated {gb(r['peak_allocated'])}"
+                  f" (+ paged AdamW states {gb(r['paged_optimizer_state'])} = {gb(r['peak_allocated_plus_paged'])})"
+                  f"{extra}; predicted {gb(r['predicted_peak'])} "
+                  f"(measured/predicted {r['peak_allocated_plus_paged'] / r['predicted_peak']:.2f}); "
+                  f"{r['tokens_per_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}%, HFU {100 * r['hfu']:.1f}% "
+                  f"({r['model_tflops_per_token'] * 1e3:.1f} / {r['hardware_tflops_per_token'] * 1e3:.1f} GFLOP/token); "
+                  f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}"
+                  + (f"; skipped (fp16 overflow) {sum(r['skipped'])}" if any(r["skipped"]) else ""), flush=True)
+        del model, trainable
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    ok = [r for r in rows if "error" not in r]
+    print("\n| dtype | ctx | peak allocated + paged (GB) | predicted (GB) | fits 32 GiB V100 | tokens/s | MFU | HFU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['dtype']} | {r['ctx']} | {r['error']} | | | | | |")
+            continue
+        print(f"| {r['dtype']} | {r['ctx']} | {r['peak_allocated_plus_paged'] / 1e9:.2f} | {r['predicted_peak'] / 1e9:.2f} | "
+              f"{'yes' if r['peak_allocated_plus_paged'] < V100_BYTES else 'NO'} | {r['tokens_per_s']:.0f} | "
+              f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% |")
+    seconds = time.perf_counter() - t_start
+    print(f"\n{seconds:.0f} s in all")
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"device": name, "cpu_smoke": a.cpu_smoke, "results": rows, "seconds": seconds,
+                                   "config": {k: getattr(a, k) for k in ("ctx", "dtypes", "steps", "grad_accum", "attn",
+                                                                         "lora_r", "lr", "loss_chunk", "peak_tflops",
+                                                                         "seed")}}, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return 0 if len(ok) == len(rows) else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

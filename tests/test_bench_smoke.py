@@ -1,0 +1,104 @@
+"""The benchmarks in bench/ run end to end on tiny models and report figures that make sense.
+
+bench/train_speed.py (ours vs HF + PEFT + bitsandbytes), bench/ctx_memory.py (peak RSS against ctx) and
+bench/gpu_check.py --cpu-smoke (the 7B GPU check's code path on a tiny model) each run as the user would
+run them, in subprocesses, with their JSON output checked.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+
+
+def run(script, *args, timeout=240):
+    return subprocess.run([sys.executable, str(BENCH / script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_gpu_check_flops_per_token_match_reference():
+    import gpu_check
+
+    from model import ModelArgs
+
+    m = ModelArgs(**gpu_check.LLAMA2_7B)
+    n = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)                                   # 6.48B decoder linear params
+    r = 32 * 64 * (4 * (4096 + 4096) + 3 * (4096 + 11008))                           # LoRA r=64 on the seven
+    vd = 32000 * 4096
+    f = gpu_check.flops_per_token(m, 8192, r, "full", 0.25)
+    assert f["decoder_linear_params"] == n
+    attention = 32 * 4 * 4096 * (8192 + 1) / 2                                       # forward, causal
+    assert f["model"] == pytest.approx(4 * n + 6 * r + 4 * vd + 3 * attention, rel=1e-12)
+    assert f["hardware"] == pytest.approx(6 * n + 8 * r + 6 * vd + 4 * attention, rel=1e-12)
+    # REFERENCE §7: ~50 GFLOP per token at 8k (forward + recompute + input gradients).
+    assert 48e9 < f["hardware"] < 52e9
+    s2 = gpu_check.flops_per_token(m, 8192, r, "s2", 0.25)                           # groups of 2048 tokens
+    assert f["hardware"] - s2["hardware"] == pytest.approx(4 * 32 * 4 * 4096 * (8192 - 2048) / 2, rel=1e-12)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_refuses_without_cuda():
+    proc = run("gpu_check.py", "--steps", "1", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "CUDA" in proc.stderr and "--cpu-smoke" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_gpu_check_cpu_smoke(tmp_path):
+    out = tmp_path / "gpu.json"
+    proc = run("gpu_check.py", "--cpu-smoke", "--ctx", 512, "--dtypes", "bf16", "--steps", 1, "--grad-accum", 2,
+               "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["cpu_smoke"] is True and len(res["results"]) == 1
+    r = res["results"][0]
+    assert r["dtype"] == "bfloat16" and r["ctx"] == 512 and r["pi_factor"] == 2.0   # trained ctx 256 -> PI x2
+    assert r["optimizer"].startswith("torch.optim.AdamW")                            # paged AdamW is CUDA-only
+    # LoRA r=64 on the seven linears of 2 layers, dim 128, intermediate 344.
+    assert r["lora_params"] == 2 * 64 * (4 * (128 + 128) + 3 * (128 + 344))
+    # Random weights (std 0.02): logits near 0, so the loss starts near ln(vocab) = ln(1024).
+    assert len(r["losses"]) == 2 and all(abs(x - math.log(1024)) < 0.05 for x in r["losses"])
+    assert not any(r["skipped"]) and r["tokens_per_s"] > 0 and r["peak_allocated"] > 0
+    assert r["predicted_peak"] > 0 and 0 < r["mfu"] < r["hfu"]
+
+
+def test_train_speed_tiny(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = run("train_speed.py", "--vocab", 512, "--dim", 64, "--intermediate", 128, "--layers", 2, "--heads", 4,
+               "--ctx", 128, "--steps", 1, "--repeats", 1, "--cache-dir", tmp_path / "cache", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("ours_tokens_per_s", "hf_tokens_per_s", "ours_peak_bytes", "hf_peak_bytes"):
+        assert res[key] > 0
+    assert res["tokens_per_s_ratio"] == pytest.approx(res["ours_tokens_per_s"] / res["hf_tokens_per_s"])
+    assert res["peak_bytes_ratio"] == pytest.approx(res["ours_peak_bytes"] / res["hf_peak_bytes"])
+    ours, hf = res["runs"]
+    assert (ours["impl"], hf["impl"]) == ("ours", "hf")
+    # Same checkpoint, same tokens, LoRA B = 0: the first loss is the NF4 base's, computed by both in bf16.
+    assert ours["losses"][0] == pytest.approx(hf["losses"][0], abs=0.01)
+    assert ours["trainable_params"] == hf["trainable_params"] == 2 * 64 * (4 * (64 + 64) + 3 * (64 + 128))
+
+
+def test_ctx_memory_grows_linearly(tmp_path):
+    out = tmp_path / "mem.json"
+    proc = run("ctx_memory.py", "--ctx", 512, 1024, 2048, "--attn", "s2", "--vocab", 512, "--dim", 64,
+               "--intermediate", 128, "--layers", 2, "--heads", 4, "--loss-chunk", 64, "--trained-ctx", 1024,
+               "--cache-dir", tmp_path / "cache", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())["results"]["s2"]
+    rows = res["rows"]
+    assert [r["ctx"] for r in rows] == [512, 1024, 2048]
+    assert [r["pi_factor"] for r in rows] == [1.0, 1.0, 2.0]
+    peaks = [r["step_peak_above_load"] for r in rows]
+    assert peaks[0] < peaks[1] < peaks[2]
+    fit = res["fits"]["step_peak_above_load (all ctx)"]
+    assert fit["r2_linear"] > 0.99
+    # A few KiB per token at dim 64 (checkpointed hidden states + one layer's recompute), not megabytes.
+    assert 1024 < fit["bytes_per_token"] < 64 * 1024
