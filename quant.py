@@ -300,7 +300,8 @@ def state_to_bnb(state: NF4State):
     if state.double_quant:
         state2 = QuantState(absmax=state.nested_absmax, code=state.nested_code,
                             blocksize=state.nested_blocksize, dtype=torch.float32)
-        offset = torch.tensor(state.offset, dtype=torch.float32, device=state.absmax.device)
+        # torch.full launches a fill kernel; torch.tensor(float, device=cuda) would be a synchronising copy.
+        offset = torch.full((), state.offset, dtype=torch.float32, device=state.absmax.device)
     return QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=state.code,
                       blocksize=state.blocksize, quant_type="nf4", dtype=state.dtype,
                       offset=offset, state2=state2)
