@@ -35,6 +35,7 @@ import gzip
 import hashlib
 import http.client
 import json
+import math
 import os
 import socket
 import sys
@@ -716,47 +717,76 @@ class SFTDataset:
 # ----------------------------------------------------------------------------------------------------
 
 class SyntheticDataset:
-    """Sequences whose labelled tokens can only be predicted from exactly `distance` tokens back.
+    """Key-value recall over long distances: the labelled tokens can only be predicted by attending about
+    `distance` tokens back, and the lookup is by content (which key), not by an exact relative position.
 
-    Sequence i (from numpy's generator seeded with (seed, i), so any item is reproducible on its own):
-        x[0] = BOS; x[1..distance] uniform random ids from `alphabet` ids starting at 3 (above LLaMA's
-        unk/bos/eos); x[t] = x[t - distance] for t > distance (the block repeats until ctx).
-    labels[t] = x[t] for t > distance, -100 elsewhere (the first block is unpredictable noise).
-    Why it is long-range: inside a block the tokens are independent, so the nearest token that carries
-    any information about x[t] is x[t - distance]; nothing within distance - 1 tokens helps, and the
-    loss can only go below log(alphabet) by attending `distance` tokens back. The default distance is
-    ctx // 8 (1,024 at ctx 8,192): half an S²-Attn group at the default group_size_ratio 1/4, so for
-    every position one of the two head halves (plain or shifted groups) can reach it in one layer.
+    Vocabulary (ids from 3 up, above LLaMA's unk/bos/eos): `n_keys` key ids, `n_values` value ids, one "pair"
+    id for every (key, value) combination, and the remaining ids as filler (n_keys = n_values <= 8, as many
+    as the vocabulary holds; the demo's 32 ids give 4 and 4).
+    Sequence i (numpy's generator seeded with (seed, i), so any item is reproducible on its own):
+      - a dictionary: every key gets a uniformly random value, fixed for the whole sequence;
+      - after BOS the sequence is a run of episodes of `distance` tokens, cut at ctx. An episode's first
+        quarter states the dictionary (pair ids, each key once in every run of n_keys, random order), its
+        middle half is random filler, its last quarter asks: random key ids;
+      - labels[t + 1] = the value id of the key at query position t (the loss at position t predicts
+        labels[t + 1]); -100 everywhere else. Value ids never occur in input_ids.
+    Why it is long-range: nothing near a query says anything about its value; the nearest tokens that do are
+    the statements of that key in the episode's first quarter, between distance / 2 + 1 and distance - 1
+    tokens back (513 to 1,023 at ctx 8,192). A model that does not look that far can at best learn that the
+    answer is one of the value ids: a loss of ln(n_values), the `floor` (ln 4 = 1.386 in the demo).
+    Attending from the query key to the pair ids holding that key (a content match, whatever the exact
+    distance) and reading their value brings the loss towards 0. The default distance is ctx // 8 (1,024 at
+    ctx 8,192): half an S²-Attn group at the default group_size_ratio 1/4, so every query and its episode's
+    statements lie in one group of the plain or of the shifted head half, and one attention layer can do it.
     """
 
     def __init__(self, vocab_size: int, ctx: int, n_sequences: int, seed: int, distance: int | None = None,
-                 alphabet: int | None = None, bos_id: int = 1):
-        if vocab_size < 4:
-            raise ValueError(f"synthetic corpus needs a vocabulary of at least 4 ids, got {vocab_size}")
-        self.distance = distance if distance is not None else max(1, ctx // 8)
-        if not 1 <= self.distance < ctx - 1:
-            raise ValueError(f"synthetic distance {self.distance} must be in [1, ctx - 1) with ctx={ctx}")
-        self.alphabet = alphabet if alphabet is not None else min(vocab_size - 3, 256)
-        if not 1 <= self.alphabet <= vocab_size - 3:
-            raise ValueError(f"synthetic alphabet {self.alphabet} must be in [1, {vocab_size - 3}]")
+                 bos_id: int = 1):
+        # n <= 8 keys and n values need 2n + n^2 ids, plus at least one filler id above the 3 special ids
+        n = max([m for m in range(1, 9) if 3 + 2 * m + m * m + 1 <= vocab_size], default=0)
+        if n < 2:
+            raise ValueError(f"synthetic corpus needs a vocabulary of at least 12 ids, got {vocab_size}")
+        self.distance = distance if distance is not None else max(2, ctx // 8)
+        if not 2 <= self.distance < ctx - 1:
+            raise ValueError(f"synthetic distance {self.distance} must be in [2, ctx - 1) with ctx={ctx}")
+        self.n_queries = max(1, self.distance // 4)                     # per episode, its last quarter
+        self.n_keys = min(n, self.distance - self.n_queries)
+        self.n_statements = max(self.n_keys, self.distance // 4)        # per episode, its first quarter
+        self.n_values = n
+        self.key0 = 3                                                   # id layout: keys, values, pairs, filler
+        self.value0 = self.key0 + self.n_keys
+        self.pair0 = self.value0 + self.n_values
+        self.filler0 = self.pair0 + self.n_keys * self.n_values
+        self.floor = math.log(self.n_values)
         self.vocab_size, self.ctx, self.n, self.seed, self.bos_id = vocab_size, ctx, n_sequences, seed, bos_id
 
     def __len__(self):
         return self.n
 
-    def tokens(self, i: int) -> np.ndarray:
+    def tokens_and_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """input_ids and labels of sequence i, as int64 arrays of length ctx."""
         rng = np.random.default_rng([self.seed, i])
-        block = rng.integers(3, 3 + self.alphabet, size=self.distance)
-        body = np.tile(block, -(-(self.ctx - 1) // self.distance))[:self.ctx - 1]
-        return np.concatenate([[self.bos_id], body]).astype(np.int64)
+        values = rng.integers(0, self.n_values, size=self.n_keys)        # the sequence's dictionary
+        D, Q, K, S = self.distance, self.n_queries, self.n_keys, self.n_statements
+        n_episodes = -(-(self.ctx - 1) // D)
+        length = 1 + n_episodes * D
+        ids = rng.integers(self.filler0, self.vocab_size, size=length)
+        ids[0] = self.bos_id
+        labels = np.full(length + 1, IGNORE_INDEX, dtype=np.int64)
+        for start in range(1, length, D):
+            # every key once in each run of K statements, so each is stated at least once per episode
+            keys = np.concatenate([rng.permutation(K) for _ in range(-(-S // K))])[:S]
+            ids[start:start + S] = self.pair0 + keys * self.n_values + values[keys]
+            asked = rng.integers(0, K, size=Q)
+            ids[start + D - Q:start + D] = self.key0 + asked
+            labels[start + D - Q + 1:start + D + 1] = self.value0 + values[asked]   # one after each query
+        return ids[:self.ctx].astype(np.int64), labels[:self.ctx]
 
     def __getitem__(self, i):
         if not 0 <= i < self.n:
             raise IndexError(i)
-        ids = torch.from_numpy(self.tokens(i))
-        labels = ids.clone()
-        labels[:self.distance + 1] = IGNORE_INDEX
-        return example(ids, labels)
+        ids, labels = self.tokens_and_labels(i)
+        return example(torch.from_numpy(ids), torch.from_numpy(labels))
 
 
 def synthetic_dataset(vocab_size: int, ctx: int, n_sequences: int, seed: int, distance: int | None = None,

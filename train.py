@@ -95,15 +95,18 @@ ARCHS = {
 }
 
 # The offline demo (no --model): a small random LLaMA trained with the full method on data.py's synthetic
-# long-range copying corpus. Its trained context is a quarter of --ctx, so PI (factor 4) is really used.
-# The corpus uses DEMO_ALPHABET symbols of a DEMO_ARCH vocabulary twice that size: in a few CPU minutes the
-# loss visibly falls as the adapter learns which symbols occur (down to ln(DEMO_ALPHABET)); going below that
-# needs attention ctx/8 tokens back, which a random frozen base does not learn in that time (the log says so).
+# long-range key-value recall corpus. Its trained context is a quarter of --ctx, so PI (factor 4) is really used.
+# The labelled tokens are answers to queries whose only evidence lies about ctx/8 tokens back: without looking
+# that far the loss stops at the corpus floor ln(n_values); the LoRA adapters learn the content match that
+# fetches the answer (S²-Attn keeps it within reach), and the log says whether the loss got below that floor.
 DEMO_OUT = "out/demo"
-DEMO_ALPHABET = 16
-DEMO_ARCH = dict(vocab_size=2 * DEMO_ALPHABET, dim=64, intermediate_size=128, n_layers=2, n_heads=4)
+DEMO_ARCH = dict(vocab_size=32, dim=64, intermediate_size=128, n_layers=2, n_heads=4)
 DEMO_INIT_STD = DEMO_ARCH["dim"] ** -0.5      # fan-in init: the frozen lm_head can express a peaked distribution
-DEMO_RECIPE = dict(max_steps=40, lr=5e-3, warmup=5, max_grad_norm=1.0, save_every=0, log_every=5)
+# LoRA+ (trainable embeddings and norms) and a large LoRA scale (alpha/r = 4) let the adapter learn the recall
+# at ctx 8192 within the demo's steps (about 2,000 labelled tokens each); in trials without them (r=64,
+# alpha=16, LoRA alone) the loss stayed at or above the floor for hundreds of steps.
+DEMO_RECIPE = dict(max_steps=80, lr=4e-3, warmup=5, max_grad_norm=1.0, lora_r=16, lora_alpha=64.0,
+                   train_embed_norm=True, save_every=0, log_every=5)
 
 
 # --------------------------------------------------------------------------- command line
@@ -119,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--split", help="split of a PG19-layout folder [train]")
     a("--cache-dir", help="token cache folder [$LONGQLORA_CACHE or ~/.cache/longqlora]")
     a("--ctx", type=int, help="training context length in tokens [8192]")
-    a("--max-steps", type=int, help="optimizer steps [1000; --sft: one epoch; demo: 40]")
+    a("--max-steps", type=int, help="optimizer steps [1000; --sft: one epoch; demo: 80]")
     a("--batch-size", type=int, help="sequences per micro-batch and rank [1]")
     a("--grad-accum", type=int, help="micro-batches per optimizer step [1; presets: 16]")
     a("--lr", type=float, help="peak learning rate [2e-4]")
@@ -323,9 +326,7 @@ def build_dataset(args, model_args: ModelArgs):
     if args.data == "synthetic":
         bos = model_args.bos_token_id if isinstance(model_args.bos_token_id, int) else 1
         # an endless supply: sequence i is generated from (seed, i) on demand
-        alphabet = DEMO_ALPHABET if args.demo else None
-        return data_lib.SyntheticDataset(model_args.vocab_size, args.ctx, 1_000_000, args.seed, alphabet=alphabet,
-                                         bos_id=bos), pad_id
+        return data_lib.SyntheticDataset(model_args.vocab_size, args.ctx, 1_000_000, args.seed, bos_id=bos), pad_id
     path = Path(args.data)
     tokenizer = None
     if args.sft or path.suffix != ".bin":
@@ -982,11 +983,14 @@ def train(args, dist_ctx: Distributed) -> dict:
             f"{summary['tokens_per_s']:.0f} tok/s; peak {summary['peak_mem_bytes'] / 2**30:.2f} GiB; "
             f"{elapsed:.0f} s; saved {summary['output']}")
     if args.demo and all_rows:
-        chance, last = math.log(DEMO_ALPHABET), sum(r["loss"] for r in all_rows[-5:]) / len(all_rows[-5:])
-        verdict = "below: long-range copying learned" if last < chance - 0.05 else "copying not learned in this run"
-        log(dist_ctx, f"DEMO: the labelled tokens are copies of the token {run.dataset.distance} positions back, "
-            f"drawn from {DEMO_ALPHABET} symbols. Knowing only which symbols occur gives ln({DEMO_ALPHABET}) = "
-            f"{chance:.3f}; lower needs attention {run.dataset.distance} tokens back. Mean of the last 5 losses: "
+        ds, tail = run.dataset, all_rows[-5:]
+        last = sum(r["loss"] for r in tail) / len(tail)
+        nearest = ds.distance - ds.n_queries - ds.n_statements + 1
+        verdict = ("below the floor: the long-range recall was learned" if last < ds.floor - 0.1 else
+                   "not below the floor: the long-range recall was not learned in this run")
+        log(dist_ctx, f"DEMO: each labelled token is the value of a key last stated {nearest}-{ds.distance - 1} "
+            f"tokens earlier; without attending that far back the best loss is the floor ln({ds.n_values}) = "
+            f"{ds.floor:.3f}. Loss: first step {all_rows[0]['loss']:.3f}, mean of the last {len(tail)} steps "
             f"{last:.3f} ({verdict})")
     return summary
 

@@ -1,6 +1,7 @@
 """data.py: sources, token cache, packing/truncation layouts, sampler, SFT masks, synthetic corpus, bad inputs."""
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -392,28 +393,61 @@ def test_synthetic_deterministic_and_long_range():
     assert not torch.equal(ex["input_ids"], other[2]["input_ids"])
     assert not torch.equal(ds[0]["input_ids"], ds[1]["input_ids"])
     ids, labels = ex["input_ids"], ex["labels"]
-    assert ids.shape == (8192,) and ids[0] == 1 and ex["padding_mask"] is None
+    assert ids.shape == labels.shape == (8192,) and ids[0] == 1 and ex["padding_mask"] is None
     assert ids[1:].min() >= 3 and ids.max() < 512
-    D = ds.distance
-    assert D == 1024 > 1000
+    D, K, V, Q, S = ds.distance, ds.n_keys, ds.n_values, ds.n_queries, ds.n_statements
+    assert (D, K, V, Q, S) == (1024, 8, 8, 256, 256) and ds.floor == pytest.approx(math.log(8))
+    is_key = (ids >= ds.key0) & (ids < ds.key0 + K)
+    is_pair = (ids >= ds.pair0) & (ids < ds.pair0 + K * V)
+    # layout: every episode of D tokens opens with S pair ids (each key once in every run of K) and closes
+    # with Q queries (key ids)
+    for start in range(1, 8192, D):
+        assert is_pair[start:start + S].all() and not is_pair[start + S:start + D].any()
+        for run in range(start, start + S, K):
+            assert sorted(((ids[run:run + K] - ds.pair0) // V).tolist()) == list(range(K))
+        assert is_key[start + D - Q:start + D].all() and not is_key[start:start + D - Q].any()
+    assert not ((ids >= ds.value0) & (ids < ds.value0 + V)).any()       # answers never appear in the input
+    # one dictionary per sequence: every statement of a key gives it the same value
+    pair_pos = is_pair.nonzero().squeeze(1)
+    key_of, value_of = (ids[pair_pos] - ds.pair0) // V, (ids[pair_pos] - ds.pair0) % V
+    for k in range(K):
+        assert len(set(value_of[key_of == k].tolist())) == 1
+    # labels exactly one after each query: the value of the queried key
     labelled = (labels != -100).nonzero().squeeze(1)
-    assert labelled.min() == D + 1 and len(labelled) == 8192 - D - 1
-    assert torch.equal(labels[labelled], ids[labelled])
-    # every labelled token repeats the token exactly D back ...
-    assert torch.equal(ids[labelled], ids[labelled - D])
-    # ... and nothing closer predicts it: at offsets < D agreement is at chance level (1/alphabet)
-    for k in (1, 2, 17, 500, D - 1):
-        agree = (ids[labelled] == ids[labelled - k]).float().mean().item()
-        assert agree < 3 / ds.alphabet, (k, agree)
+    assert torch.equal(labelled, is_key.nonzero().squeeze(1)[:len(labelled)] + 1)
+    assert len(labelled) == 8 * Q - 2           # ctx cuts the last query and the answer of the one before
+    queried = ids[labelled - 1] - ds.key0
+    value = {int(k): int(v) for k, v in zip(key_of, value_of)}
+    assert labels[labelled].tolist() == [ds.value0 + value[int(k)] for k in queried]
+    # long-range: the nearest statement of the queried key lies D - Q - S + 1 .. D - 1 tokens back
+    gaps = []
+    for p, k in zip((labelled - 1).tolist(), queried.tolist()):
+        before = pair_pos[(pair_pos < p) & (key_of == k)]
+        gaps.append(p - before.max().item())
+    assert min(gaps) >= D - Q - S + 1 == 513 and max(gaps) <= D - 1
     batch = data.collate([ds[0], ds[1]])
     assert batch["input_ids"].shape == (2, 8192)
+
+
+def test_synthetic_small_vocab_and_context():
+    ds = data.synthetic_dataset(vocab_size=32, ctx=512, n_sequences=2, seed=0)     # the demo's vocabulary
+    assert (ds.n_keys, ds.n_values, ds.distance, ds.n_queries, ds.n_statements) == (4, 4, 64, 16, 16)
+    assert ds.filler0 == 27 and ds.floor == pytest.approx(math.log(4))
+    ids, labels = ds[1]["input_ids"], ds[1]["labels"]
+    assert ids.max() < 32 and (labels != -100).sum() == 8 * 16 - 2
+    tiny = data.synthetic_dataset(vocab_size=64, ctx=16, n_sequences=1, seed=0)    # distance 2: one key
+    assert tiny.n_keys == 1 and tiny[0]["input_ids"].shape == (16,)
 
 
 def test_synthetic_bad_arguments():
     with pytest.raises(ValueError, match="distance"):
         data.synthetic_dataset(vocab_size=512, ctx=8, n_sequences=1, seed=0, distance=8)
-    with pytest.raises(ValueError, match="at least 4"):
-        data.synthetic_dataset(vocab_size=3, ctx=64, n_sequences=1, seed=0)
+    with pytest.raises(ValueError, match="distance"):
+        data.synthetic_dataset(vocab_size=512, ctx=64, n_sequences=1, seed=0, distance=1)
+    with pytest.raises(ValueError, match="at least 12"):
+        data.synthetic_dataset(vocab_size=11, ctx=64, n_sequences=1, seed=0)
+    with pytest.raises(IndexError):
+        data.synthetic_dataset(vocab_size=64, ctx=64, n_sequences=1, seed=0)[1]
 
 
 # ----------------------------------------------------------------------------------------------------
