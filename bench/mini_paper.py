@@ -7,7 +7,7 @@ run the same experiment at a scale that fits in ~40 minutes on 2 CPU cores:
 
   1. tokenizer  a LLaMA-style sentencepiece BPE (byte fallback, unk 0 / bos 1 / eos 2, ~4k pieces) trained
                 on the pg19-mini train split;
-  2. pretrain   a ~5M-parameter LLaMA from scratch at SHORT_CTX = 256 tokens, full attention, AdamW on the
+  2. pretrain   a ~5M-parameter LLaMA from scratch at 256 tokens, full attention, AdamW on the
                 chunked loss, saved as an HF directory (transformers loads it). Both are cached under
                 --cache-dir keyed by their configuration, so a rerun skips them;
   3. extend     256 -> 1024 (PI factor 4) with each variant below, every trained variant seeing the same
@@ -31,11 +31,14 @@ Variants (rows of the table):
   longqlora_s2_eval             longqlora evaluated with S²-Attn instead of full attention (S²-Attn at inference)
 
     python bench/mini_paper.py                 # the full run, ~40 min on 2 cores
+    python bench/mini_paper.py --threads 1     # the same on a machine other jobs are using too
     python bench/mini_paper.py --smoke         # a tiny configuration in well under a minute (tests)
+    python bench/mini_paper.py --finetune-steps 120 --variants longqlora lora_full_attn --results-dir DIR
 
 Writes RESULTS_DIR/mini_paper.json ({"results": [{"variant", "eval_ctx", "ppl", ...}], "config", "seconds",
 "timings"}) and mini_paper.png (perplexity against context length, when matplotlib is installed), and
-prints a markdown table (rows: variants, columns: evaluation context).
+prints a markdown table (rows: variants, columns: evaluation context). The committed results and what
+they show are in bench/README.md.
 """
 from __future__ import annotations
 
@@ -269,8 +272,9 @@ def markdown_table(results: list[dict], ctxs) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], ctxs, short_ctx: int, path: Path) -> bool:
-    """Perplexity against evaluation context, one line per variant; False when matplotlib is missing."""
+def plot(results: list[dict], ctxs, short_ctx: int, path: Path, all_variants) -> bool:
+    """Perplexity against evaluation context, one line per variant (its colour fixed by its place in
+    `all_variants`, so partial runs match the full plot); False when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -281,7 +285,8 @@ def plot(results: list[dict], ctxs, short_ctx: int, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for name in dict.fromkeys(r["variant"] for r in results):
         ys = [next(r["ppl"] for r in results if r["variant"] == name and r["eval_ctx"] == c) for c in ctxs]
-        ax.plot(ctxs, ys, marker="o", label=name, linestyle="--" if name in ("base", "pi", "control") else "-")
+        ax.plot(ctxs, ys, marker="o", label=name, color=f"C{list(all_variants).index(name) % 10}",
+                linestyle="--" if name in ("base", "pi", "control") else "-")
     ax.axvline(short_ctx, color="grey", linewidth=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")          # PI without training sits far above the rest
@@ -315,6 +320,11 @@ def run(args) -> dict:
     data_dir, cache_dir, results_dir = Path(args.data_dir), Path(args.cache_dir), Path(args.results_dir)
     if not (data_dir / "train").is_dir() or not (data_dir / "validation").is_dir():
         raise FileNotFoundError(f"{data_dir}: expected a PG19-layout folder with train/ and validation/")
+    specs = variant_specs(cfg)
+    wanted = args.variants or list(specs)
+    unknown = [v for v in wanted if v not in specs]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(specs)}")
     torch.manual_seed(SEED)
     timings, t_start = {}, time.perf_counter()
     data_key = data_lib.source_fingerprint(data_lib.source_files(data_dir, "train"), data_dir / "train")
@@ -339,11 +349,6 @@ def run(args) -> dict:
     log(f"pretrain: {timings['pretrain']:.1f} s (loss {pretrain_summary['first_loss']:.3f} -> "
         f"{pretrain_summary['last_loss']:.3f})")
 
-    specs = variant_specs(cfg)
-    wanted = args.variants or list(specs)
-    unknown = [v for v in wanted if v not in specs]
-    if unknown:
-        raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(specs)}")
     runs_dir = cache_dir / f"runs-{base_dir.name}"
     # a variant whose "train" is a name evaluates that variant's training run differently
     runs = dict.fromkeys(specs[v]["train"] if isinstance(specs[v]["train"], str) else v
@@ -397,7 +402,7 @@ def run(args) -> dict:
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(results_dir / "mini_paper.json", report)
-    plotted = plot(results, cfg["eval"]["ctx"], cfg["short_ctx"], results_dir / "mini_paper.png")
+    plotted = plot(results, cfg["eval"]["ctx"], cfg["short_ctx"], results_dir / "mini_paper.png", specs)
     log("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {seconds:.0f} s")
     log(f"\nperplexity on the same {len(tokens) - 1:,} pg19-mini validation tokens, by evaluation context "
         f"(pretrained at {cfg['short_ctx']}, extended to {cfg['long_ctx']}):\n\n{table}\n")
@@ -420,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    return run(build_parser().parse_args(argv))
+    return run(data_lib.one_line_errors(build_parser()).parse_args(argv))
 
 
 def cli(argv=None) -> int:
