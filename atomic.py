@@ -1,0 +1,59 @@
+"""Atomic writes: a file or a folder appears complete under its final name, or not at all.
+
+Everything is first written under a hidden temporary name in the same folder (the same file system, so
+`os.replace` is one atomic rename) and renamed into place only when complete. A crash, Ctrl-C or a full disk
+leaves the previous version untouched and removes the temporary; a full disk is reported as one error
+naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def write_text(path, text: str) -> Path:
+    """Replace `path` with `text` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"{path}: cannot write ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path, obj, indent: int | None = 2) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def write_dir(out_dir, write) -> Path:
+    """Call write(tmp) on a fresh hidden folder beside `out_dir`, then put it in place of `out_dir`. An existing
+    `out_dir` is replaced only once the new one is complete; a failed write leaves it untouched."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, FileNotFoundError) or not e.strerror:
+            raise
+        raise OSError(f"{out_dir}: cannot write ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
