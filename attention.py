@@ -17,6 +17,8 @@ s2_attention (LongLoRA §3.2, used by LongQLoRA during fine-tuning only), group 
       shift="roll":    LongLoRA's pure-PyTorch path: roll q, k, v left by s, attend inside groups, roll the
                        output back. The last group then holds the final tokens *followed by* the first s
                        tokens, which see them (information flows backwards in time there), as in LongLoRA.
+      shift="none":    no shifted half: every head attends inside [0, g), [g, 2g), ... (LongLoRA's "short
+                       attention" ablation; information never crosses a group boundary).
   Cost O(T * g) time and memory: the sequence is cut into groups that become extra batch entries.
   T not a multiple of g: the sequence is padded to a multiple of g; padded keys are never attended and
   padded query rows are dropped. In roll mode the roll is over the padded length.
@@ -176,19 +178,21 @@ def s2_attention(
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shifted Sparse Attention. q (B, H, T, D), k/v (B, Hkv, T, D). Returns (B, H, T, D)."""
-    if shift not in ("segment", "roll"):
-        raise ValueError(f"s2_attention: shift must be 'segment' or 'roll', got {shift!r}")
+    if shift not in ("segment", "roll", "none"):
+        raise ValueError(f"s2_attention: shift must be 'segment', 'roll' or 'none', got {shift!r}")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"s2_attention: group_size must be a positive integer, got {group_size!r}")
     batch, n_heads, length, _ = q.shape
     if k.shape[2] != length:
         raise ValueError(f"s2_attention: queries and keys must have the same length, got {length} and {k.shape[2]}")
     _check_padding_mask(key_padding_mask, batch, length)
-    if shift == "segment" and group_size >= length:
+    if shift != "roll" and group_size >= length:
         return causal_attention(q, k, v, key_padding_mask)
 
     # Repeat kv heads first so that splitting the heads in halves keeps every query head with its kv head.
     k, v = _match_kv_heads(q, k, v)
+    if shift == "none":
+        return grouped_causal_attention(q, k, v, group_size, key_padding_mask)
     half = n_heads // 2  # LongLoRA shifts heads [H // 2, H)
     shifted_attention = _segment_shifted_attention if shift == "segment" else _roll_shifted_attention
     outs = []

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="PI + full fine-tuning of a dense model, no LoRA (saves model/ instead of adapter/)")
     a("--group-size-ratio", type=float, help="S²-Attn group size as a fraction of ctx [0.25]")
     a("--attn", choices=["s2", "full"], help="attention during training [s2]")
-    a("--s2-shift", choices=["segment", "roll"], help="S²-Attn shift: segment boundaries or LongLoRA's roll [segment]")
+    a("--s2-shift", choices=["segment", "roll", "none"],
+      help="S²-Attn shift: segment boundaries, LongLoRA's roll, or none (short attention ablation) [segment]")
     a("--quant", choices=["nf4", "none"], help="storage of the frozen decoder linears [nf4]")
     a("--quant-backend", choices=["auto", "torch", "bnb"], help="NF4 dequantization kernel [auto]")
     a("--dtype", choices=["auto", "bf16", "fp16", "fp32"],

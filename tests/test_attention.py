@@ -83,7 +83,15 @@ def reference_s2_roll(q, k, v, g, key_mask):
     return torch.cat([out_plain, out_shift], dim=1)[:, :, :length]
 
 
-REFERENCES = {"segment": reference_s2_segment, "roll": reference_s2_roll}
+def reference_s2_none(q, k, v, g, key_mask):
+    """No shift: every head attends causally inside [0, g), [g, 2g), ... cut at T."""
+    n_heads, length = q.shape[1], q.shape[2]
+    k, v = expand_kv(k, n_heads), expand_kv(v, n_heads)
+    ids = torch.arange(length) // g
+    return naive_attention(q, k, v, group_allowed(ids, key_mask))
+
+
+REFERENCES = {"segment": reference_s2_segment, "roll": reference_s2_roll, "none": reference_s2_none}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -220,7 +228,7 @@ S2_CASES = [  # (length, group_size)
 ]
 
 
-@pytest.mark.parametrize("shift", ["segment", "roll"])
+@pytest.mark.parametrize("shift", ["segment", "roll", "none"])
 @pytest.mark.parametrize("length, group_size", S2_CASES)
 def test_s2_attention_matches_explicit_mask_reference(length, group_size, shift):
     q, k, v = random_qkv(length=length, seed=length * 100 + group_size)
@@ -231,7 +239,7 @@ def test_s2_attention_matches_explicit_mask_reference(length, group_size, shift)
     )
 
 
-@pytest.mark.parametrize("shift", ["segment", "roll"])
+@pytest.mark.parametrize("shift", ["segment", "roll", "none"])
 @pytest.mark.parametrize("kv_heads", [2, 1])
 def test_s2_attention_gqa(kv_heads, shift):
     """The head halves split the query heads; every query head keeps its own kv head."""
@@ -243,7 +251,7 @@ def test_s2_attention_gqa(kv_heads, shift):
     )
 
 
-@pytest.mark.parametrize("shift", ["segment", "roll"])
+@pytest.mark.parametrize("shift", ["segment", "roll", "none"])
 @pytest.mark.parametrize("heads", [1, 3])
 def test_s2_attention_odd_head_count_shifts_heads_from_h_over_2(heads, shift):
     q, k, v = random_qkv(heads=heads, length=12, seed=4)
@@ -254,7 +262,7 @@ def test_s2_attention_odd_head_count_shifts_heads_from_h_over_2(heads, shift):
     )
 
 
-@pytest.mark.parametrize("shift", ["segment", "roll"])
+@pytest.mark.parametrize("shift", ["segment", "roll", "none"])
 @pytest.mark.parametrize("length, group_size", [(16, 4), (13, 4), (15, 6)])
 def test_s2_attention_padding_mask(length, group_size, shift):
     q, k, v = random_qkv(batch=4, heads=4, kv_heads=2, length=length, seed=5)
@@ -318,7 +326,7 @@ def test_s2_attention_is_causal_in_segment_mode():
             assert torch.count_nonzero(g[:, :, t + 1:]) == 0
 
 
-@pytest.mark.parametrize("shift", ["segment", "roll"])
+@pytest.mark.parametrize("shift", ["segment", "roll", "none"])
 def test_s2_attention_memory_is_per_group(monkeypatch, shift):
     """Every SDPA call works on groups of at most g tokens: O(T * g), never a T x T score tensor."""
     shapes = []
@@ -339,7 +347,7 @@ def test_s2_attention_memory_is_per_group(monkeypatch, shift):
 
 def test_s2_attention_bad_input():
     q, k, v = random_qkv(length=8)
-    with pytest.raises(ValueError, match="shift must be 'segment' or 'roll'"):
+    with pytest.raises(ValueError, match="shift must be 'segment', 'roll' or 'none'"):
         s2_attention(q, k, v, group_size=4, shift="wrap")
     with pytest.raises(ValueError, match="group_size must be a positive integer"):
         s2_attention(q, k, v, group_size=0)
