@@ -33,6 +33,8 @@ no key at all (e.g. a left-padding position) gets an output of 0 instead of NaN.
 import torch
 import torch.nn.functional as F
 
+S2_SHIFTS = ("segment", "roll", "none")
+
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D); kv head j serves query heads j*n_rep .. j*n_rep + n_rep-1."""
@@ -178,7 +180,7 @@ def s2_attention(
     key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Shifted Sparse Attention. q (B, H, T, D), k/v (B, Hkv, T, D). Returns (B, H, T, D)."""
-    if shift not in ("segment", "roll", "none"):
+    if shift not in S2_SHIFTS:
         raise ValueError(f"s2_attention: shift must be 'segment', 'roll' or 'none', got {shift!r}")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"s2_attention: group_size must be a positive integer, got {group_size!r}")

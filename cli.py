@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
+import threading
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -19,6 +21,15 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sys.exit(2)
     parser.error = error
     return parser
+
+
+def parse_or_exit(parse, argv=None):
+    """parse(argv), with a bad value turned into one `error:` line and exit status 2 (as argparse's own)."""
+    try:
+        return parse(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run(main, argv=None) -> int:
@@ -48,6 +59,32 @@ def check_range(name: str, value, low=None, high=None, *, open_low: bool = False
     return value
 
 
+class StopRequest:
+    """Ctrl-C in a long loop, handled at a safe point: inside `with StopRequest() as stop:` the first Ctrl-C
+    only sets `stop.requested` (the loop finishes its step, saves, exits); a second one interrupts at once."""
+
+    def __init__(self, message: str = "stopping after this step (Ctrl-C again to stop at once)"):
+        self.message, self.requested, self._previous = message, False, None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{self.message}", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# The functions below import torch inside: the rest of this module is needed before torch has loaded.
+
 def set_threads(n: int | None) -> None:
     """torch's intra-op threads (None: torch's default, all cores). Two runs sharing a machine each with all
     cores can be many times slower than each with half of them."""
@@ -55,5 +92,34 @@ def set_threads(n: int | None) -> None:
         return
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"--threads must be a positive integer, got {n!r}")
-    import torch  # here, not at the top: the rest of this module is needed before torch has loaded
+    import torch
     torch.set_num_threads(n)
+
+
+def compute_dtype(name: str, device):
+    """torch dtype of --dtype; "auto": fp32 on CPU (bf16 is slow where the CPU has no native bf16, and fp32 is
+    exact), bf16 on GPUs from Ampere (compute capability 8) on, fp16 on older ones such as the V100."""
+    import torch
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def device(name: str):
+    """torch.device of --device ("auto": cuda when available, else cpu), refused when the machine lacks it."""
+    import torch
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here (no GPU, or a CPU-only torch build)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return dev

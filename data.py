@@ -1,5 +1,4 @@
-"""Data for LongQLoRA: text sources, a token cache, pretraining and SFT batches, a synthetic long-range
-corpus and the PG19 download.
+"""Data for LongQLoRA: text sources, a token cache, and the pretraining and SFT sequences the model is fed.
 
 What LongQLoRA (arXiv 2311.04879) and LongLoRA (arXiv 2309.12307) feed the model:
 - Continued pretraining on long texts. Every document is tokenized with the model's sentencepiece
@@ -9,7 +8,8 @@ What LongQLoRA (arXiv 2311.04879) and LongLoRA (arXiv 2309.12307) feed the model
     (the incomplete tail is dropped); labels = input_ids;
   * truncation (LongQLoRA's original recipe): one sequence per document, `(BOS + doc)[:ctx]`, shorter
     documents right-padded, labels -100 and padding_mask False on the padding.
-- SFT on long instructions with the Vicuna v1.1 template; only the answers (and their EOS) are learned.
+- SFT on long instructions, in LongQLoRA's template or FastChat's Vicuna v1.1 (`chat_pieces`); only the
+  answers (and their EOS) are learned.
 - Perplexity data: the PG19 / Proof-pile texts, or LongLoRA's pre-tokenized flat `.bin` token files
   (uint16, or uint32 for vocabularies of more than 65,536 ids).
 
@@ -24,33 +24,31 @@ index (`<name>.json`) with the document offsets and the fingerprints of the toke
 files; a second run memory-maps the cache. All files are written atomically (temporary file, then
 `os.replace`): after an error nothing half-written is left.
 
-Command line:
-    python data.py download pg19 --split validation --out data/pg19 [--base-url URL]
+Command line (the PG19 download itself is download.py):
     python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]
+    python data.py download pg19 --split validation --out data/pg19
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import hashlib
-import http.client
 import json
-import math
 import os
-import socket
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 import torch
 from tqdm import tqdm
+
+import atomic
+import cli
+import download
 
 IGNORE_INDEX = -100
 PG19_SPLITS = ("train", "validation", "test")
@@ -71,8 +69,6 @@ class Tokenizer:
     """
 
     def __init__(self, path):
-        import sentencepiece as spm
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: sentencepiece tokenizer.model not found")
@@ -339,15 +335,6 @@ def cache_stem(source: Path, split, tokenizer: Tokenizer) -> str:
     return f"{name}-{split}-{key}" if split else f"{name}-{key}"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha: str):
     """The cached corpus, or None when it is missing, stale or inconsistent (then it is rebuilt)."""
     try:
@@ -416,7 +403,7 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
         # An old index must never describe the new token file, so it goes first.
         index_path.unlink(missing_ok=True)
         os.replace(tmp, bin_path)
-        write_json_atomic(index_path, index)
+        atomic.write_json(index_path, index, indent=None)
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
@@ -618,11 +605,12 @@ def batches(dataset, sampler: ShuffledSampler, batch_size: int, pad_id: int = 0)
 
 
 # ----------------------------------------------------------------------------------------------------
-# SFT: Vicuna v1.1
+# SFT: chat templates
 # ----------------------------------------------------------------------------------------------------
 
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = ("longqlora", "vicuna")
 
 
 def sft_turns(record, where) -> list[tuple[str, str]]:
@@ -644,24 +632,26 @@ def sft_turns(record, where) -> list[tuple[str, str]]:
     raise ValueError(f"{where}: expected {{\"input\", \"output\"}} strings or a \"conversation\" list")
 
 
-def vicuna_pieces(tokenizer: Tokenizer, turns) -> list[tuple[list[int], bool]]:
-    """The token pieces of a Vicuna v1.1 conversation as (ids, is_answer).
+def chat_pieces(tokenizer: Tokenizer, turns, template: str = "vicuna") -> list[tuple[list[int], bool]]:
+    """The token pieces of a conversation [(human, assistant), ...] as (ids, is_answer).
 
-    FastChat's `vicuna_v1.1` (sep_style ADD_COLON_TWO, sep=" ", sep2="</s>") renders
-        SYSTEM + " " + "USER: h1 ASSISTANT: a1</s>" + "USER: h2 ASSISTANT: a2</s>" + ...
-    and tokenizes it with the LLaMA tokenizer, which adds BOS and turns "</s>" into the EOS id. We build
-    the same ids piece by piece: [BOS], encode(SYSTEM + " USER: h1 ASSISTANT:"), encode(a1) + [EOS],
-    encode("USER: h2 ASSISTANT:"), encode(a2) + [EOS], ... The space between "ASSISTANT:" and the answer
-    and the one before "USER" after an EOS are the word-boundary marker that sentencepiece puts at the
-    start of each encoded piece, exactly as when the whole string is tokenized at once (pieces never
-    cross a space), so the label mask is exact. A turn whose assistant text is None ends the pieces
-    after its "ASSISTANT:" (a generation prompt).
-    (LongQLoRA's own SFT script writes `SYSTEM\\nUSER: {input}\\nASSISTANT: ` without BOS; we follow the
-    Vicuna v1.1 format the Vicuna models were trained with.)
+    vicuna     FastChat's vicuna_v1.1 (sep_style ADD_COLON_TWO, sep " ", sep2 "</s>"), what Vicuna was trained on:
+                   BOS + SYSTEM + " USER: h1 ASSISTANT: a1</s>USER: h2 ASSISTANT: a2</s>..."
+    longqlora  what LongQLoRA's SFT script trains its Vicuna-13B-8k with: no BOS,
+                   SYSTEM + "\nUSER: h1\nASSISTANT: " + a1 + EOS (+ "\nUSER: h2\nASSISTANT: " + a2 + EOS ...)
+    Answers are encoded on their own and followed by EOS, so the label mask is exact: sentencepiece puts the
+    word-boundary marker at the start of each encoded piece, exactly where the whole string would have it.
+    A turn whose assistant text is None ends the pieces after its prompt (a generation prompt).
     """
-    pieces = [([tokenizer.bos_id], False)] if tokenizer.bos_id >= 0 else []
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    vicuna = template == "vicuna"
+    pieces = [([tokenizer.bos_id], False)] if vicuna and tokenizer.bos_id >= 0 else []
     for k, (human, assistant) in enumerate(turns):
-        prompt = (VICUNA_SYSTEM + " " if k == 0 else "") + f"USER: {human} ASSISTANT:"
+        if vicuna:
+            prompt = (SYSTEM + " " if k == 0 else "") + f"USER: {human} ASSISTANT:"
+        else:
+            prompt = (SYSTEM if k == 0 else "") + f"\nUSER: {human}\nASSISTANT: "
         pieces.append((tokenizer.encode(prompt, bos=False), False))
         if assistant is None:
             break
@@ -669,20 +659,17 @@ def vicuna_pieces(tokenizer: Tokenizer, turns) -> list[tuple[list[int], bool]]:
     return pieces
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, history, message: str) -> list[int]:
-    """Prompt for generating the next answer: history [(human, assistant)] then `USER: message ASSISTANT:`."""
-    pieces = vicuna_pieces(tokenizer, list(history) + [(message.strip(), None)])
+def chat_prompt_ids(tokenizer: Tokenizer, history, message: str, template: str = "vicuna") -> list[int]:
+    """Prompt for generating the next answer: the history [(human, assistant)], then the new message."""
+    pieces = chat_pieces(tokenizer, list(history) + [(message.strip(), None)], template)
     return [i for ids, _ in pieces for i in ids]
 
 
-def build_sft_example(tokenizer: Tokenizer, turns, ctx: int) -> dict:
-    """Vicuna v1.1 sequence truncated to ctx and right-padded; labels are -100 except answers + EOS.
-
-    An example whose prompt alone fills ctx has no labelled token left (it then adds nothing to a
-    summed loss).
-    """
+def build_sft_example(tokenizer: Tokenizer, turns, ctx: int, template: str = "vicuna") -> dict:
+    """A conversation truncated to ctx and right-padded; labels are -100 except the answers and their EOS.
+    An example whose prompt alone fills ctx has no labelled token left (it then adds nothing to the loss)."""
     ids, labels = [], []
-    for piece, is_answer in vicuna_pieces(tokenizer, turns):
+    for piece, is_answer in chat_pieces(tokenizer, turns, template):
         ids += piece
         labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
     return pad_right(ids[:ctx], labels[:ctx], ctx, tokenizer.pad_id)
@@ -691,11 +678,13 @@ def build_sft_example(tokenizer: Tokenizer, turns, ctx: int) -> dict:
 class SFTDataset:
     """JSONL(.gz) of SFT records (see `sft_turns`), validated when loaded, tokenized on access."""
 
-    def __init__(self, path, tokenizer: Tokenizer, ctx: int):
+    def __init__(self, path, tokenizer: Tokenizer, ctx: int, template: str = "vicuna"):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: SFT file not found")
-        self.tokenizer, self.ctx = tokenizer, ctx
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        self.tokenizer, self.ctx, self.template = tokenizer, ctx, template
         self.conversations, replaced = [], {}
         for lineno, obj, n in iter_jsonl(path):
             if n:
@@ -709,277 +698,29 @@ class SFTDataset:
         return len(self.conversations)
 
     def __getitem__(self, i):
-        return build_sft_example(self.tokenizer, self.conversations[i], self.ctx)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Synthetic long-range corpus (offline demo)
-# ----------------------------------------------------------------------------------------------------
-
-class SyntheticDataset:
-    """Key-value recall over long distances: the labelled tokens can only be predicted by attending about
-    `distance` tokens back, and the lookup is by content (which key), not by an exact relative position.
-
-    Vocabulary (ids from 3 up, above LLaMA's unk/bos/eos): `n_keys` key ids, `n_values` value ids, one "pair"
-    id for every (key, value) combination, and the remaining ids as filler (n_keys = n_values <= 8, as many
-    as the vocabulary holds; the demo's 32 ids give 4 and 4).
-    Sequence i (numpy's generator seeded with (seed, i), so any item is reproducible on its own):
-      - a dictionary: every key gets a uniformly random value, fixed for the whole sequence;
-      - after BOS the sequence is a run of episodes of `distance` tokens, cut at ctx. An episode's first
-        quarter states the dictionary (pair ids, each key once in every run of n_keys, random order), its
-        middle half is random filler, its last quarter asks: random key ids;
-      - labels[t + 1] = the value id of the key at query position t (the loss at position t predicts
-        labels[t + 1]); -100 everywhere else. Value ids never occur in input_ids.
-    Why it is long-range: nothing near a query says anything about its value; the nearest tokens that do are
-    the statements of that key in the episode's first quarter, between distance / 2 + 1 and distance - 1
-    tokens back (513 to 1,023 at ctx 8,192). A model that does not look that far can at best learn that the
-    answer is one of the value ids: a loss of ln(n_values), the `floor` (ln 4 = 1.386 in the demo).
-    Attending from the query key to the pair ids holding that key (a content match, whatever the exact
-    distance) and reading their value brings the loss towards 0. The default distance is ctx // 8 (1,024 at
-    ctx 8,192): half an S²-Attn group at the default group_size_ratio 1/4, so every query and its episode's
-    statements lie in one group of the plain or of the shifted head half, and one attention layer can do it.
-    """
-
-    def __init__(self, vocab_size: int, ctx: int, n_sequences: int, seed: int, distance: int | None = None,
-                 bos_id: int = 1):
-        # n <= 8 keys and n values need 2n + n^2 ids, plus at least one filler id above the 3 special ids
-        n = max([m for m in range(1, 9) if 3 + 2 * m + m * m + 1 <= vocab_size], default=0)
-        if n < 2:
-            raise ValueError(f"synthetic corpus needs a vocabulary of at least 12 ids, got {vocab_size}")
-        self.distance = distance if distance is not None else max(2, ctx // 8)
-        if not 2 <= self.distance < ctx - 1:
-            raise ValueError(f"synthetic distance {self.distance} must be in [2, ctx - 1) with ctx={ctx}")
-        self.n_queries = max(1, self.distance // 4)                     # per episode, its last quarter
-        self.n_keys = min(n, self.distance - self.n_queries)
-        self.n_statements = max(self.n_keys, self.distance // 4)        # per episode, its first quarter
-        self.n_values = n
-        self.key0 = 3                                                   # id layout: keys, values, pairs, filler
-        self.value0 = self.key0 + self.n_keys
-        self.pair0 = self.value0 + self.n_values
-        self.filler0 = self.pair0 + self.n_keys * self.n_values
-        self.floor = math.log(self.n_values)
-        self.vocab_size, self.ctx, self.n, self.seed, self.bos_id = vocab_size, ctx, n_sequences, seed, bos_id
-
-    def __len__(self):
-        return self.n
-
-    def tokens_and_labels(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """input_ids and labels of sequence i, as int64 arrays of length ctx."""
-        rng = np.random.default_rng([self.seed, i])
-        values = rng.integers(0, self.n_values, size=self.n_keys)        # the sequence's dictionary
-        D, Q, K, S = self.distance, self.n_queries, self.n_keys, self.n_statements
-        n_episodes = -(-(self.ctx - 1) // D)
-        length = 1 + n_episodes * D
-        ids = rng.integers(self.filler0, self.vocab_size, size=length)
-        ids[0] = self.bos_id
-        labels = np.full(length + 1, IGNORE_INDEX, dtype=np.int64)
-        for start in range(1, length, D):
-            # every key once in each run of K statements, so each is stated at least once per episode
-            keys = np.concatenate([rng.permutation(K) for _ in range(-(-S // K))])[:S]
-            ids[start:start + S] = self.pair0 + keys * self.n_values + values[keys]
-            asked = rng.integers(0, K, size=Q)
-            ids[start + D - Q:start + D] = self.key0 + asked
-            labels[start + D - Q + 1:start + D + 1] = self.value0 + values[asked]   # one after each query
-        return ids[:self.ctx].astype(np.int64), labels[:self.ctx]
-
-    def __getitem__(self, i):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        ids, labels = self.tokens_and_labels(i)
-        return example(torch.from_numpy(ids), torch.from_numpy(labels))
-
-
-def synthetic_dataset(vocab_size: int, ctx: int, n_sequences: int, seed: int, distance: int | None = None,
-                      bos_id: int = 1) -> SyntheticDataset:
-    """The built-in corpus of `--data synthetic` (see SyntheticDataset)."""
-    return SyntheticDataset(vocab_size, ctx, n_sequences, seed, distance, bos_id=bos_id)
-
-
-# ----------------------------------------------------------------------------------------------------
-# PG19 download (DeepMind's public bucket, Google Cloud Storage JSON API)
-# ----------------------------------------------------------------------------------------------------
-
-class TransientError(Exception):
-    """A failure worth retrying (connection cut, timeout, HTTP 429/5xx)."""
-
-
-# What a flaky network raises (HTTPError, a URLError subclass, is sorted out first).
-NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, http.client.HTTPException, socket.timeout, TimeoutError)
-
-
-def http_failure(e: urllib.error.HTTPError, url: str) -> Exception:
-    if e.code == 429 or e.code >= 500:
-        return TransientError(f"HTTP {e.code}")
-    return OSError(f"{url}: HTTP {e.code} {e.reason}")
-
-
-def with_retries(action, what: str, retries: int, backoff: float):
-    for attempt in range(retries + 1):
-        try:
-            return action()
-        except TransientError as e:
-            if attempt == retries:
-                raise OSError(f"{what}: failed after {retries + 1} attempts ({e})") from None
-            time.sleep(backoff * 2 ** attempt)
-
-
-def http_get(url: str, timeout: float) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.read()
-    except urllib.error.HTTPError as e:
-        raise http_failure(e, url) from None
-    except NETWORK_ERRORS as e:
-        raise TransientError(str(e)) from None
-
-
-def gcs_list(base_url: str, bucket: str, prefix: str, timeout=60.0, retries=5, backoff=1.0) -> list:
-    """[(object name, size)] under prefix, following nextPageToken; folder placeholders skipped."""
-    items, token = [], None
-    while True:
-        query = {"prefix": prefix}
-        if token:
-            query["pageToken"] = token
-        url = f"{base_url.rstrip('/')}/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
-        body = with_retries(lambda: http_get(url, timeout), url, retries, backoff)
-        try:
-            page = json.loads(body)
-            items += [(it["name"], int(it["size"])) for it in page.get("items", []) if not it["name"].endswith("/")]
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"{url}: unexpected listing ({e})") from None
-        token = page.get("nextPageToken")
-        if not token:
-            return items
-
-
-def download_file(url: str, dest: Path, size: int, bar, timeout=60.0, retries=5, backoff=1.0) -> None:
-    """Fetches url into dest through `dest.part`, resuming with an HTTP Range request after a cut.
-
-    A complete `.part` is renamed to dest; a server that ignores Range (200 instead of 206) restarts it.
-    """
-    part = dest.with_name(dest.name + ".part")
-
-    def restart(have):
-        part.unlink(missing_ok=True)
-        bar.update(-have)
-
-    def attempt():
-        have = part.stat().st_size if part.exists() else 0
-        if have > size:
-            restart(have)
-            have = 0
-        if have == size:
-            part.touch()  # an empty remote file has no bytes to fetch but still needs its .part
-            return
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                if have and resp.status != 206:
-                    bar.update(-have)
-                    have = 0
-                with open(part, "ab" if have else "wb") as f:
-                    while chunk := resp.read(1 << 20):
-                        f.write(chunk)
-                        bar.update(len(chunk))
-        except urllib.error.HTTPError as e:
-            if e.code == 416:  # our .part does not fit the remote file: start over
-                restart(have)
-                raise TransientError("HTTP 416 range not satisfiable") from None
-            raise http_failure(e, url) from None
-        except NETWORK_ERRORS as e:
-            raise TransientError(str(e) or type(e).__name__) from None
-        got = part.stat().st_size
-        if got < size:
-            raise TransientError(f"connection closed after {got} of {size} bytes")
-        if got > size:
-            restart(got)
-            raise OSError(f"{url}: received {got} bytes, the listing says {size}")
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with_retries(attempt, url, retries, backoff)
-    os.replace(part, dest)
-
-
-def download_pg19(split: str, out_dir, base_url: str = "https://storage.googleapis.com",
-                  bucket: str = "deepmind-gutenberg", timeout: float = 60.0, retries: int = 5,
-                  backoff: float = 1.0, progress: bool = True) -> list[Path]:
-    """Downloads PG19 `split` (+ metadata.csv) into out_dir in the PG19 layout; returns the file paths.
-
-    Lists `{base_url}/storage/v1/b/{bucket}/o?prefix={split}/` (GCS JSON API, paged) and fetches
-    `{base_url}/{bucket}/{name}`. Files already complete (same size) are skipped; interrupted ones resume
-    from their `.part`. Connection errors are retried `retries` times with exponential backoff.
-    """
-    if split not in PG19_SPLITS:
-        raise ValueError(f"unknown PG19 split {split!r}; choose one of {', '.join(PG19_SPLITS)}")
-    out_dir = Path(out_dir)
-    listing = gcs_list(base_url, bucket, f"{split}/", timeout, retries, backoff)
-    if not listing:
-        raise OSError(f"{base_url}/{bucket}: no files under {split}/")
-    listing += [(name, size) for name, size in gcs_list(base_url, bucket, "metadata.csv", timeout, retries, backoff)
-                if name == "metadata.csv"]
-    for name, _ in listing:
-        if name.startswith("/") or ".." in Path(name).parts:
-            raise ValueError(f"{base_url}/{bucket}: refusing unsafe object name {name!r}")
-    todo, done_bytes = [], 0
-    for name, size in listing:
-        dest = out_dir / name
-        if dest.is_file() and dest.stat().st_size == size:
-            continue
-        todo.append((name, size))
-        part = dest.with_name(dest.name + ".part")
-        done_bytes += min(part.stat().st_size, size) if part.is_file() else 0
-    total = sum(size for _, size in todo)
-    with tqdm(total=total, initial=done_bytes, unit="B", unit_scale=True, unit_divisor=1024,
-              desc=f"PG19 {split}", disable=not progress, dynamic_ncols=True) as bar:
-        for name, size in todo:
-            url = f"{base_url.rstrip('/')}/{bucket}/{urllib.parse.quote(name)}"
-            download_file(url, out_dir / name, size, bar, timeout, retries, backoff)
-    return [out_dir / name for name, _ in listing]
+        return build_sft_example(self.tokenizer, self.conversations[i], self.ctx, self.template)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------
 
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """argparse's usage errors in the project's form: one line `error: ...`, exit status 2."""
-    def error(message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-    parser.error = error
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = one_line_errors(argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0]))
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["download"]:            # `python data.py download pg19 ...` is download.py's command line
+        return download.main(argv[1:])
+    parser = cli.one_line_errors(argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0]))
     sub = parser.add_subparsers(dest="command", required=True)
-    dl = one_line_errors(sub.add_parser("download", help="download a public dataset"))
-    dl.add_argument("dataset", help="pg19")
-    dl.add_argument("--split", default="validation", help="train | validation | test")
-    dl.add_argument("--out", default="data/pg19", help="output folder (PG19 layout)")
-    dl.add_argument("--base-url", default="https://storage.googleapis.com")
-    dl.add_argument("--bucket", default="deepmind-gutenberg")
-    tok = one_line_errors(sub.add_parser("tokenize", help="tokenize a text source into the cache"))
+    sub.add_parser("download", help="download a public dataset (see python download.py --help)")
+    tok = cli.one_line_errors(sub.add_parser("tokenize", help="tokenize a text source into the cache"))
     tok.add_argument("source")
     tok.add_argument("--model", required=True, help="model folder with tokenizer.model")
     tok.add_argument("--split", default=None, help="split of a PG19-layout folder")
-    tok.add_argument("--cache-dir", default=None)
+    tok.add_argument("--cache-dir", default=None, help="token cache folder [$LONGQLORA_CACHE or ~/.cache/longqlora]")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "download":
-            if args.dataset != "pg19":
-                raise ValueError(f"unknown dataset {args.dataset!r}; only pg19 can be downloaded")
-            files = download_pg19(args.split, args.out, base_url=args.base_url, bucket=args.bucket)
-            print(f"{len(files)} files in {Path(args.out) / args.split}")
-        else:
-            corpus = tokenize_source(args.source, load_tokenizer(args.model), split=args.split,
-                                     cache_dir=args.cache_dir)
-            print(f"{len(corpus)} documents, {corpus.n_tokens} tokens -> {corpus.path}")
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    corpus = tokenize_source(args.source, load_tokenizer(args.model), split=args.split, cache_dir=args.cache_dir)
+    print(f"{len(corpus)} documents, {corpus.n_tokens} tokens -> {corpus.path}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -1,10 +1,9 @@
 """Evaluation of a context-extended LLaMA: perplexity on long texts (PG19, Proof-pile) and passkey retrieval.
 
 LongQLoRA reports perplexity at evaluation lengths 1024 / 2048 / 4096 / 8192 with full causal attention
-(S²-Attn is a training-time approximation only) and Position Interpolation with
-factor = ceil(seq_len / max_position_embeddings) (REFERENCE §1, §6, §7). A model that was trained with PI keeps
-its training factor at every length instead (see `rope_rule`): --rope-factor, then the adapter's
-train_config.json, then the checkpoint's config.json, then the ceil rule.
+(S²-Attn is a training-time approximation only), the base in NF4 (REFERENCE §6, §7). The RoPE scaling is the
+one the weights were trained with, the same at every length (rope.py's inference rule: --rope-factor, else
+the adapter's longqlora.json, else the checkpoint's config.json); it is printed and written to the results.
 
 Perplexity. The evaluation text is one flat token stream x_0 .. x_{N-1} (tokenized documents back to back,
 each starting with BOS, or LongLoRA's pre-tokenized `.bin`). A window is x_s .. x_{s+L-1} (L = seq_len); the
@@ -43,7 +42,6 @@ the first number in the answer is K. Accuracy per length and per depth bucket.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -52,108 +50,83 @@ import sys
 import time
 from pathlib import Path
 
+import cli
+
+PROTOCOLS = ("longqlora", "longlora", "sliding")
+LONGLORA_STRIDE = 256
+DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192)
+MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's usable context
+
+
+# --------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity")
+    p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, safetensors, tokenizer.model)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (ours or PEFT's)")
+    p.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), help="evaluation lengths")
+    p.add_argument("--rope-factor", type=float, default=None,
+                   help="linear PI factor at every length (1 = plain RoPE); default: the adapter's training factor "
+                        "(longqlora.json), else the checkpoint's config; an adapter with neither needs it")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: the base as QLoRA trains it")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: fp32 on CPU, bf16 on GPUs that have it, fp16 on older ones")
+    p.add_argument("--attn", choices=("full", "s2"), default="full",
+                   help="full causal attention (the paper's choice at inference) or S²-Attn (ablation)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when available")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19")
+    p.add_argument("--split", default=None, help="default: validation for pg19, test for proof-pile")
+    p.add_argument("--data-dir", default=os.environ.get("LONGQLORA_DATA", "data"),
+                   help="where --dataset looks ($LONGQLORA_DATA or data/)")
+    p.add_argument("--data-path", default=None, help="any text folder, PG19-layout folder, .txt, .jsonl(.gz) or .bin")
+    p.add_argument("--download", action="store_true", help="download PG19 into DATA_DIR/pg19 when it is missing")
+    p.add_argument("--bin-dtype", choices=("uint16", "uint32"), default=None,
+                   help="element type of a .bin token file (default uint16, or uint32 above 65,536 ids)")
+    p.add_argument("--cache-dir", default=None, help="token cache folder ($LONGQLORA_CACHE or ~/.cache/longqlora)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora")
+    p.add_argument("--stride", type=int, default=None,
+                   help=f"window stride (default: {LONGLORA_STRIDE} longlora, seq_len longqlora, seq_len//2 sliding)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--trials", type=int, default=20, help="passkey trials per length")
+    p.add_argument("--seed", type=int, default=0, help="passkey keys and depths")
+    p.add_argument("--out", default=None, help="results JSON (rewritten after every length)")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = cli.one_line_errors(build_parser()).parse_args(argv)
+    for L in args.seq_len:
+        cli.check_range("--seq-len", L, 2)
+    for flag, low in (("batch_size", 1), ("trials", 1), ("stride", 1), ("max_tokens", 2)):
+        if getattr(args, flag) is not None:
+            cli.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), low)
+    if args.rope_factor is not None:
+        cli.check_range("--rope-factor", args.rope_factor, 1)
+    if args.download and args.dataset != "pg19":
+        raise ValueError(f"--download fetches PG19 only, not {args.dataset}")
+    if args.task == "passkey" and args.attn != "full":
+        raise ValueError("passkey decodes with the KV cache, which needs --attn full")
+    return args
+
+
+if __name__ == "__main__":      # flags are parsed before torch loads (seconds): --help and bad flags answer at once
+    ARGS = cli.parse_or_exit(parse_args)
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import Transformer, chunked_cross_entropy
-from rope import normalize_rope_scaling
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PROTOCOLS = ("longqlora", "longlora", "sliding")
-LONGLORA_STRIDE = 256
-CE_CHUNK = 1024                 # tokens per logits chunk: 1024 x 32000 fp32 = 131 MB
-DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192)
-
-
-# --------------------------------------------------------------------------- model
-
-def load_model(model_dir, adapter=None, quant="none", dtype=torch.bfloat16, rope_factor=None, device="cpu"):
-    """An HF LLaMA directory as our Transformer in eval mode, optionally with a PEFT LoRA adapter on top.
-
-    quant "nf4" stores the seven decoder linears in NF4 (QLoRA's frozen base); "none" keeps them in `dtype`.
-    The adapter stays unmerged (its fp32 update is added in every forward, exactly as in training). rope_factor:
-    None keeps the checkpoint's RoPE scaling, 1 removes it, F > 1 sets linear PI with factor F.
-    """
-    if quant not in ("none", "nf4"):
-        raise ValueError(f"--quant must be 'none' or 'nf4', got {quant!r}")
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device,
-                                        quantize=None if quant == "none" else "nf4")
-    if adapter is not None:
-        import lora  # only needed with an adapter
-        lora.load_adapter(model, adapter)
-    model.requires_grad_(False)
-    if rope_factor is not None:
-        set_rope_factor(model, rope_factor)
-    return model.eval()
-
-
-def linear_rope_scaling(factor: float) -> dict | None:
-    """Position Interpolation with `factor` as a normalised scaling dict (None for factor 1: plain RoPE)."""
-    if not factor > 0:
-        raise ValueError(f"rope factor must be positive, got {factor}")
-    return None if factor == 1 else normalize_rope_scaling({"rope_type": "linear", "factor": float(factor)})
-
-
-def set_rope_factor(model: Transformer, factor: float) -> None:
-    """model.py computes RoPE tables on every forward from model.args, so this switches PI without reloading."""
-    model.args.rope_scaling = linear_rope_scaling(factor)
-
-
-def default_rope_factor(seq_len: int, max_position_embeddings: int) -> int:
-    """The paper's rule: the smallest integer factor that stretches the trained range over seq_len."""
-    return max(1, math.ceil(seq_len / max_position_embeddings))
-
-
-def training_rope_scaling(adapter_dir) -> tuple[dict | None] | None:
-    """The RoPE scaling an adapter was trained with, as a 1-tuple, from train.py's `train_config.json` (key
-    "rope_scaling"), looked for in the adapter folder and the two above it (out/adapter, out/checkpoint-N/adapter);
-    None when there is no such file (e.g. a PEFT adapter from elsewhere)."""
-    adapter_dir = Path(adapter_dir)
-    for folder in (adapter_dir, adapter_dir.parent, adapter_dir.parent.parent):
-        file = folder / "train_config.json"
-        if file.is_file():
-            try:
-                config = json.loads(file.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{file}: malformed JSON ({e})") from None
-            if isinstance(config, dict) and "rope_scaling" in config:
-                return (normalize_rope_scaling(config["rope_scaling"]),)
-    return None
-
-
-def rope_rule(args, rope_factor: float | None = None, adapter=None):
-    """seq_len -> the RoPE scaling to run that length with, by priority:
-      1. --rope-factor F (1 = plain RoPE), at every length;
-      2. the scaling the adapter was trained with (train_config.json beside it), at every length: the weights
-         were tuned for those positions, so a LongQLoRA adapter trained at 8k with factor 2 keeps factor 2 at 1k;
-      3. the checkpoint's own config.json scaling (a merged LongQLoRA model carries it), at every length;
-      4. otherwise the paper's ceil(seq_len / max_position_embeddings).
-    `args` is the checkpoint's ModelArgs as loaded (before any override)."""
-    fixed = None
-    if rope_factor is not None:
-        fixed = (linear_rope_scaling(rope_factor),)
-    elif adapter is not None:
-        fixed = training_rope_scaling(adapter)
-    if fixed is None and args.rope_scaling is not None:
-        fixed = (dict(args.rope_scaling),)
-    if fixed is not None:
-        return lambda seq_len: fixed[0]
-    max_pos = args.max_position_embeddings
-    return lambda seq_len: linear_rope_scaling(default_rope_factor(seq_len, max_pos))
-
-
-def describe_rope(scaling: dict | None):
-    """For the results: 1 for plain RoPE, the factor for PI, the dict for other scaling rules."""
-    if scaling is None:
-        return 1
-    if scaling["rope_type"] == "linear" and set(scaling) == {"rope_type", "factor"}:
-        return scaling["factor"]
-    return dict(scaling)
-
-
-def model_device(model: Transformer) -> torch.device:
-    return model.embed_tokens.weight.device
+import atomic
+import data
+import download
+from generate import generate, load_model, max_length
+from model import Transformer
+from rope import describe_scaling
 
 
 # --------------------------------------------------------------------------- data
@@ -204,8 +177,6 @@ def load_eval_tokens(path, split=None, tokenizer=None, vocab_size=None, bin_dtyp
     """The flat token stream of a source: a `.bin` token file memory-mapped as is (uint16 unless bin_dtype or a
     vocabulary above 65,536 says otherwise), or text tokenized with the model's tokenizer once and cached
     (data.tokenize_source). Every id is checked against vocab_size. max_tokens keeps the first tokens only."""
-    import data
-
     path = Path(path)
     if path.suffix == ".bin":
         tokens = data.load_token_file(path, vocab_size=vocab_size, dtype=bin_dtype)
@@ -260,16 +231,14 @@ def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
 
 
 @torch.inference_mode()
-def token_nll(model: Transformer, tokens: torch.Tensor, attn: str = "full") -> torch.Tensor:
+def token_nll(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
     """nll (B, T - 1) float32 of the next tokens of tokens (B, T):
-    nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
-    hidden = model(tokens, attn=attn, return_hidden=True)
-    return chunked_cross_entropy(hidden, model.lm_head.weight, tokens, chunk_size=CE_CHUNK, reduction="none")
+    nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1]), with the model's attention (full unless set)."""
+    return model.loss(tokens, tokens, reduction="none")
 
 
 def evaluate_perplexity(model: Transformer, tokens, seq_len: int, protocol: str = "longqlora",
-                        stride: int | None = None, batch_size: int = 1, attn: str = "full",
-                        progress: bool = True) -> dict:
+                        stride: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
     """Perplexity of `tokens` (1-D array or tensor of ids) under one protocol; see the module docstring.
 
     Returns {"seq_len", "stride", "protocol", "ppl", "nll", "tokens", "windows", "seconds"}, nll = log(ppl).
@@ -278,14 +247,14 @@ def evaluate_perplexity(model: Transformer, tokens, seq_len: int, protocol: str 
         raise ValueError(f"batch size must be positive, got {batch_size}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
     windows = perplexity_windows(len(tokens), seq_len, protocol, stride)
-    device = model_device(model)
+    device = model.embed_tokens.weight.device
     window_losses, nll_sum, scored = [], 0.0, 0
     t0 = time.perf_counter()
     bar = tqdm(total=len(windows), desc=f"{protocol} L={seq_len}", unit="win", disable=not progress,
                dynamic_ncols=True)
     for batch in _same_length_batches(windows, batch_size):
         ids = torch.stack([torch.from_numpy(np.asarray(tokens[s:e], dtype=np.int64)) for s, _, e in batch])
-        nll = token_nll(model, ids.to(device), attn).double().cpu()
+        nll = token_nll(model, ids.to(device)).double().cpu()
         for row, (s, first, e) in zip(nll, batch):
             picked = row[first - s - 1:e - s - 1]        # prediction of token t sits at index t - s - 1
             window_losses.append(picked.mean().item())
@@ -377,8 +346,6 @@ def passkey_summary(trials: list[dict], n_buckets: int = DEPTH_BUCKETS) -> dict:
 def evaluate_passkey(model: Transformer, tokenizer, seq_len: int, trials: int = 20, seed: int = 0,
                      progress: bool = True) -> dict:
     """Passkey retrieval at one length: `trials` random (key, depth) pairs, greedy answers with the KV cache."""
-    from generate import generate
-
     if trials < 1:
         raise ValueError(f"--trials must be positive, got {trials}")
     rng = random.Random(seed * 1_000_003 + seq_len)     # the same trials for a length whatever else runs
@@ -417,58 +384,8 @@ def passkey_table(results: list[dict]) -> str:
                             f"{r['seconds']:.1f}"] for r in results])
 
 
-def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0])
-    p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity")
-    p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, safetensors, tokenizer.model)")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (ours or PEFT's)")
-    p.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS))
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="linear PI factor (1 = plain RoPE); default: the adapter's training scaling "
-                        "(train_config.json), else the checkpoint's, else ceil(seq_len / max_position_embeddings)")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--attn", choices=("full", "s2"), default="full",
-                   help="full causal attention (the paper's choice at inference) or S²-Attn (ablation)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19")
-    p.add_argument("--split", default=None, help="default: validation for pg19, test for proof-pile")
-    p.add_argument("--data-dir", default=os.environ.get("LONGQLORA_DATA", "data"),
-                   help="where --dataset looks (default $LONGQLORA_DATA or data/)")
-    p.add_argument("--data-path", default=None, help="any text folder, PG19-layout folder, .txt, .jsonl(.gz) or .bin")
-    p.add_argument("--download", action="store_true", help="download PG19 into DATA_DIR/pg19 when it is missing")
-    p.add_argument("--bin-dtype", choices=("uint16", "uint32"), default=None,
-                   help="element type of a .bin token file (default uint16, or uint32 above 65,536 ids)")
-    p.add_argument("--cache-dir", default=None, help="token cache folder (default: beside the data)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora")
-    p.add_argument("--stride", type=int, default=None,
-                   help=f"window stride (default: {LONGLORA_STRIDE} longlora, seq_len longqlora, seq_len//2 sliding)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--trials", type=int, default=20, help="passkey trials per length")
-    p.add_argument("--seed", type=int, default=0, help="passkey keys and depths")
-    p.add_argument("--out", default=None, help="results JSON")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
 def resolve_source(args) -> tuple[Path, str | None, str, str | None]:
     """(path, reader split, dataset name, split name) of the evaluation data."""
-    import data
-
     if args.data_path is not None:
         path = Path(args.data_path)
         if not path.exists():
@@ -479,68 +396,63 @@ def resolve_source(args) -> tuple[Path, str | None, str, str | None]:
     try:
         path, reader_split = find_dataset(args.dataset, split, args.data_dir)
     except FileNotFoundError:
-        if not (args.download and args.dataset == "pg19"):
+        if not args.download:
             raise
-        data.download_pg19(split, Path(args.data_dir) / "pg19", progress=not args.no_progress)
+        download.download_pg19(split, Path(args.data_dir) / "pg19", progress=not args.no_progress)
         path, reader_split = find_dataset(args.dataset, split, args.data_dir)
     return path, reader_split, args.dataset, split
 
 
 def run(args) -> dict:
-    import data
-
-    if args.download and args.dataset != "pg19":
-        raise ValueError(f"--download fetches PG19 only, not {args.dataset}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.task == "passkey" and args.attn != "full":
-        raise ValueError("passkey decodes with the KV cache, which needs --attn full")
     show = not args.no_progress
     needs_tokenizer = args.task == "passkey"
     if args.task == "perplexity":  # missing data fails before the model is loaded
         path, reader_split, dataset, split = resolve_source(args)
         needs_tokenizer = path.suffix != ".bin"
     tokenizer = data.load_tokenizer(args.model) if needs_tokenizer else None
-    model = load_model(args.model, args.adapter, args.quant, DTYPES[args.dtype], device=args.device)
-    scaling_for = rope_rule(model.args, args.rope_factor, args.adapter)
+    device = cli.device(args.device)
+    model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
+                               args.rope_factor, device)
+    model.set_attention(args.attn)
+    factor, usable = describe_scaling(model.args.rope_scaling), max_length(model)
+    for L in args.seq_len:   # impossible lengths fail before any time is spent on the others
+        if L > MAX_CONTEXT_MULTIPLE * usable:
+            raise ValueError(f"--seq-len {L}: more than {MAX_CONTEXT_MULTIPLE}x this model's usable context of "
+                             f"{usable} tokens (max_position_embeddings {model.args.max_position_embeddings}, "
+                             f"RoPE factor {factor})")
     report = {"model": str(args.model), "adapter": None if args.adapter is None else str(args.adapter),
-              "quant": args.quant, "dtype": args.dtype, "attn": args.attn, "results": []}
-
+              "quant": args.quant, "dtype": str(model.embed_tokens.weight.dtype)[6:], "attn": args.attn,
+              "rope_factor": factor, "rope_source": source, "results": []}
     if args.task == "perplexity":
         tokens = load_eval_tokens(path, reader_split, tokenizer, model.args.vocab_size, args.bin_dtype,
                                   args.cache_dir, args.max_tokens, progress=show)
-        for L in args.seq_len:  # fail on an impossible length before spending time on the others
+        for L in args.seq_len:
             perplexity_windows(len(tokens), L, args.protocol, args.stride)
     else:
         for L in args.seq_len:
             passkey_prompt(tokenizer, L - PASSKEY_NEW_TOKENS, 0.5, "12345")
+    print(f"RoPE factor {factor} at every length (from {source}); usable context {usable} tokens", flush=True)
     for L in args.seq_len:
-        model.args.rope_scaling = scaling_for(L)
         if args.task == "perplexity":
-            r = evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, args.attn, show)
-            r = {"dataset": dataset, "split": split, **r, "rope_factor": describe_rope(model.args.rope_scaling)}
+            r = evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, show)
+            r = {"dataset": dataset, "split": split, **r}
         else:
             r = evaluate_passkey(model, tokenizer, L, args.trials, args.seed, show)
-            r["rope_factor"] = describe_rope(model.args.rope_scaling)
-        report["results"].append(r)
+        report["results"].append({**r, "rope_factor": factor})
         if args.out:  # after every length, so a crash at 8k keeps the shorter results
-            write_json_atomic(args.out, report)
+            atomic.write_json(args.out, report)
     table = perplexity_table if args.task == "perplexity" else passkey_table
     print(table(report["results"]))
+    if args.out:
+        print(f"results: {args.out}")
     return report
 
 
-def main(argv=None) -> int:
-    from data import one_line_errors
-
-    args = one_line_errors(build_parser()).parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv=None) -> dict:
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    cli.set_threads(args.threads)
+    return run(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, ARGS))

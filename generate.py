@@ -1,4 +1,4 @@
-"""Text generation with a KV cache: continuation of a (long) prompt, and Vicuna v1.1 chat.
+"""Inference: load a trained model (base + adapter + the RoPE factor it was trained with) and decode with a KV cache.
 
 Decoding, one token at a time after one forward pass over the prompt (the "prefill"):
 
@@ -6,31 +6,101 @@ Decoding, one token at a time after one forward pass over the prompt (the "prefi
     repeat: p = softmax(W_head h_last / temperature), restricted to the top-p nucleus
             x = argmax p (temperature 0) or a sample of p;  h = model(x, cache)
 
-Only the last position's logits are computed (from the final hidden state), so an 8k-token prompt never
-produces an (8k x vocab) logits tensor. The KV cache makes each new token cost one position instead of
-re-reading the whole sequence; greedy decoding with it gives exactly the tokens that recomputing the full
-forward at every step gives (tests/test_generate.py).
+Only the last position's logits are computed, so an 8k-token prompt never produces an (8k x vocab) tensor;
+the KV cache makes each new token cost one position, and greedy decoding with it gives exactly the tokens
+that recomputing the full forward at every step gives (tests/test_generate.py). The cache grows as tokens
+arrive, and generation stops at the model's usable context (max_position_embeddings x its PI factor).
 
 Top-p (nucleus) sampling: sort the probabilities in decreasing order and keep the smallest prefix whose mass
 reaches top_p (the most likely token is always kept), renormalise, sample.
 
-Chat uses the Vicuna v1.1 template of the SFT data (data.chat_prompt_ids): the whole history is re-encoded
-every turn, so the RoPE scaling can follow the conversation's length.
+The RoPE scaling follows rope.py's inference rule: --rope-factor, else the adapter's recorded training
+factor, else the checkpoint's config, the same at every length. Chat uses the template the adapter was
+trained with (data.chat_pieces), or --template.
 
     python generate.py --model DIR --prompt "It was a dark and stormy night"
     python generate.py --model DIR --adapter ADAPTER --prompt-file book.txt --max-new-tokens 200
-    python generate.py --model DIR --chat                   # interactive; one line per turn, /reset, /exit
+    python generate.py --model DIR --adapter ADAPTER --chat    # interactive; one line per turn, /reset, /exit
 """
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
+import cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, weights, tokenizer.model)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
+    p.add_argument("--rope-factor", type=float, default=None,
+                   help="linear PI factor (1 = plain RoPE); default: the adapter's training factor "
+                        "(longqlora.json), else the checkpoint's config")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none", help="storage of the base's decoder linears")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: fp32 on CPU, bf16 on GPUs that have it, fp16 on older ones")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when available")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file (long prompts)")
+    p.add_argument("--chat", action="store_true",
+                   help="chat; without --prompt/--prompt-file, user turns are read from stdin")
+    p.add_argument("--template", choices=("longqlora", "vicuna"), default=None,
+                   help="chat template (default: the adapter's training template, else vicuna)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="stops earlier at EOS or the usable context")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    args = cli.one_line_errors(build_parser()).parse_args(argv)
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    if args.prompt is None and args.prompt_file is None and not args.chat:
+        raise ValueError("give --prompt, --prompt-file or --chat")
+    cli.check_range("--max-new-tokens", args.max_new_tokens, 1)
+    cli.check_range("--temperature", args.temperature, 0)
+    cli.check_range("--top-p", args.top_p, 0, 1, open_low=True)
+    if args.rope_factor is not None:
+        cli.check_range("--rope-factor", args.rope_factor, 1)
+    return args
+
+
+if __name__ == "__main__":      # flags are parsed before torch loads (seconds): --help and bad flags answer at once
+    ARGS = cli.parse_or_exit(parse_args)
+
 import torch
 
+import data
+import hf
+import lora
 from model import KVCache
+from rope import describe_scaling, inference_scaling, usable_context
+
+
+def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):
+    """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's
+    frozen base) and with a PEFT LoRA adapter on top (unmerged: its fp32 update is added in every forward, as
+    in training), its RoPE scaling set by rope.inference_scaling."""
+    if quant not in ("none", "nf4"):
+        raise ValueError(f"--quant must be 'none' or 'nf4', got {quant!r}")
+    model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else "nf4")
+    training = None
+    if adapter is not None:
+        lora.load_adapter(model, adapter)
+        training = model.lora_config["training"]
+    model.args.rope_scaling, source = inference_scaling(rope_factor, model.args.rope_scaling, adapter, training)
+    return model.requires_grad_(False).eval(), source
+
+
+def max_length(model) -> int:
+    """The longest sequence (prompt + generated) the model was made for."""
+    return usable_context(model.args.rope_scaling, model.args.max_position_embeddings)
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
@@ -49,28 +119,26 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int | None = None, on_token=None) -> list[int]:
-    """Generate up to max_new_tokens after prompt_ids with the KV cache; stops after the tokenizer's EOS
-    (not returned). on_token(id) is called for every new token as soon as it exists (streaming).
-    tokenizer may be None: then generation never stops early."""
+             seed: int | None = None, on_token=None, limit: int | None = None) -> list[int]:
+    """Up to max_new_tokens after prompt_ids, stopping after the tokenizer's EOS (not returned) or when prompt +
+    output reach `limit` tokens (default: none). on_token(id) is called for every new token as soon as it
+    exists (streaming). tokenizer may be None: then generation never stops at EOS."""
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
-    if max_new_tokens < 1:
-        return []
+    if limit is not None and len(prompt_ids) >= limit:
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's usable context is {limit}")
+    steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(prompt_ids))
     device = model.embed_tokens.weight.device
     eos = None if tokenizer is None or tokenizer.eos_id < 0 else tokenizer.eos_id
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-    cache = KVCache(model.args, 1, len(prompt_ids) + max_new_tokens, model.embed_tokens.weight.dtype, device)
+    generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
+    cache = KVCache(model.args, 1, model.embed_tokens.weight.dtype, device, capacity=len(prompt_ids) + min(steps, 256))
     step_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out = []
-    for _ in range(max_new_tokens):
-        hidden = model(step_input, cache=cache, return_hidden=True)
-        logits = model.lm_head(hidden[0, -1]).float().cpu()
-        token = next_token(logits, temperature, top_p, generator)
+    for _ in range(steps):
+        hidden = model.hidden_states(step_input, cache=cache)
+        token = next_token(model.lm_head(hidden[0, -1]).float().cpu(), temperature, top_p, generator)
         if token == eos:
             break
         out.append(token)
@@ -96,7 +164,7 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.anchor + self.ids)[self.skip:]
+        text = self.text()
         if text.endswith("\ufffd"):
             return ""
         new, self.emitted = text[self.emitted:], len(text)
@@ -112,10 +180,9 @@ class TextStream:
         return self.tokenizer.decode(self.anchor + self.ids)[self.skip:]
 
 
-def respond(model, tokenizer, prompt_ids, args, scaling_for, out=None) -> list[int]:
+def respond(model, tokenizer, prompt_ids, args, out=None) -> list[int]:
     """Generate an answer to prompt_ids, printing its text to `out` (stdout) as it is produced."""
     out = sys.stdout if out is None else out
-    model.args.rope_scaling = scaling_for(len(prompt_ids) + args.max_new_tokens)
     stream = TextStream(tokenizer, prompt_ids)
 
     def on_token(token_id):
@@ -125,18 +192,17 @@ def respond(model, tokenizer, prompt_ids, args, scaling_for, out=None) -> list[i
             out.flush()
 
     ids = generate(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                   on_token=on_token)
+                   on_token=on_token, limit=max_length(model))
     out.write(stream.flush() + "\n")
     out.flush()
     return ids
 
 
-def chat_loop(model, tokenizer, args, scaling_for, lines, out=None):
-    """Multi-turn chat: each line of `lines` is a user turn; /reset forgets the history, /exit ends."""
-    from data import chat_prompt_ids
-
+def chat_loop(model, tokenizer, args, lines, out=None):
+    """Multi-turn chat: each line of `lines` is a user turn; /reset forgets the history, /exit ends. When the
+    conversation outgrows the model's usable context, its oldest turns are dropped (and a note printed)."""
     out = sys.stdout if out is None else out
-    history = []
+    history, limit = [], max_length(model)
     for line in lines:
         message = line.strip()
         if not message:
@@ -146,9 +212,13 @@ def chat_loop(model, tokenizer, args, scaling_for, lines, out=None):
         if message == "/reset":
             history = []
             continue
-        prompt = chat_prompt_ids(tokenizer, history, message)
+        prompt = data.chat_prompt_ids(tokenizer, history, message, args.template)
+        while history and len(prompt) >= limit:
+            history.pop(0)
+            print(f"[the conversation outgrew {limit} tokens: oldest turn dropped]", file=sys.stderr)
+            prompt = data.chat_prompt_ids(tokenizer, history, message, args.template)
         out.write("ASSISTANT: ")
-        answer = respond(model, tokenizer, prompt, args, scaling_for, out)
+        answer = respond(model, tokenizer, prompt, args, out)
         history.append((message, tokenizer.decode(answer).strip()))
     return history
 
@@ -162,62 +232,33 @@ def stdin_lines(prompt: str):
             return
 
 
-def main(argv=None) -> int:
-    from data import chat_prompt_ids, load_tokenizer, one_line_errors
-    from eval import DTYPES, load_model, rope_rule
-
-    p = one_line_errors(argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0]))
-    p.add_argument("--model", required=True)
-    p.add_argument("--adapter", default=None)
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="linear PI factor (1 = plain RoPE); default as in eval.py, with the prompt plus "
-                        "--max-new-tokens as the length")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
-    p.add_argument("--prompt-file", default=None, help="read the prompt from a file (long prompts)")
-    p.add_argument("--chat", action="store_true",
-                   help="Vicuna v1.1 chat; without --prompt/--prompt-file, user turns are read from stdin")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
-    args = p.parse_args(argv)
-    try:
-        if args.prompt is not None and args.prompt_file is not None:
-            raise ValueError("give --prompt or --prompt-file, not both")
-        text = args.prompt
-        if args.prompt_file is not None:
-            path = Path(args.prompt_file)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: prompt file not found")
+def main(argv=None) -> None:
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    cli.set_threads(args.threads)
+    text = args.prompt
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: prompt file not found")
+        try:
             text = path.read_text(encoding="utf-8")
-        if text is None and not args.chat:
-            raise ValueError("give --prompt, --prompt-file or --chat")
-        if args.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-        if args.temperature < 0 or not math.isfinite(args.temperature):
-            raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-        if not 0 < args.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-        tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, args.adapter, args.quant, DTYPES[args.dtype], device=args.device)
-        scaling_for = rope_rule(model.args, args.rope_factor, args.adapter)
-        if text is not None and args.chat:
-            respond(model, tokenizer, chat_prompt_ids(tokenizer, [], text), args, scaling_for)
-        elif text is not None:
-            respond(model, tokenizer, tokenizer.encode(text, bos=True), args, scaling_for)
-        else:
-            chat_loop(model, tokenizer, args, scaling_for, stdin_lines("USER: "))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    device = cli.device(args.device)
+    tokenizer = data.load_tokenizer(args.model)
+    model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
+                               args.rope_factor, device)
+    training = (getattr(model, "lora_config", None) or {}).get("training") or {}
+    args.template = args.template or training.get("template") or "vicuna"
+    print(f"[RoPE factor {describe_scaling(model.args.rope_scaling)} from {source}; usable context "
+          f"{max_length(model)} tokens]", file=sys.stderr)
+    if text is not None and args.chat:
+        respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template), args)
+    elif text is not None:
+        respond(model, tokenizer, tokenizer.encode(text, bos=True), args)
+    else:
+        chat_loop(model, tokenizer, args, stdin_lines("USER: "))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main, ARGS))

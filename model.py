@@ -1,4 +1,4 @@
-"""The LLaMA decoder, top to bottom, and loading of real HF checkpoints.
+"""The LLaMA decoder, top to bottom, and its next-token loss.
 
 LongQLoRA changes nothing in the architecture; it changes how positions are encoded (Position
 Interpolation, rope.py), how attention is computed during training (S²-Attn, attention.py) and how the
@@ -9,44 +9,32 @@ frozen weights are stored (NF4, quant.py). So this file is a plain LLaMA-2 / LLa
     h_l = a_l + W_down · (silu(W_gate · m) * (W_up · m))                   m = RMSNorm(a_l)
     logits = W_head · RMSNorm(h_L)
 
-with RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in fp32 as HF does.
+with RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in fp32 as HF does, and the loss
+    loss = sum over t of -log softmax(logits_t)[labels_{t+1}]      (labels -100 ignored)
+computed chunk by chunk of tokens (chunked_cross_entropy), so the (T x vocab) logits never exist.
 
-Module names mirror the HF checkpoint minus its leading "model." so that a state-dict key maps to
-a checkpoint key by one rule (`hf_key` / `our_key`) and PEFT adapter keys line up too.
-
-`Transformer.from_pretrained` builds the module on the `meta` device and materialises it tensor by
-tensor straight from the (memory-mapped) safetensors shards, quantising the decoder linears to NF4
-as they are read when asked, so a 7B model never sits in RAM twice (or at all in 16-bit, with NF4).
+What is fixed for a run is set once on the model, not passed to every call:
+    model.set_attention("s2", group_size_ratio, shift)   S²-Attn for training ("full": inference, evaluation)
+    model.gradient_checkpointing = True                  keep each layer's input only, recompute it in backward
+    model.loss_chunk                                     tokens per lm_head + cross-entropy chunk
+Module names mirror the HF checkpoint minus its leading "model.", so checkpoint and PEFT keys map to ours
+by one rule (hf.py, which also does all loading and saving).
 """
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import causal_attention, s2_attention
+from attention import S2_SHIFTS, causal_attention, s2_attention
 from rope import apply_rope, normalize_rope_scaling, rope_cos_sin, rope_inv_freq
 
 # The seven decoder linears: the ones QLoRA quantises and LoRA adapts.
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_DECODER_LINEAR_KEY = re.compile(r"^layers\.\d+\.(self_attn|mlp)\.(%s)\.weight$" % "|".join(DECODER_LINEARS))
-# Tensors some older checkpoints carry that are recomputed here, never loaded.
-_IGNORED_KEY = re.compile(r"rotary_emb\.inv_freq$")
-# bitsandbytes' serialised NF4 statistics that sit beside a pre-quantised `*.weight`.
-_BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
-
-# --------------------------------------------------------------------------- configuration
 
 @dataclass
 class ModelArgs:
@@ -59,101 +47,23 @@ class ModelArgs:
     head_dim: int | None = None         # defaults to dim // n_heads
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 4096  # the context the checkpoint was trained for
     tie_word_embeddings: bool = False
     rope_scaling: dict | None = None    # normalised by rope.normalize_rope_scaling; None = plain RoPE
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
-    extra: dict = field(default_factory=dict, repr=False)  # untouched config keys, written back on export
+    extra: dict = field(default_factory=dict, repr=False)  # config.json keys we do not use, written back on export
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.head_dim is None:
-            self.head_dim = self.dim // self.n_heads
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        self.head_dim = self.head_dim or self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"num_attention_heads={self.n_heads} is not a multiple of num_key_value_heads={self.n_kv_heads}")
+            raise ValueError(f"num_attention_heads={self.n_heads} is not a multiple of "
+                             f"num_key_value_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs of dimensions)")
         self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
 
-    @classmethod
-    def from_hf_config(cls, cfg: dict, source: str | os.PathLike = "config.json") -> "ModelArgs":
-        """Read an HF LLaMA `config.json` dict; unsupported or incomplete configs fail naming `source`."""
-        model_type = cfg.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"{source}: unsupported model_type {model_type!r} (only 'llama' is implemented)")
-        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-            if cfg.get(key, ok) != ok:
-                raise ValueError(f"{source}: unsupported {key}={cfg[key]!r} (LLaMA uses {ok!r})")
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-        missing = [k for k in required if not isinstance(cfg.get(k), int) or cfg[k] <= 0]
-        if missing:
-            raise ValueError(f"{source}: missing or invalid {', '.join(missing)}")
-        # transformers 5 moved rope_theta (and the scaling) into `rope_parameters`.
-        rope_params = cfg.get("rope_parameters") or {}
-        scaling = cfg.get("rope_scaling") or rope_params or None
-        if scaling and "original_max_position_embeddings" in cfg:
-            # HF lets a top-level original_max_position_embeddings win over the one inside the scaling dict.
-            scaling = {**scaling, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
-        known = set(required) | {"num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-                                 "max_position_embeddings", "tie_word_embeddings", "rope_scaling",
-                                 "rope_parameters", "bos_token_id", "eos_token_id"}
-        try:
-            return cls(
-                vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
-                n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-                n_kv_heads=cfg.get("num_key_value_heads"), head_dim=cfg.get("head_dim"),
-                norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-                max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-                tie_word_embeddings=cfg.get("tie_word_embeddings", False), rope_scaling=scaling,
-                bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2),
-                extra={k: v for k, v in cfg.items() if k not in known},
-            )
-        except ValueError as e:
-            raise ValueError(f"{source}: {e}") from None
-
-    def to_hf_config(self) -> dict:
-        """The config.json HF transformers (4.x and 5.x) reads back into the same model."""
-        cfg = dict(self.extra)
-        cfg.update(
-            architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=self.vocab_size,
-            hidden_size=self.dim, intermediate_size=self.intermediate_size, num_hidden_layers=self.n_layers,
-            num_attention_heads=self.n_heads, num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim,
-            rms_norm_eps=self.norm_eps, rope_theta=self.rope_theta, hidden_act="silu",
-            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
-            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, attention_bias=False, mlp_bias=False,
-            rope_scaling=None if self.rope_scaling is None else dict(self.rope_scaling),
-        )
-        cfg.pop("rope_parameters", None)
-        cfg.pop("quantization_config", None)  # exports are dense
-        return cfg
-
-
-def load_config(path: str | os.PathLike) -> dict:
-    """`config.json` of a model directory as a dict; a missing or malformed file names itself."""
-    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no config.json (is {Path(path)} an HF model directory?)")
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{file}: malformed JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{file}: expected a JSON object")
-    return cfg
-
-
-def hf_key(key: str) -> str:
-    """Our state-dict key -> the HF checkpoint key."""
-    return key if key.startswith("lm_head.") else "model." + key
-
-
-def our_key(key: str) -> str:
-    """HF checkpoint key -> our state-dict key."""
-    return key[len("model."):] if key.startswith("model.") else key
-
-
-# --------------------------------------------------------------------------- modules
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
@@ -215,10 +125,11 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Keys and values of every layer for incremental decoding, preallocated to `max_len` positions."""
+    """Keys and values of every layer for incremental decoding. The storage doubles when full, so a long
+    generation limit costs memory only for the tokens actually generated."""
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype=torch.float32, device="cpu"):
-        shape = (args.n_layers, batch_size, args.n_kv_heads, max_len, args.head_dim)
+    def __init__(self, args: ModelArgs, batch_size: int, dtype=torch.float32, device="cpu", capacity: int = 256):
+        shape = (args.n_layers, batch_size, args.n_kv_heads, capacity, args.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0     # positions already stored; advanced by Transformer.forward after all layers
@@ -226,10 +137,17 @@ class KVCache:
     def update(self, layer: int, k, v):
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
-            raise ValueError(f"KV cache holds {self.k.shape[3]} positions, asked for {end}")
+            self._grow(max(end, 2 * self.k.shape[3]))
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def _grow(self, capacity: int):
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:3] + (capacity, old.shape[4]))
+            new[:, :, :, :self.length] = old[:, :, :, :self.length]
+            setattr(self, name, new)
 
 
 class Transformer(nn.Module):
@@ -242,8 +160,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.attention, self.group_size_ratio, self.s2_shift = "full", 0.25, "segment"
         self.gradient_checkpointing = False
-        if self.embed_tokens.weight.device.type != "meta":   # from_pretrained builds on meta: nothing to init
+        self.loss_chunk = 1024
+        if self.embed_tokens.weight.device.type != "meta":   # hf.load_model builds on meta: nothing to init
             self.init_weights()
 
     def init_weights(self, std: float = 0.02):
@@ -254,6 +174,16 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
+    def set_attention(self, mode: str, group_size_ratio: float = 0.25, shift: str = "segment") -> None:
+        """"full": causal attention over everything. "s2": S²-Attn in groups of int(T * group_size_ratio)
+        tokens, half of the heads shifted by half a group (attention.py); a training-time approximation."""
+        if mode not in ("full", "s2"):
+            raise ValueError(f"attention must be 'full' or 's2', got {mode!r}")
+        if not 0 < group_size_ratio <= 1 or shift not in S2_SHIFTS:
+            raise ValueError(f"S²-Attn needs 0 < group_size_ratio <= 1 and a shift in {S2_SHIFTS}, "
+                             f"got {group_size_ratio!r}, {shift!r}")
+        self.attention, self.group_size_ratio, self.s2_shift = mode, group_size_ratio, shift
+
     def rope_tables(self, positions, dtype):
         """cos/sin for `positions`; dynamic NTK depends on the longest position seen, so this is per call."""
         a = self.args
@@ -261,19 +191,14 @@ class Transformer(nn.Module):
             a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings, seq_len=int(positions[-1]) + 1)
         return rope_cos_sin(inv_freq.to(positions.device), positions, attention_factor, dtype)
 
-    def forward(self, tokens, *, cache: KVCache | None = None, attn: str = "full", group_size_ratio: float = 0.25,
-                s2_shift: str = "segment", padding_mask=None, return_hidden: bool = False):
-        """tokens (B, T) -> logits (B, T, V), or the final-norm hidden states (B, T, dim) if `return_hidden`.
-
-        attn="full": causal attention over everything (inference, eval). attn="s2": S²-Attn with groups of
-        int(T * group_size_ratio) tokens (training only). padding_mask (B, T) is True on real tokens.
-        """
+    def hidden_states(self, tokens, cache: KVCache | None = None, padding_mask=None):
+        """tokens (B, T) -> final-norm hidden states (B, T, dim). padding_mask (B, T): True on real tokens."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=tokens.device)
         h = self.embed_tokens(tokens)
         cos, sin = self.rope_tables(positions, h.dtype)
-        attend = self._attention(attn, T, group_size_ratio, s2_shift, padding_mask, cache)
+        attend = self._attend(T, padding_mask, cache)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its inside in backward. LoRA dropout stays
@@ -283,292 +208,30 @@ class Transformer(nn.Module):
                 h = layer(h, cos, sin, attend, cache)
         if cache is not None:
             cache.length += T
-        h = self.norm(h)
-        return h if return_hidden else self.lm_head(h)
+        return self.norm(h)
 
-    @staticmethod
-    def _attention(attn, T, group_size_ratio, s2_shift, padding_mask, cache):
-        if attn == "full":
-            if padding_mask is not None and cache is not None:
-                raise ValueError("a padding mask with a KV cache is not supported")
-            return lambda q, k, v: causal_attention(q, k, v, key_padding_mask=padding_mask)
-        if attn == "s2":
-            if cache is not None:
-                raise ValueError("S²-Attn is a training-time approximation; decode with attn='full'")
-            group_size = max(1, int(T * group_size_ratio))
-            return lambda q, k, v: s2_attention(q, k, v, group_size=group_size, shift=s2_shift,
+    def forward(self, tokens, cache: KVCache | None = None, padding_mask=None):
+        """tokens (B, T) -> logits (B, T, vocab)."""
+        return self.lm_head(self.hidden_states(tokens, cache, padding_mask))
+
+    def loss(self, tokens, labels, padding_mask=None, reduction: str = "sum"):
+        """Next-token cross-entropy: position t predicts labels[:, t + 1] (-100 ignored); see chunked_cross_entropy."""
+        hidden = self.hidden_states(tokens, padding_mask=padding_mask)
+        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, self.loss_chunk, reduction)
+
+    def _attend(self, T: int, padding_mask, cache):
+        if self.attention == "s2" and cache is None:
+            group_size = max(1, int(T * self.group_size_ratio))
+            return lambda q, k, v: s2_attention(q, k, v, group_size=group_size, shift=self.s2_shift,
                                                 key_padding_mask=padding_mask)
-        raise ValueError(f"attn must be 'full' or 's2', got {attn!r}")
-
-    @classmethod
-    def from_pretrained(cls, path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, quantize=None,
-                        quant_backend="auto") -> "Transformer":
-        """Load an HF LLaMA directory. rope_scaling (e.g. {"type": "linear", "factor": 2.0}) overrides the
-        config: Position Interpolation applied at load time. quantize="nf4" stores the seven decoder
-        linears of every layer in NF4 (quant.Linear4bit), quantised as each tensor is read."""
-        if quantize not in (None, "nf4"):
-            raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-        path = Path(path)
-        args = ModelArgs.from_hf_config(load_config(path), source=path / "config.json")
-        if rope_scaling is not None:
-            args.rope_scaling = normalize_rope_scaling(rope_scaling)
-        with torch.device("meta"):
-            model = cls(args)
-        _load_weights(model, path, dtype, torch.device(device), quantize, quant_backend)
-        return model.eval()
+        if self.attention == "s2":
+            raise ValueError("S²-Attn is a training-time approximation; decode with attention 'full'")
+        if padding_mask is not None and cache is not None:
+            raise ValueError("a padding mask with a KV cache is not supported")
+        return lambda q, k, v: causal_attention(q, k, v, key_padding_mask=padding_mask)
 
 
-# --------------------------------------------------------------------------- checkpoint loading
-
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file holding it, from the safetensors index, a single safetensors file, or .bin files."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: malformed index ({e!r})") from None
-        files = {name: path / f for name, f in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: shard named by {index} is missing")
-        return files
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return {name: path / single for name in _tensor_names(path / single)}
-    index = path / "pytorch_model.bin.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {name: path / f for name, f in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise FileNotFoundError(f"{f}: shard named by {index} is missing")
-        return files
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
-
-
-def _tensor_names(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        return list(safetensors_header(file)[0])
-    return list(_load_bin(file).keys())
-
-
-# safetensors layout: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-# then the raw tensor bytes. Reading each tensor with plain read() into its own buffer (rather than through
-# a memory map) keeps file pages out of this process's RSS, so loading costs one model's worth of memory.
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def safetensors_header(file: Path) -> tuple[dict, int]:
-    """({name: {dtype, shape, data_offsets}}, byte offset of the data), checked against the file size."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({e})") from None
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        end = 8 + n + info["data_offsets"][1]
-        if end > size:
-            raise ValueError(f"{file}: cannot read tensor {name}: it ends at byte {end} but the file has {size} "
-                             f"bytes, truncated or corrupt?")
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}")
-    return header, 8 + n
-
-
-def _read_safetensor(f, info: dict, data_start: int) -> torch.Tensor:
-    begin, end = info["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
-    f.seek(data_start + begin)
-    f.readinto(memoryview(buf.numpy()))
-    return buf.view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
-def _load_bin(file: Path) -> dict:
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{file}: cannot read PyTorch checkpoint, truncated or corrupt? ({e})") from None
-
-
-def read_tensors(files: dict[str, Path]):
-    """Yield (name, tensor, file), one tensor at a time, file by file."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        if file.suffix == ".safetensors":
-            header, data_start = safetensors_header(file)
-            with open(file, "rb") as f:
-                for name in names:
-                    if name not in header:
-                        raise ValueError(f"{file}: tensor {name} named by the index is not in this shard")
-                    yield name, _read_safetensor(f, header[name], data_start), file
-        else:
-            state = _load_bin(file)
-            for name in names:
-                if name not in state:
-                    raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
-                yield name, state[name], file
-            del state
-
-
-def _load_weights(model: Transformer, path: Path, dtype, device, quantize, quant_backend):
-    files = checkpoint_files(path)
-    expected = dict(model.state_dict(keep_vars=True))
-    if model.args.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    prequantized = {n[: -len(".absmax")] for n in files if n.endswith(".weight.absmax")}
-    pending_stats: dict[str, dict] = {}       # bnb statistics of pre-quantised weights, gathered per weight
-    loaded = set()
-    for name, tensor, file in read_tensors(files):
-        if _IGNORED_KEY.search(name):
-            continue
-        base = next((name[: -len(s)] for s in _BNB_SUFFIXES if name.endswith(s)), None)
-        if base is not None and base in prequantized:
-            pending_stats.setdefault(base, {})[name] = tensor
-            continue
-        key = our_key(name)
-        if key == "lm_head.weight" and model.args.tie_word_embeddings:
-            continue                           # some tied checkpoints store the shared matrix twice
-        if key not in expected:
-            raise ValueError(f"{file}: unexpected tensor {name} (not part of a {model.args.n_layers}-layer LLaMA)")
-        if name in prequantized:
-            pending_stats.setdefault(name, {})[name] = tensor
-            loaded.add(key)
-            continue
-        want = tuple(expected[key].shape)
-        if tuple(tensor.shape) != want:
-            raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {want}")
-        tensor = tensor.to(device=device, dtype=dtype)
-        if quantize == "nf4" and _DECODER_LINEAR_KEY.match(key):
-            from quant import Linear4bit
-            _set_module(model, key, Linear4bit.from_weight(tensor, compute_dtype=dtype, backend=quant_backend))
-        else:
-            _set_parameter(model, key, tensor)
-        loaded.add(key)
-        del tensor
-    for name, stats in pending_stats.items():
-        _load_prequantized(model, name, stats, files[name], dtype, device, quantize, quant_backend, expected)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        shown = ", ".join(hf_key(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
-    if model.args.tie_word_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
-
-
-def _load_prequantized(model, name, stats, file, dtype, device, quantize, quant_backend, expected):
-    """A weight saved by bitsandbytes in NF4 (a `*-bnb-4bit` directory): keep it in NF4, or dequantise."""
-    from quant import Linear4bit, dequantize_nf4, state_from_tensors
-
-    key = our_key(name)
-    if not _DECODER_LINEAR_KEY.match(key):
-        raise ValueError(f"{file}: {name} is NF4-quantised but only decoder linears can be")
-    packed = stats.pop(name)
-    try:
-        state = state_from_tensors(stats, prefix=name[: -len("weight")], packed=packed)
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    want = tuple(expected[key].shape)
-    if tuple(state.shape) != want:
-        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {want}")
-    if quantize == "nf4":
-        layer = Linear4bit(packed, state, compute_dtype=dtype, backend=quant_backend).to(device)
-        _set_module(model, key, layer)
-    else:
-        _set_parameter(model, key, dequantize_nf4(packed, state, dtype).to(device))
-
-
-def _parent(model: nn.Module, key: str):
-    *path, leaf = key.split(".")
-    module = model
-    for part in path:
-        module = getattr(module, part)
-    return module, leaf
-
-
-def _set_parameter(model, key, tensor):
-    module, leaf = _parent(model, key)
-    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
-
-
-def _set_module(model, weight_key, new_module):
-    """Replace the module owning `weight_key` (an nn.Linear) by `new_module`."""
-    parent, leaf = _parent(model, weight_key[: -len(".weight")])
-    setattr(parent, leaf, new_module)
-
-
-# --------------------------------------------------------------------------- saving
-
-def save_hf_checkpoint(tensors, config: dict, out_dir, max_shard_bytes: int = 2 * 1024**3, copy_from=None):
-    """Write an HF model directory atomically: config.json, safetensors shards (+ index when more than one)
-    and the tokenizer files of `copy_from`. `tensors` yields (hf_name, tensor), so a caller can stream one
-    merged tensor at a time; a shard is written as soon as it is full. The folder is built beside
-    `out_dir` and renamed into place only when complete."""
-    from safetensors.torch import save_file
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        shard_names, weight_map, current, size = [], {}, {}, 0
-
-        def flush():
-            name = f"shard-{len(shard_names)}.safetensors"
-            save_file(current, str(tmp / name), metadata={"format": "pt"})
-            shard_names.append(name)
-            weight_map.update({k: name for k in current})
-
-        for name, t in tensors:
-            nbytes = t.numel() * t.element_size()
-            if current and size + nbytes > max_shard_bytes:
-                flush()
-                current, size = {}, 0
-            current[name] = t.detach().contiguous().cpu()
-            size += nbytes
-        if current:
-            flush()
-        n = len(shard_names)
-        final = {s: ("model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors")
-                 for i, s in enumerate(shard_names)}
-        for s, f in final.items():
-            os.replace(tmp / s, tmp / f)
-        if n > 1:
-            total = sum((tmp / f).stat().st_size for f in final.values())
-            index = {"metadata": {"total_size": total}, "weight_map": {k: final[v] for k, v in weight_map.items()}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if copy_from is not None:
-            for f in Path(copy_from).iterdir():
-                if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
-                    shutil.copy2(f, tmp / f.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-def save_pretrained(model: Transformer, out_dir, max_shard_bytes: int = 2 * 1024**3, copy_from=None):
-    """Save a dense model as an HF LLaMA directory that transformers loads (used for models trained here)."""
-    state = model.state_dict()
-    if model.args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    return save_hf_checkpoint(((hf_key(k), v) for k, v in state.items()), model.args.to_hf_config(),
-                              out_dir, max_shard_bytes, copy_from)
-
-
-# --------------------------------------------------------------------------- loss
+# --------------------------------------------------------------------------- the loss
 
 class _ChunkedCE(torch.autograd.Function):
     """Cross-entropy of h @ W^T, chunk by chunk of tokens, without ever keeping the (N, V) logits.

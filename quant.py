@@ -2,7 +2,8 @@
 
 Everything on the quantize / dequantize path is plain PyTorch. The result is byte-for-byte the format of
 bitsandbytes (`quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)`), so weights
-quantized here can be handed to bitsandbytes' CUDA kernels, and a `*-bnb-4bit` checkpoint loads here.
+quantized here can be handed to bitsandbytes' CUDA kernels, and a `*-bnb-4bit` checkpoint loads here
+(hf.py reads its serialised state).
 
 The rules, exactly as bitsandbytes applies them:
 
@@ -26,7 +27,7 @@ The rules, exactly as bitsandbytes applies them:
    Dequantize: `absmax = code8[q8] * absmax2[block // 256] + offset`, then `w = NF4_CODE[idx] * absmax`,
    computed in fp32 (two roundings: product, then sum) and cast once to the requested dtype.
 4. Cost per parameter: 4 bits + 8 / 64 (uint8 scale) + 32 / (64 * 256) (fp32 second-level scale)
-   = 4.127 bits (`nf4_storage_bits`).
+   = 4.127 bits.
 
 `Linear4bit` is the frozen quantized linear layer LoRA adapters sit on: forward dequantizes the weight to the
 compute dtype (chunk by chunk, so no fp32 copy of a whole weight ever exists) and multiplies; its autograd
@@ -34,7 +35,6 @@ function saves only the packed weight and its state and recomputes the dequantiz
 gradient; the weight itself never gets a gradient.
 """
 import dataclasses
-import json
 import math
 
 import torch
@@ -257,9 +257,9 @@ def _byte_to_codes(code: torch.Tensor) -> torch.Tensor:
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Inverse of quantize_nf4: tensor of state.shape in `dtype` (default: the original dtype).
 
-    Values are computed in fp32 and cast once; chunked, so only the result is full size.
+    Values are computed in fp32 and cast once; chunked, so only the result is full size. The state is
+    trusted: check_state runs once where a state is made or read (quantize_nf4, Linear4bit, hf.py).
     """
-    check_state(packed, state)
     dtype = dtype or state.dtype
     n, bs = state.numel, state.blocksize
     out = torch.empty(n, dtype=dtype, device=packed.device)
@@ -282,15 +282,9 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     return out.view(state.shape)
 
 
-def nf4_storage_bits(packed: torch.Tensor, state: NF4State) -> float:
-    """Bits per parameter: packed indices + block scales + second-level scales + offset (code books excluded)."""
-    bits = packed.numel() * 8 + state.absmax.numel() * state.absmax.element_size() * 8
-    if state.double_quant:
-        bits += state.nested_absmax.numel() * 32 + 32
-    return bits / state.numel
-
-
 # ------------------------------------------------------------------------------ bitsandbytes interop
+# bitsandbytes is imported where it is used: importing it probes for CUDA and takes seconds, and the pure
+# PyTorch path (every CPU run) never needs it.
 
 def state_to_bnb(state: NF4State):
     """bitsandbytes.functional.QuantState holding the same tensors (no copies)."""
@@ -305,73 +299,6 @@ def state_to_bnb(state: NF4State):
     return QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=state.code,
                       blocksize=state.blocksize, quant_type="nf4", dtype=state.dtype,
                       offset=offset, state2=state2)
-
-
-def state_from_bnb(qs) -> NF4State:
-    """NF4State from a bitsandbytes QuantState (nf4 only)."""
-    if qs.quant_type != "nf4":
-        raise ValueError(f"only nf4 quantization is supported, got quant_type={qs.quant_type!r}")
-    state = NF4State(shape=tuple(qs.shape), dtype=qs.dtype, blocksize=qs.blocksize,
-                     absmax=qs.absmax, code=qs.code)
-    if qs.nested:
-        state = dataclasses.replace(state, offset=float(qs.offset), nested_absmax=qs.state2.absmax,
-                                    nested_blocksize=qs.state2.blocksize, nested_code=qs.state2.code)
-    check_state(None, state)
-    return state
-
-
-def state_to_tensors(state: NF4State, prefix: str = "") -> dict:
-    """The keys bitsandbytes / transformers write next to `<prefix>weight` in a *-bnb-4bit checkpoint.
-
-    Non-tensor fields go, as in QuantState.as_dict(packed=True), into a uint8 tensor holding JSON under
-    `<prefix>weight.quant_state.bitsandbytes__nf4`.
-    """
-    key = prefix + "weight."
-    meta = {"quant_type": "nf4", "blocksize": state.blocksize, "dtype": _DTYPE_NAMES[state.dtype],
-            "shape": list(state.shape)}
-    out = {key + "absmax": state.absmax, key + "quant_map": state.code}
-    if state.double_quant:
-        out[key + "nested_absmax"] = state.nested_absmax
-        out[key + "nested_quant_map"] = state.nested_code
-        meta.update(nested_blocksize=state.nested_blocksize, nested_dtype="float32", nested_offset=state.offset)
-    out[key + "quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode("utf-8")),
-                                                              dtype=torch.uint8)
-    return out
-
-
-def state_from_tensors(tensors: dict, prefix: str = "", packed: torch.Tensor | None = None) -> NF4State:
-    """Inverse of state_to_tensors; `packed` (default: tensors[prefix + "weight"] if present) is size-checked."""
-    key = prefix + "weight."
-    meta_key = key + "quant_state.bitsandbytes__nf4"
-    if meta_key not in tensors:
-        other = [k for k in tensors if k.startswith(key + "quant_state.")]
-        raise ValueError(f"{other[0]}: only nf4 is supported" if other else f"missing {meta_key}")
-    try:
-        meta = json.loads(bytes(tensors[meta_key].cpu().to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_key} does not hold quantization JSON: {e}") from None
-
-    def need(name):
-        if name not in tensors:
-            raise ValueError(f"missing {name}")
-        return tensors[name]
-
-    dtype = {v: k for k, v in _DTYPE_NAMES.items()}.get(meta.get("dtype"))
-    shape = meta.get("shape")
-    if (dtype is None or meta.get("quant_type") != "nf4" or not isinstance(shape, list)
-            or not all(isinstance(d, int) and d >= 0 for d in shape)):
-        raise ValueError(f"{meta_key}: expected nf4 with a float dtype and a shape, got {meta}")
-    state = NF4State(shape=tuple(meta["shape"]), dtype=dtype, blocksize=meta.get("blocksize"),
-                     absmax=need(key + "absmax"), code=need(key + "quant_map"))
-    if "nested_offset" in meta:
-        state = dataclasses.replace(state, offset=float(meta["nested_offset"]),
-                                    nested_absmax=need(key + "nested_absmax"),
-                                    nested_blocksize=meta.get("nested_blocksize"),
-                                    nested_code=need(key + "nested_quant_map"))
-    if packed is None:
-        packed = tensors.get(prefix + "weight")
-    check_state(packed, state, name=prefix + "weight")
-    return state
 
 
 # --------------------------------------------------------------------------------------- the layer
@@ -504,44 +431,3 @@ class Linear4bit(nn.Module):
         for k, t in kept.items():
             self._buffers[k] = t.to(device)
         return self
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.weight
-        destination.update(state_to_tensors(self.state, prefix))
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        ours = [k for k in state_dict if k.startswith(prefix)]
-        if prefix + "weight" not in state_dict:
-            missing_keys.append(prefix + "weight")
-            return
-        state = state_from_tensors(state_dict, prefix)
-        if tuple(state.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"{prefix}weight.quant_state.bitsandbytes__nf4 says shape {tuple(state.shape)}, "
-                             f"the layer is ({self.out_features}, {self.in_features})")
-        device = self.weight.device
-        moved = dataclasses.replace(
-            state, absmax=state.absmax.to(device), code=state.code.to(device),
-            nested_absmax=None if state.nested_absmax is None else state.nested_absmax.to(device),
-            nested_code=None if state.nested_code is None else state.nested_code.to(device))
-        self._set_state(state_dict[prefix + "weight"].to(device), moved)
-        expected = {prefix + "weight", *state_to_tensors(moved, prefix)}
-        if prefix + "bias" in state_dict:
-            if self.bias is None:
-                unexpected_keys.append(prefix + "bias")
-            else:
-                self.bias.copy_(state_dict[prefix + "bias"])
-            expected.add(prefix + "bias")
-        elif self.bias is not None:
-            missing_keys.append(prefix + "bias")
-        unexpected_keys.extend(k for k in ours if k not in expected)
-
-
-def set_quant_backend(model: nn.Module, backend: str) -> None:
-    """Set the backend ("auto" | "torch" | "bnb") of every Linear4bit in `model`."""
-    for m in model.modules():
-        if isinstance(m, Linear4bit):
-            m.backend = backend
-            m._check_backend()

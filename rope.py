@@ -31,8 +31,19 @@ L0 = original_max_position_embeddings (falls back to L when absent, as in HF):
             beta_fast defaults to 32, beta_slow to 1; a missing factor is L / L0.
 
 Every table is computed in float32 from real cos/sin (no complex numbers), like HF, and only then cast.
+
+Which PI factor a run uses, one rule for train.py, eval.py, generate.py and the merge (lora.py):
+  training   factor = ceil(ctx / max_position_embeddings) (2 for 8192 on a 4096 model), or --rope-factor;
+             it is saved with the adapter (longqlora.json);
+  inference  the factor the weights were tuned for, at EVERY evaluation length (a LongQLoRA 8k adapter keeps
+             factor 2 at 1k): --rope-factor, else the adapter's recorded factor, else the checkpoint's own
+             config (a merged model carries it). An adapter with no record on a base whose config has no
+             scaling is an error: guessing per length would silently evaluate the wrong model.
 """
+from __future__ import annotations
+
 import math
+from pathlib import Path
 
 import torch
 
@@ -45,6 +56,49 @@ _REQUIRED_KEYS = {
     "yarn": (),  # a missing factor is derived as L / L0
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
 }
+
+
+def pi_factor(ctx: int, trained_ctx: int) -> float:
+    """Position Interpolation for training at ctx tokens: positions are divided by ceil(ctx / trained_ctx)."""
+    return float(max(1, math.ceil(ctx / trained_ctx)))
+
+
+def linear_scaling(factor: float) -> dict | None:
+    """PI with `factor` as a normalised scaling dict (None for factor 1: plain RoPE)."""
+    if not (math.isfinite(factor) and factor >= 1):
+        raise ValueError(f"the PI factor must be a finite number >= 1 (1: no interpolation), got {factor!r}")
+    return None if factor == 1 else {"factor": float(factor), "rope_type": "linear"}
+
+
+def inference_scaling(rope_factor, base_scaling, adapter=None, training: dict | None = None):
+    """(scaling, where it came from) for evaluating or generating; see the module docstring.
+    training: the adapter's longqlora.json record, None when it has none."""
+    if rope_factor is not None:
+        return linear_scaling(rope_factor), "--rope-factor"
+    if adapter is not None and training is not None:
+        return training["rope_scaling"], f"{Path(adapter) / 'longqlora.json'}"
+    if adapter is not None and base_scaling is None:
+        raise ValueError(f"{adapter}: the RoPE scaling this adapter was trained with is unknown (no longqlora.json, "
+                         "and the base config has none); pass --rope-factor F, e.g. 2 for a LongQLoRA 8k adapter "
+                         "on LLaMA-2, 1 for an adapter trained without Position Interpolation")
+    return base_scaling, "the checkpoint's config.json"
+
+
+def usable_context(scaling: dict | None, max_position_embeddings: int) -> int:
+    """Tokens a model with this scaling was made for: PI and dynamic NTK stretch max_position_embeddings by
+    their factor (HF keeps the original length in the config); llama3 and yarn configs state the extended one."""
+    if scaling is not None and scaling["rope_type"] in ("linear", "dynamic"):
+        return int(max_position_embeddings * scaling["factor"])
+    return max_position_embeddings
+
+
+def describe_scaling(scaling: dict | None):
+    """For logs and results: 1 for plain RoPE, the factor for PI, the dict for other rules."""
+    if scaling is None:
+        return 1
+    if scaling["rope_type"] == "linear" and set(scaling) == {"rope_type", "factor"}:
+        return scaling["factor"]
+    return dict(scaling)
 
 
 def normalize_rope_scaling(d: dict | None) -> dict | None:
@@ -72,6 +126,14 @@ def normalize_rope_scaling(d: dict | None) -> dict | None:
     missing = [key for key in _REQUIRED_KEYS[rope_type] if d.get(key) is None]
     if missing:
         raise ValueError(f"RoPE scaling type {rope_type!r} needs {', '.join(missing)}; got {d!r}")
+    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings",
+                "attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+        value, low = d.get(key), 0 if key.startswith("mscale") else None   # mscale 0 means "not given"
+        if value is not None and (type(value) not in (int, float) or not math.isfinite(value)
+                                  or (value < low if low is not None else value <= 0)):
+            raise ValueError(f"RoPE scaling {key} must be a finite positive number, got {value!r}")
+    if rope_type in ("linear", "dynamic") and d["factor"] < 1:
+        raise ValueError(f"RoPE scaling factor must be >= 1 for {rope_type!r}, got {d['factor']!r}")
     scaling = {k: v for k, v in d.items() if k not in ("type", "rope_type", "rope_theta", "partial_rotary_factor")}
     scaling["rope_type"] = rope_type
     return scaling

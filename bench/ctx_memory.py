@@ -19,7 +19,7 @@ glibc's mmap threshold pinned to 64 KiB (MALLOC_MMAP_THRESHOLD_): every tensor o
 its own and returned on free, so RSS follows live tensor bytes instead of the allocator's free lists (with
 glibc's default, dynamic threshold the default S²-Attn step read ~110 KiB per token instead of ~36: freed
 activations stay resident in the heap). Fitted by least squares: a line (R^2) and a parabola (how much of the peak at the longest context
-the T^2 term makes), next to train.predict_peak_memory's prediction for the same model and context (a
+the T^2 term makes), next to memory.predict_peak_memory's prediction for the same model and context (a
 device-memory model: compare the slopes).
 
 The model is LLaMA-shaped but small (dim 256, 4 layers, vocab 8000) and the loss chunk 256 tokens: at dim
@@ -80,7 +80,7 @@ def model_args(a):
 
 
 def make_checkpoint(a) -> Path:
-    """A random LLaMA in HF format written by model.save_pretrained, cached in --cache-dir."""
+    """A random LLaMA in HF format written by hf.save_model, cached in --cache-dir."""
     cache = Path(a.cache_dir)
     path = cache / (f"ctx_memory-v{a.vocab}-d{a.dim}-i{a.intermediate}-l{a.layers}-h{a.heads}"
                     f"-p{a.trained_ctx}-s{a.seed}")
@@ -88,13 +88,14 @@ def make_checkpoint(a) -> Path:
         return path
     import torch
 
-    from model import Transformer, save_pretrained
+    import hf
+    from model import Transformer
 
     torch.manual_seed(a.seed)
     model = Transformer(model_args(a)).to(torch.bfloat16)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=cache))
-    save_pretrained(model, tmp / "ckpt")
+    hf.save_model(model, tmp / "ckpt")
     os.replace(tmp / "ckpt", path)
     os.rmdir(tmp)
     return path
@@ -109,18 +110,18 @@ def child(ckpt: Path, ctx: int, attn: str, a) -> dict:
     torch.set_num_threads(a.threads)
     rss_import = rss_bytes()
     torch.manual_seed(a.seed)
-    model, trainable, factor = train.build_model(ckpt, ctx=ctx, dtype=torch.bfloat16, quant="nf4",
-                                                 lora_r=64, lora_alpha=16.0, lora_dropout=0.05)
-    optimizer, _ = train.make_optimizer(trainable, 2e-4, 0.0, torch.device("cpu"))
-    scheduler = train.constant_with_warmup(optimizer, 0)
+    flags = train.parse_args(["--model", str(ckpt), "--ctx", str(ctx), "--attn", attn, "--quant", "nf4",
+                              "--lora-r", "64", "--lora-alpha", "16", "--lora-dropout", "0.05",
+                              "--loss-chunk", str(a.loss_chunk)])
+    model, trainable, factor = train.build_model(flags, torch.bfloat16)
+    optimizer = train.make_optimizer(trainable, 2e-4, 0.0, torch.device("cpu"))
     tokens = torch.randint(3, a.vocab, (1, ctx), generator=torch.Generator().manual_seed(a.seed))
     rss_loaded = rss_bytes()
     peak_load = peak_rss_bytes()
     resettable = reset_peak_rss()
     t0 = time.perf_counter()
     r = train.train_step(model, [{"input_ids": tokens, "labels": tokens, "padding_mask": None}], optimizer,
-                         scheduler, trainable, max_grad_norm=0.3, attn=attn, group_size_ratio=0.25,
-                         loss_chunk=a.loss_chunk)
+                         torch.amp.GradScaler("cpu", enabled=False), max_grad_norm=0.3)
     seconds = time.perf_counter() - t0
     step_peak = peak_rss_bytes()
     return {"ctx": ctx, "attn": attn, "pi_factor": factor, "loss": r["loss"], "seconds": seconds,
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--dim {a.dim} is not a multiple of --heads {a.heads}")
     t0 = time.perf_counter()
     ckpt = make_checkpoint(a)
-    import train
+    import memory
 
     margs = model_args(a)
     passthrough = ["--vocab", str(a.vocab), "--dim", str(a.dim), "--intermediate", str(a.intermediate),
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
         rows = []
         for ctx in sorted(a.ctx):
             r = futures[(attn, ctx)].result()
-            pred = train.predict_peak_memory(margs, ctx, 1, 64, quant="nf4", dtype_bytes=2, lora_dropout=0.05,
+            pred = memory.predict_peak_memory(margs, ctx, 1, 64, quant="nf4", dtype_bytes=2, lora_dropout=0.05,
                                              loss_chunk=a.loss_chunk)
             r["predicted_device_peak"] = pred["peak_bytes"]
             rows.append(r)

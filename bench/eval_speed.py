@@ -24,7 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from eval import load_model, token_nll  # noqa: E402
+import hf  # noqa: E402
+from eval import token_nll  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -81,7 +82,7 @@ def main():
         rows = []
         for name in args.dtypes:
             dtype = DTYPES[name]
-            ours = load_model(tmp, dtype=dtype)
+            ours = hf.load_model(tmp, dtype=dtype)
             hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
             n_params = sum(t.numel() for t in ours.parameters())
             ours_loss(ours, windows[0]), hf_loss(hf, windows[0])          # warm-up

@@ -18,7 +18,7 @@ For each (dtype, ctx): one warm-up step, then --steps timed steps. Printed besid
     + paged states   the paged AdamW moments (8 bytes per LoRA parameter) live in CUDA managed memory,
                      outside torch's allocator, so max_memory_allocated does not see them; added back
     reserved         torch.cuda.max_memory_reserved (allocator cache included)
-    predicted        train.predict_peak_memory, what `train.py --dry-run` prints (peak_bytes=...)
+    predicted        memory.predict_peak_memory, what `train.py --dry-run` prints (peak_bytes=...)
     tokens/s         timed tokens / timed wall seconds
     MFU / HFU        model / hardware FLOPs per second over --peak-tflops (default 989: H100/H200 SXM
                      dense bf16 and fp16). FLOPs per token, with N = decoder linear params, R = LoRA params,
@@ -95,13 +95,6 @@ def build_random_nf4_model(margs, dtype, device, seed: int):
     return model
 
 
-def set_pi_factor(model, factor: float) -> None:
-    """Position Interpolation for this context: RoPE positions divided by `factor` (1: none)."""
-    from rope import normalize_rope_scaling
-
-    model.args.rope_scaling = None if factor == 1 else normalize_rope_scaling({"rope_type": "linear", "factor": factor})
-
-
 # --------------------------------------------------------------------------- FLOPs
 
 def flops_per_token(margs, ctx: int, lora_params: int, attn: str, group_size_ratio: float) -> dict:
@@ -160,16 +153,18 @@ def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict
     """Warm-up step + timed steps at `ctx` tokens with the paper's recipe; memory, speed, utilisation."""
     import torch
 
+    import memory
     import train
+    from rope import linear_scaling, pi_factor
 
-    factor = train.pi_factor(ctx, margs.max_position_embeddings)
-    set_pi_factor(model, factor)
+    factor = pi_factor(ctx, margs.max_position_embeddings)
+    model.args.rope_scaling = linear_scaling(factor)
     for p in trainable:
         p.grad = None
     meter.reset()
-    optimizer, optimizer_name = train.make_optimizer(trainable, args.lr, 0.0, device)
-    scheduler = train.constant_with_warmup(optimizer, 20)
-    scaler = train.LossScaler(enabled=dtype == torch.float16)
+    optimizer = train.make_optimizer(trainable, args.lr, 0.0, device)
+    optimizer_name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     g = torch.Generator().manual_seed(args.seed)
 
     def step():
@@ -177,9 +172,7 @@ def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict
         for _ in range(args.grad_accum):
             tokens = torch.randint(3, margs.vocab_size, (1, ctx), generator=g)
             batches.append({"input_ids": tokens, "labels": tokens, "padding_mask": None})
-        return train.train_step(model, batches, optimizer, scheduler, trainable, scaler=scaler,
-                                max_grad_norm=0.3, attn=args.attn, group_size_ratio=0.25, s2_shift="segment",
-                                loss_chunk=args.loss_chunk)
+        return train.train_step(model, batches, optimizer, scaler, max_grad_norm=0.3)
 
     results = [step()]                            # warm-up: optimizer state, kernels, allocator
     meter.sync()
@@ -193,10 +186,10 @@ def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict
     n_lora = sum(p.numel() for p in trainable)
     flops = flops_per_token(margs, ctx, n_lora, args.attn, 0.25)
     tok_s = tokens / seconds
-    pred = train.predict_peak_memory(margs, ctx, 1, args.lora_r, quant="nf4", dtype_bytes=2,
+    pred = memory.predict_peak_memory(margs, ctx, 1, args.lora_r, quant="nf4", dtype_bytes=2,
                                      lora_dropout=0.05, loss_chunk=args.loss_chunk)
-    paged = 8 * n_lora if optimizer_name.startswith("bitsandbytes Paged") else 0
-    del optimizer, scheduler
+    paged = 8 * n_lora if "Paged" in optimizer_name else 0
+    del optimizer
     return {
         "dtype": str(dtype).replace("torch.", ""), "ctx": ctx, "pi_factor": factor, "attn": args.attn,
         "optimizer": optimizer_name, "grad_accum": args.grad_accum, "timed_steps": args.steps,
@@ -266,7 +259,8 @@ def main(argv=None) -> int:
         torch.manual_seed(a.seed)
         model = build_random_nf4_model(margs, dtype, device, a.seed)
         trainable = lora.add_lora(model, r=a.lora_r, alpha=16, dropout=0.05, targets=LINEARS)
-        model.gradient_checkpointing = True
+        model.gradient_checkpointing, model.loss_chunk = True, a.loss_chunk
+        model.set_attention(a.attn, 0.25, "segment")
         model.train()
         resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         print(f"\n{dtype_name}: built NF4 model + LoRA in {time.perf_counter() - t0:.1f} s; "

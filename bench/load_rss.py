@@ -1,4 +1,4 @@
-"""Peak host memory of Transformer.from_pretrained against the checkpoint's size on disk.
+"""Peak host memory of hf.load_model against the checkpoint's size on disk.
 
 Writes a synthetic LLaMA-shaped checkpoint (random bf16 weights, sharded safetensors, written tensor by
 tensor so the writer itself never holds the model), then loads it in a fresh process per mode and reports
@@ -75,10 +75,10 @@ def peak_rss() -> int:
 def child(path: str, quantize: str):
     import torch
 
-    from model import Transformer
+    import hf
 
     base = peak_rss()
-    model = Transformer.from_pretrained(path, dtype=torch.bfloat16, quantize=None if quantize == "none" else quantize)
+    model = hf.load_model(path, dtype=torch.bfloat16, quantize=None if quantize == "none" else quantize)
     peak = peak_rss()
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     print(json.dumps({"peak_above_import": peak - base, "model_bytes": resident}))

@@ -56,10 +56,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import atomic  # noqa: E402
+import cli  # noqa: E402
 import data as data_lib  # noqa: E402
 import eval as eval_lib  # noqa: E402
+import hf  # noqa: E402
 import train as train_lib  # noqa: E402
-from model import ModelArgs, Transformer, chunked_cross_entropy, save_pretrained  # noqa: E402
+from model import ModelArgs, Transformer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pg19-mini"
 DEFAULT_CACHE = ROOT / "bench" / "cache"
@@ -106,13 +109,6 @@ def log(message: str) -> None:
 
 def config_key(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- 1. tokenizer
@@ -180,8 +176,7 @@ def pretrain(cfg: dict, data_dir: Path, tokenizer_dir: Path, out_dir: Path, cach
     losses, t0 = [], time.perf_counter()
     for step in range(p["steps"]):
         batch = data_lib.collate([dataset[next(sampler)] for _ in range(p["batch_size"])], tokenizer.pad_id)
-        hidden = model(batch["input_ids"], return_hidden=True)
-        loss = chunked_cross_entropy(hidden, model.lm_head.weight, batch["labels"])
+        loss = model.loss(batch["input_ids"], batch["labels"], reduction="mean")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), p["max_grad_norm"])
         optimizer.step()
@@ -192,11 +187,11 @@ def pretrain(cfg: dict, data_dir: Path, tokenizer_dir: Path, out_dir: Path, cach
             window = losses[-max(1, p["steps"] // 10):]
             log(f"  step {step + 1}/{p['steps']} loss {sum(window) / len(window):.3f} "
                 f"({(step + 1) * tokens_per_step / (time.perf_counter() - t0):.0f} tok/s)")
-    save_pretrained(model.eval(), out_dir, copy_from=tokenizer_dir)
+    hf.save_model(model.eval(), out_dir, copy_from=tokenizer_dir)
     summary = {"params": n_params, "train_tokens": corpus.n_tokens, "steps": p["steps"],
                "tokens": p["steps"] * tokens_per_step, "first_loss": losses[0],
                "last_loss": sum(losses[-20:]) / len(losses[-20:]), "seconds": time.perf_counter() - t0}
-    write_json_atomic(out_dir / "pretrain.json", summary)     # written last: marks the cache entry complete
+    atomic.write_json(out_dir / "pretrain.json", summary)     # written last: marks the cache entry complete
     return summary
 
 
@@ -251,11 +246,11 @@ def evaluate_variant(base_dir: Path, adapter, tokens, cfg: dict, rope_factor: fl
                      attn: str = "full", model_dir: Path | None = None) -> list[dict]:
     """eval.py's sliding-window perplexity at every evaluation context, RoPE factor fixed for all of them."""
     e = cfg["eval"]
-    model = eval_lib.load_model(model_dir or base_dir, adapter, quant, torch.float32, rope_factor=rope_factor)
+    model, _ = eval_lib.load_model(model_dir or base_dir, adapter, quant, torch.float32, rope_factor=rope_factor)
+    model.set_attention(attn)
     out = []
     for L in e["ctx"]:
-        r = eval_lib.evaluate_perplexity(model, tokens, L, "sliding", batch_size=e["batch_size"], attn=attn,
-                                         progress=False)
+        r = eval_lib.evaluate_perplexity(model, tokens, L, "sliding", batch_size=e["batch_size"], progress=False)
         out.append({"eval_ctx": L, "ppl": r["ppl"], "nll": r["nll"], "tokens": r["tokens"],
                     "windows": r["windows"], "stride": r["stride"], "seconds": r["seconds"]})
     return out
@@ -401,7 +396,7 @@ def run(args) -> dict:
         "timings": timings,
     }
     results_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(results_dir / "mini_paper.json", report)
+    atomic.write_json(results_dir / "mini_paper.json", report)
     plotted = plot(results, cfg["eval"]["ctx"], cfg["short_ctx"], results_dir / "mini_paper.png", specs)
     log("\ntimings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()) + f"; total {seconds:.0f} s")
     log(f"\nperplexity on the same {len(tokens) - 1:,} pg19-mini validation tokens, by evaluation context "
@@ -425,17 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    return run(data_lib.one_line_errors(build_parser()).parse_args(argv))
-
-
-def cli(argv=None) -> int:
-    try:
-        main(argv)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run(cli.one_line_errors(build_parser()).parse_args(argv))
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(cli.run(main))

@@ -140,16 +140,17 @@ def build_ours(ckpt: Path, a, dtype, device):
     import train
 
     torch.manual_seed(a.seed)
-    model, trainable, _ = train.build_model(ckpt, ctx=a.ctx, dtype=dtype, device=device, quant="nf4",
-                                            lora_r=a.lora_r, lora_alpha=16.0, lora_dropout=0.05)
+    flags = train.parse_args(["--model", str(ckpt), "--ctx", str(a.ctx), "--quant", "nf4", "--lora-r", str(a.lora_r),
+                              "--lora-alpha", "16", "--lora-dropout", "0.05", "--attn", "full",
+                              "--loss-chunk", str(a.loss_chunk)])
+    model, trainable, _ = train.build_model(flags, dtype, device)
     # The optimizer HF gets too (train.make_optimizer picks this one on CPU, paged AdamW on CUDA).
     optimizer = torch.optim.AdamW(trainable, lr=a.lr, weight_decay=0.0, foreach=False)
-    scheduler = train.constant_with_warmup(optimizer, 0)
+    scaler = torch.amp.GradScaler(device.type if hasattr(device, "type") else str(device), enabled=False)
 
     def step(tokens):
         batch = {"input_ids": tokens, "labels": tokens, "padding_mask": None}
-        return train.train_step(model, [batch], optimizer, scheduler, trainable, max_grad_norm=0.3,
-                                attn="full", loss_chunk=a.loss_chunk)["loss"]
+        return train.train_step(model, [batch], optimizer, scaler, max_grad_norm=0.3)["loss"]
 
     return model, trainable, step
 

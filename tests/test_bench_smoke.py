@@ -60,7 +60,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert res["cpu_smoke"] is True and len(res["results"]) == 1
     r = res["results"][0]
     assert r["dtype"] == "bfloat16" and r["ctx"] == 512 and r["pi_factor"] == 2.0   # trained ctx 256 -> PI x2
-    assert r["optimizer"].startswith("torch.optim.AdamW")                            # paged AdamW is CUDA-only
+    assert r["optimizer"] == "torch.optim.adamw.AdamW"                         # paged AdamW is CUDA-only
     # LoRA r=64 on the seven linears of 2 layers, dim 128, intermediate 344.
     assert r["lora_params"] == 2 * 64 * (4 * (128 + 128) + 3 * (128 + 344))
     # Random weights (std 0.02): logits near 0, so the loss starts near ln(vocab) = ln(1024).

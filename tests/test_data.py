@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import data
+import demo
 from conftest import PG19_MINI, ROOT, TOKENIZER_VOCAB, sentencepiece_model
 
 
@@ -287,7 +289,7 @@ def test_sampler_rank_sharding():
 
 
 def test_batches_resume_at_exact_batch():
-    ds = data.synthetic_dataset(vocab_size=64, ctx=16, n_sequences=5, seed=0)
+    ds = demo.SyntheticDataset(vocab_size=64, ctx=16, n_sequences=5, seed=0)
     sampler = data.ShuffledSampler(len(ds), seed=1)
     stream = data.batches(ds, sampler, batch_size=2)
     got = [next(stream) for _ in range(4)]
@@ -306,7 +308,7 @@ def test_batches_resume_at_exact_batch():
 
 def fastchat_vicuna(turns):
     """FastChat's vicuna_v1.1 string: ADD_COLON_TWO, sep=' ', sep2='</s>'."""
-    text = data.VICUNA_SYSTEM + " "
+    text = data.SYSTEM + " "
     for human, assistant in turns:
         text += f"USER: {human} ASSISTANT: {assistant}</s>"
     return text
@@ -350,7 +352,7 @@ def test_sft_conversation_mask_and_template(tmp_path, tok, monkeypatch):
                         data.Tokenizer.encode(tok, text, bos, eos))
     ex = data.SFTDataset(path, tok, ctx=1024)[0]
     # the pieces are exactly FastChat's text between the implicit spaces and the "</s>" separators
-    assert encoded == [data.VICUNA_SYSTEM + " USER: Who is Hamlet? ASSISTANT:", "The Prince of Denmark.",
+    assert encoded == [data.SYSTEM + " USER: Who is Hamlet? ASSISTANT:", "The Prince of Denmark.",
                        "USER: And Ophelia? ASSISTANT:", "Polonius's daughter."]
     n = int(ex["padding_mask"].sum())
     ids = ex["input_ids"][:n].tolist()
@@ -385,9 +387,9 @@ def test_sft_truncation(tok):
 # ----------------------------------------------------------------------------------------------------
 
 def test_synthetic_deterministic_and_long_range():
-    ds = data.synthetic_dataset(vocab_size=512, ctx=8192, n_sequences=4, seed=7)
-    again = data.synthetic_dataset(vocab_size=512, ctx=8192, n_sequences=4, seed=7)
-    other = data.synthetic_dataset(vocab_size=512, ctx=8192, n_sequences=4, seed=8)
+    ds = demo.SyntheticDataset(vocab_size=512, ctx=8192, n_sequences=4, seed=7)
+    again = demo.SyntheticDataset(vocab_size=512, ctx=8192, n_sequences=4, seed=7)
+    other = demo.SyntheticDataset(vocab_size=512, ctx=8192, n_sequences=4, seed=8)
     ex = ds[2]
     assert torch.equal(ex["input_ids"], again[2]["input_ids"]) and torch.equal(ex["labels"], again[2]["labels"])
     assert not torch.equal(ex["input_ids"], other[2]["input_ids"])
@@ -430,24 +432,24 @@ def test_synthetic_deterministic_and_long_range():
 
 
 def test_synthetic_small_vocab_and_context():
-    ds = data.synthetic_dataset(vocab_size=32, ctx=512, n_sequences=2, seed=0)     # the demo's vocabulary
+    ds = demo.SyntheticDataset(vocab_size=32, ctx=512, n_sequences=2, seed=0)     # the demo's vocabulary
     assert (ds.n_keys, ds.n_values, ds.distance, ds.n_queries, ds.n_statements) == (4, 4, 64, 16, 16)
     assert ds.filler0 == 27 and ds.floor == pytest.approx(math.log(4))
     ids, labels = ds[1]["input_ids"], ds[1]["labels"]
     assert ids.max() < 32 and (labels != -100).sum() == 8 * 16 - 2
-    tiny = data.synthetic_dataset(vocab_size=64, ctx=16, n_sequences=1, seed=0)    # distance 2: one key
+    tiny = demo.SyntheticDataset(vocab_size=64, ctx=16, n_sequences=1, seed=0)    # distance 2: one key
     assert tiny.n_keys == 1 and tiny[0]["input_ids"].shape == (16,)
 
 
 def test_synthetic_bad_arguments():
     with pytest.raises(ValueError, match="distance"):
-        data.synthetic_dataset(vocab_size=512, ctx=8, n_sequences=1, seed=0, distance=8)
+        demo.SyntheticDataset(vocab_size=512, ctx=8, n_sequences=1, seed=0, distance=8)
     with pytest.raises(ValueError, match="distance"):
-        data.synthetic_dataset(vocab_size=512, ctx=64, n_sequences=1, seed=0, distance=1)
+        demo.SyntheticDataset(vocab_size=512, ctx=64, n_sequences=1, seed=0, distance=1)
     with pytest.raises(ValueError, match="at least 12"):
-        data.synthetic_dataset(vocab_size=11, ctx=64, n_sequences=1, seed=0)
+        demo.SyntheticDataset(vocab_size=11, ctx=64, n_sequences=1, seed=0)
     with pytest.raises(IndexError):
-        data.synthetic_dataset(vocab_size=64, ctx=64, n_sequences=1, seed=0)[1]
+        demo.SyntheticDataset(vocab_size=64, ctx=64, n_sequences=1, seed=0)[1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -560,7 +562,7 @@ def test_cli_tokenize_and_errors(tmp_path, model_dir, capsys):
                          "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.startswith("1 documents, ") and str(tmp_path / "cache") in ok.stdout
-    assert data.main(["tokenize", str(src.parent), "--model", str(tmp_path)]) == 2
+    assert cli.run(data.main, ["tokenize", str(src.parent), "--model", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f"error: {tmp_path / 'tokenizer.model'}: not found; the model "
                                 "folder must contain the sentencepiece tokenizer.model"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import PG19_MINI, ROOT, hf_model, make_hf_checkpoint
 
+import cli
 import data
 import eval as ev
 
@@ -28,6 +29,11 @@ def tokens():
 
 def rel(a, b):
     return abs(a - b) / abs(b)
+
+
+def load(path, **kw):
+    """eval.py's model loader (generate.load_model) without the note of where the RoPE scaling came from."""
+    return ev.load_model(path, **{"dtype": torch.float32, **kw})[0]
 
 
 # --------------------------------------------------------------------------- HF reference, written independently
@@ -65,7 +71,7 @@ def hf_reference_ppl(path, tokens, seq_len, protocol, stride, factor):
 @pytest.mark.parametrize("factor", [None, 2.0], ids=["plain", "PI2"])
 @pytest.mark.parametrize("protocol,stride", [("longlora", 24), ("longqlora", 64), ("sliding", 20)])
 def test_perplexity_equals_hf(ckpt, tokens, protocol, stride, factor):
-    model = ev.load_model(ckpt, dtype=torch.float32, rope_factor=factor)
+    model = load(ckpt, dtype=torch.float32, rope_factor=factor)
     ours = ev.evaluate_perplexity(model, tokens, 64, protocol, stride=stride, progress=False)
     ref_ppl, ref_tokens = hf_reference_ppl(ckpt, tokens, 64, protocol, stride, factor)
     assert rel(ours["ppl"], ref_ppl) < 1e-4
@@ -73,44 +79,39 @@ def test_perplexity_equals_hf(ckpt, tokens, protocol, stride, factor):
     assert math.isclose(ours["nll"], math.log(ours["ppl"]))
 
 
-def test_default_rope_factor_follows_the_paper(ckpt, tokens):
-    """seq_len 192 > max_position_embeddings 128: ceil(192 / 128) = 2, i.e. HF with linear factor 2."""
-    model = ev.load_model(ckpt, dtype=torch.float32)
-    assert ev.default_rope_factor(192, 128) == 2 and ev.default_rope_factor(128, 128) == 1
-    rule = ev.rope_rule(model.args)
-    assert rule(128) is None
-    model.args.rope_scaling = rule(192)
-    assert model.args.rope_scaling == {"rope_type": "linear", "factor": 2.0}
-    ours = ev.evaluate_perplexity(model, tokens, 192, "longlora", stride=16, progress=False)
-    ref, _ = hf_reference_ppl(ckpt, tokens, 192, "longlora", 16, 2.0)
+def test_inference_rope_rule_is_the_same_at_every_length(ckpt, tokens, tmp_path):
+    """--rope-factor > the adapter's longqlora.json > the checkpoint's config; an adapter with no record on a base
+    with no scaling is an error, never a per-length guess."""
+    import lora
+    from rope import inference_scaling
+
+    pi = lambda f: {"factor": f, "rope_type": "linear"}                                      # noqa: E731
+    assert inference_scaling(None, None) == (None, "the checkpoint's config.json")
+    assert inference_scaling(None, pi(4.0))[0] == pi(4.0)
+    assert inference_scaling(1, pi(4.0)) == (None, "--rope-factor")
+    assert inference_scaling(3, None, "a", {"rope_scaling": pi(2.0)})[0] == pi(3.0)
+    assert inference_scaling(None, pi(4.0), "a", {"rope_scaling": pi(2.0)})[0] == pi(2.0)
+    assert inference_scaling(None, None, "a", {"rope_scaling": None})[0] is None    # trained without PI
+    assert inference_scaling(None, pi(4.0), "a", None)[0] == pi(4.0)            # the base carries it
+    with pytest.raises(ValueError, match="a: the RoPE scaling this adapter was trained with is unknown.*--rope-factor"):
+        inference_scaling(None, None, "a", None)
+    # through the loader: an adapter saved by train.py carries its factor, used at every length
+    model = load(ckpt)
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0)
+    lora.save_adapter(model, tmp_path / "with", training={"rope_scaling": pi(2.0), "ctx": 256})
+    lora.save_adapter(model, tmp_path / "without")
+    loaded, source = ev.load_model(ckpt, adapter=tmp_path / "with", dtype=torch.float32)
+    assert loaded.args.rope_scaling == pi(2.0) and source == str(tmp_path / "with" / "longqlora.json")
+    ours = ev.evaluate_perplexity(loaded, tokens, 64, "longlora", stride=16, progress=False)
+    ref, _ = hf_reference_ppl(ckpt, tokens, 64, "longlora", 16, 2.0)       # PI 2 at 64 < the trained 128 tokens
     assert rel(ours["ppl"], ref) < 1e-4
-
-
-def test_rope_rule_priorities(tmp_path):
-    from model import ModelArgs
-
-    plain = ModelArgs(vocab_size=8, dim=8, intermediate_size=8, n_layers=1, n_heads=1, max_position_embeddings=128)
-    own = ModelArgs(vocab_size=8, dim=8, intermediate_size=8, n_layers=1, n_heads=1, max_position_embeddings=128,
-                    rope_scaling={"type": "linear", "factor": 4.0})
-    pi = lambda f: {"rope_type": "linear", "factor": f}                                      # noqa: E731
-    assert [ev.rope_rule(plain)(L) for L in (64, 128, 129, 300)] == [None, None, pi(2.0), pi(3.0)]
-    assert ev.rope_rule(own)(64) == ev.rope_rule(own)(1000) == pi(4.0)          # the checkpoint's own scaling
-    assert ev.rope_rule(own, rope_factor=1)(1000) is None                        # --rope-factor wins; 1 = none
-    assert ev.rope_rule(plain, rope_factor=3)(64) == pi(3.0)
-    # an adapter trained by train.py: out/train_config.json records the scaling it was trained with
-    (tmp_path / "out" / "checkpoint-10" / "adapter").mkdir(parents=True)
-    (tmp_path / "out" / "train_config.json").write_text(json.dumps({"rope_scaling": pi(2.0), "ctx": 256}))
-    for adapter in (tmp_path / "out" / "adapter", tmp_path / "out" / "checkpoint-10" / "adapter"):
-        assert ev.rope_rule(plain, adapter=adapter)(64) == pi(2.0)
-        assert ev.rope_rule(own, adapter=adapter)(64) == pi(2.0)
-        assert ev.rope_rule(plain, rope_factor=1, adapter=adapter)(64) is None
-    (tmp_path / "out" / "train_config.json").write_text(json.dumps({"rope_scaling": None}))
-    assert ev.rope_rule(plain, adapter=tmp_path / "out" / "adapter")(1000) is None    # trained without PI
-    assert ev.rope_rule(plain, adapter=tmp_path / "elsewhere")(300) == pi(3.0)        # no train_config.json
+    with pytest.raises(ValueError, match="without: the RoPE scaling this adapter was trained with is unknown"):
+        ev.load_model(ckpt, adapter=tmp_path / "without")
+    assert load(ckpt, adapter=tmp_path / "without", rope_factor=2).args.rope_scaling == pi(2.0)
 
 
 def test_batch_size_does_not_change_the_result(ckpt, tokens):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = load(ckpt, dtype=torch.float32)
     for protocol in ev.PROTOCOLS:
         one = ev.evaluate_perplexity(model, tokens, 32, protocol, stride=48 if protocol == "longlora" else None,
                                      progress=False)
@@ -121,20 +122,20 @@ def test_batch_size_does_not_change_the_result(ckpt, tokens):
 def test_adapter_equals_merged_model(ckpt, tokens, tmp_path):
     import lora
 
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = load(ckpt, dtype=torch.float32)
     lora.add_lora(model, r=4, alpha=8, dropout=0.0)
     torch.manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, lora.LoRALinear):
                 m.lora_B.normal_(0, 0.2)
-    lora.save_adapter(model, tmp_path / "adapter")
-    merged = lora.merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged")
+    lora.save_adapter(model, tmp_path / "adapter", training={"rope_scaling": None, "ctx": 128})
+    merged, _, _ = lora.merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged")
 
-    base = ev.evaluate_perplexity(ev.load_model(ckpt, dtype=torch.float32), tokens, 64, "sliding", progress=False)
-    with_adapter = ev.load_model(ckpt, adapter=tmp_path / "adapter", dtype=torch.float32)
+    base = ev.evaluate_perplexity(load(ckpt, dtype=torch.float32), tokens, 64, "sliding", progress=False)
+    with_adapter = load(ckpt, adapter=tmp_path / "adapter", dtype=torch.float32)
     ours = ev.evaluate_perplexity(with_adapter, tokens, 64, "sliding", progress=False)
-    ref = ev.evaluate_perplexity(ev.load_model(merged, dtype=torch.float32), tokens, 64, "sliding", progress=False)
+    ref = ev.evaluate_perplexity(load(merged, dtype=torch.float32), tokens, 64, "sliding", progress=False)
     assert rel(ours["ppl"], ref["ppl"]) < 1e-5
     assert rel(ours["ppl"], base["ppl"]) > 1e-3      # the adapter really changes the model
 
@@ -143,8 +144,8 @@ def test_nf4_base_equals_dense_model_with_dequantized_weights(ckpt, tokens):
     from model import DECODER_LINEARS
     from quant import dequantize_nf4, quantize_nf4
 
-    nf4 = ev.load_model(ckpt, quant="nf4", dtype=torch.float32)
-    dense = ev.load_model(ckpt, dtype=torch.float32)
+    nf4 = load(ckpt, quant="nf4", dtype=torch.float32)
+    dense = load(ckpt, dtype=torch.float32)
     with torch.no_grad():
         for name, m in dense.named_modules():
             if name.rsplit(".", 1)[-1] in DECODER_LINEARS:
@@ -155,9 +156,10 @@ def test_nf4_base_equals_dense_model_with_dequantized_weights(ckpt, tokens):
 
 
 def test_s2_attention_at_evaluation_is_an_ablation(ckpt, tokens):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = load(ckpt, dtype=torch.float32)
     full = ev.evaluate_perplexity(model, tokens, 64, "longqlora", progress=False)
-    s2 = ev.evaluate_perplexity(model, tokens, 64, "longqlora", attn="s2", progress=False)
+    model.set_attention("s2")
+    s2 = ev.evaluate_perplexity(model, tokens, 64, "longqlora", progress=False)
     assert math.isfinite(s2["ppl"]) and rel(s2["ppl"], full["ppl"]) > 1e-4
     assert s2["tokens"] == full["tokens"]
 
@@ -179,7 +181,7 @@ def test_sliding_scores_the_same_tokens_at_every_length(n):
 
 
 def test_sliding_token_counts_match_across_lengths(ckpt, tokens):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = load(ckpt, dtype=torch.float32)
     counts = {L: ev.evaluate_perplexity(model, tokens[:200], L, "sliding", batch_size=8, progress=False)["tokens"]
               for L in (16, 32, 64)}
     assert set(counts.values()) == {199}
@@ -216,7 +218,7 @@ def test_bin_and_text_sources_agree(ckpt, text_source, tmp_path):
     u32 = ev.load_eval_tokens(tmp_path / "u32.bin", vocab_size=512, bin_dtype="uint32")
     assert np.array_equal(u16, text_tokens) and np.array_equal(u32, text_tokens)
 
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = load(ckpt, dtype=torch.float32)
     ppl = {name: ev.evaluate_perplexity(model, t[:1200], 128, "longqlora", progress=False)["ppl"]
            for name, t in (("text", text_tokens), ("u16", u16), ("u32", u32))}
     assert ppl["text"] == ppl["u16"] == ppl["u32"]
@@ -288,7 +290,7 @@ def test_passkey_scoring():
 
 
 def test_passkey_evaluation_runs_with_the_kv_cache(ckpt):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = load(ckpt, dtype=torch.float32)
     tok = data.load_tokenizer(ckpt)
     r = ev.evaluate_passkey(model, tok, 192, trials=3, seed=5, progress=False)
     assert r["trials"] == 3 and len(r["records"]) == 3
@@ -304,7 +306,7 @@ def test_passkey_evaluation_runs_with_the_kv_cache(ckpt):
 # --------------------------------------------------------------------------- command line
 
 def run_cli(capsys, *argv):
-    code = ev.main([str(a) for a in argv])
+    code = cli.run(ev.main, [str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -366,11 +368,11 @@ def test_cli_bin_with_ids_beyond_the_vocabulary(ckpt, tmp_path, capsys):
 
 
 def test_cli_adapter_for_another_model(ckpt, tmp_path, capsys):
+    import hf
     import lora
-    from model import Transformer
 
     other = make_hf_checkpoint(tmp_path / "other", intermediate_size=96)
-    model = Transformer.from_pretrained(other, dtype=torch.float32)
+    model = hf.load_model(other, dtype=torch.float32)
     lora.add_lora(model, r=4, alpha=8)
     lora.save_adapter(model, tmp_path / "adapter")
     (np.arange(1000, dtype=np.uint16) % 512).tofile(tmp_path / "ok.bin")

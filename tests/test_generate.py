@@ -6,15 +6,16 @@ import pytest
 import torch
 from conftest import hf_model, make_hf_checkpoint
 
+import cli
 import data
-import eval as ev
 import generate as gen
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     # GQA so that the cache stores fewer kv heads than there are query heads.
-    return make_hf_checkpoint(tmp_path_factory.mktemp("gen") / "tiny", num_key_value_heads=2)
+    return make_hf_checkpoint(tmp_path_factory.mktemp("gen") / "tiny", num_key_value_heads=2,
+                              max_position_embeddings=512)
 
 
 def prompt(n=20, seed=0):
@@ -33,7 +34,7 @@ def greedy_by_recomputation(model, ids, n):
 
 @pytest.mark.parametrize("factor", [None, 2.0], ids=["plain", "PI2"])
 def test_kv_cache_greedy_equals_full_recomputation(ckpt, factor):
-    model = ev.load_model(ckpt, dtype=torch.float32, rope_factor=factor)
+    model = gen.load_model(ckpt, dtype=torch.float32, rope_factor=factor)[0]
     p = prompt()
     ours = gen.generate(model, None, p, 40)          # tokenizer None: no EOS stop
     assert len(ours) == 40
@@ -41,7 +42,7 @@ def test_kv_cache_greedy_equals_full_recomputation(ckpt, factor):
 
 
 def test_greedy_equals_hf_generate(ckpt):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = gen.load_model(ckpt, dtype=torch.float32)[0]
     tok = data.load_tokenizer(ckpt)
     p = prompt(seed=3)
     ours = gen.generate(model, tok, p, 30)
@@ -52,7 +53,7 @@ def test_greedy_equals_hf_generate(ckpt):
 
 
 def test_stops_at_eos(ckpt):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = gen.load_model(ckpt, dtype=torch.float32)[0]
     with torch.no_grad():
         model.norm.weight.zero_()                     # all logits 0: the argmax is token 0
     assert gen.generate(model, None, prompt(), 5) == [0] * 5
@@ -73,7 +74,7 @@ def test_next_token_greedy_and_nucleus():
 
 
 def test_sampling_is_reproducible_with_a_seed(ckpt):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = gen.load_model(ckpt, dtype=torch.float32)[0]
     a = gen.generate(model, None, prompt(), 20, temperature=1.0, top_p=0.9, seed=7)
     b = gen.generate(model, None, prompt(), 20, temperature=1.0, top_p=0.9, seed=7)
     c = gen.generate(model, None, prompt(), 20, temperature=1.0, top_p=0.9, seed=8)
@@ -93,9 +94,9 @@ def test_text_stream_concatenates_to_the_decoded_text(ckpt):
 
 
 def test_chat_keeps_the_history(ckpt):
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = gen.load_model(ckpt, dtype=torch.float32)[0]
     tok = data.load_tokenizer(ckpt)
-    args = types.SimpleNamespace(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=None)
+    args = types.SimpleNamespace(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=None, template="vicuna")
     seen = []
     real = gen.generate
 
@@ -107,7 +108,7 @@ def test_chat_keeps_the_history(ckpt):
     try:
         gen.generate = spy
         lines = ["Hello there", "", "How are you?", "/reset", "Again", "/exit", "never read"]
-        history = gen.chat_loop(model, tok, args, lambda n: None, lines, out=out)
+        history = gen.chat_loop(model, tok, args, lines, out=out)
     finally:
         gen.generate = real
     assert [h[0] for h in history] == ["Again"]               # /reset dropped the first two turns
@@ -120,11 +121,11 @@ def test_chat_keeps_the_history(ckpt):
 
 
 def test_cli_continuation_and_chat(ckpt, capsys, monkeypatch, tmp_path):
-    code = gen.main(["--model", str(ckpt), "--prompt", "To be or not", "--max-new-tokens", "8", "--temperature", "0",
+    code = cli.run(gen.main, ["--model", str(ckpt), "--prompt", "To be or not", "--max-new-tokens", "8", "--temperature", "0",
                      "--dtype", "fp32"])
     out, err = capsys.readouterr()
     assert code == 0, err
-    model = ev.load_model(ckpt, dtype=torch.float32)
+    model = gen.load_model(ckpt, dtype=torch.float32)[0]
     tok = data.load_tokenizer(ckpt)
     p = tok.encode("To be or not", bos=True)
     expected = gen.generate(model, tok, p, 8)
@@ -134,20 +135,20 @@ def test_cli_continuation_and_chat(ckpt, capsys, monkeypatch, tmp_path):
     assert out == stream.text() + "\n"
 
     (tmp_path / "p.txt").write_text("To be or not")
-    assert gen.main(["--model", str(ckpt), "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "8",
+    assert cli.run(gen.main, ["--model", str(ckpt), "--prompt-file", str(tmp_path / "p.txt"), "--max-new-tokens", "8",
                      "--temperature", "0", "--dtype", "fp32"]) == 0
     assert capsys.readouterr().out == out
 
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhow are you\n"))
-    assert gen.main(["--model", str(ckpt), "--chat", "--max-new-tokens", "4", "--dtype", "fp32"]) == 0
+    assert cli.run(gen.main, ["--model", str(ckpt), "--chat", "--max-new-tokens", "4", "--dtype", "fp32"]) == 0
     assert capsys.readouterr().out.count("ASSISTANT: ") == 2
 
 
 def test_cli_errors(ckpt, tmp_path, capsys):
-    assert gen.main(["--model", str(ckpt), "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    assert cli.run(gen.main, ["--model", str(ckpt), "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.txt" in err
-    assert gen.main(["--model", str(ckpt), "--prompt", "x", "--top-p", "0"]) == 2
+    assert cli.run(gen.main, ["--model", str(ckpt), "--prompt", "x", "--top-p", "0"]) == 2
     assert "--top-p" in capsys.readouterr().err
-    assert gen.main(["--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert cli.run(gen.main, ["--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "tokenizer.model" in capsys.readouterr().err

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import hf_model, make_hf_checkpoint
+import hf
 from lora import (
-    DEFAULT_TARGETS, LoRALinear, adapter_state_dict, add_lora, load_adapter, merge_and_export,
-    merge_lora_weights, peft_key, save_adapter,
+    DEFAULT_TARGETS, LoRALinear, adapter_parameters, add_lora, load_adapter, merge_and_export, merge_lora_weights,
+    merged_weight, save_adapter,
 )
 from model import ModelArgs, Transformer
 
@@ -53,7 +54,7 @@ def tokens():
 
 
 def load_ours(path, **kw):
-    return Transformer.from_pretrained(path, dtype=torch.float32, **kw)
+    return hf.load_model(path, dtype=torch.float32, **kw)
 
 
 # --------------------------------------------------------------------------- the layer
@@ -76,29 +77,20 @@ def test_lora_linear_init_and_forward_formula():
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_merge_equals_unmerged_and_unmerge_restores(dtype, tol):
+def test_merged_weight_equals_the_lora_layer(dtype, tol):
     torch.manual_seed(0)
     base = nn.Linear(64, 48, bias=False).to(dtype)
-    w0 = base.weight.detach().clone()
     layer = LoRALinear(base, r=8, alpha=16, dropout=0.1).eval()
     randomize_lora_b(layer, std=0.2)
     x = torch.randn(4, 64).to(dtype)
+    merged = merged_weight(base.weight.detach(), layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling)
+    # W + scaling * B @ A computed in fp32, cast once
+    expected = (base.weight.float() + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()).to(dtype)
+    assert merged.dtype == dtype and torch.equal(merged, expected)
     with torch.no_grad():
-        unmerged = layer(x)
-        layer.merge()
-        assert layer.merged
-        merged = layer(x)
-        layer.merge()                                # idempotent
-        assert rel_err(layer(x).float(), merged.float()) == 0
-    assert merged.dtype == dtype
-    assert rel_err(merged.float(), unmerged.float()) < tol
-    # the merged weight is W + scaling * B @ A computed in fp32
-    expected = (w0.float() + 2.0 * layer.lora_B.detach() @ layer.lora_A.detach()).to(dtype)
-    assert torch.equal(base.weight, expected)
-    with torch.no_grad():
-        layer.unmerge()
-    assert not layer.merged
-    torch.testing.assert_close(base.weight.float(), w0.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
+        assert rel_err(F.linear(x, merged).float(), layer(x).float()) < tol
+    with pytest.raises(ValueError, match="do not fit a weight of shape"):
+        merged_weight(base.weight.detach().T, layer.lora_A, layer.lora_B, 1.0)
 
 
 def test_lora_path_is_fp32_and_output_keeps_base_dtype():
@@ -132,14 +124,6 @@ def test_dropout_applies_only_to_lora_input():
     torch.testing.assert_close(layer(x), base(x) + x @ layer.lora_A.T @ layer.lora_B.T, rtol=1e-5, atol=1e-6)
 
 
-def test_merge_refuses_nf4_base():
-    quant = pytest.importorskip("quant")
-    torch.manual_seed(0)
-    layer = LoRALinear(quant.Linear4bit.from_weight(torch.randn(32, 64), compute_dtype=torch.float32), 4, 8)
-    with pytest.raises(ValueError, match="merge_and_export"):
-        layer.merge()
-
-
 def test_lora_over_linear4bit_is_dequantized_base_plus_lora():
     quant = pytest.importorskip("quant")
     torch.manual_seed(0)
@@ -169,12 +153,13 @@ def test_add_lora_wraps_targets_and_freezes_the_rest():
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_names)
     assert isinstance(model.layers[1].mlp.down_proj, LoRALinear)
     assert isinstance(model.lm_head, nn.Linear)      # never adapted
-    assert model.lora_config == dict(r=4, alpha=8, dropout=0.05, targets=DEFAULT_TARGETS, train_embed_norm=False)
+    assert model.lora_config == dict(r=4, alpha=8, dropout=0.05, targets=DEFAULT_TARGETS, train_embed_norm=False,
+                                     training=None)
     loss = model(torch.randint(0, 97, (1, 8))).square().mean()
     loss.backward()
     assert all(p.grad is not None for p in params if p.shape[0] != 4)   # lora_B gets a gradient at B = 0
     assert model.embed_tokens.weight.grad is None and model.layers[0].self_attn.q_proj.base_layer.weight.grad is None
-    assert set(adapter_state_dict(model)) == set(lora_names)
+    assert set(adapter_parameters(model)) == set(lora_names)
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(model)
 
@@ -188,7 +173,7 @@ def test_add_lora_plus_trains_embeddings_and_norms():
             for ab in ("lora_A", "lora_B")}
     assert trainable == lora | norms | {"embed_tokens.weight", "norm.weight"}
     assert len(params) == len(trainable)
-    assert set(adapter_state_dict(model)) == trainable
+    assert set(adapter_parameters(model)) == trainable
     assert not isinstance(model.layers[0].self_attn.k_proj, LoRALinear)
 
 
@@ -199,31 +184,26 @@ def test_add_lora_bad_targets():
         add_lora(Transformer(tiny_args()), targets=("qproj",))
 
 
-def test_merge_lora_weights_pure_function_matches_layer_merge():
+def test_merge_lora_weights_pure_function_equals_the_adapted_model():
     torch.manual_seed(0)
     model = Transformer(tiny_args()).eval()         # eval: no LoRA dropout
     add_lora(model, r=4, alpha=16)
     randomize_lora_b(model)
-    base = {"model." + k: v.clone() for k, v in model.state_dict().items() if k.endswith(".base_layer.weight")}
-    base = {k.replace(".base_layer", ""): v for k, v in base.items()}
-    base["model.norm.weight"] = model.norm.weight.detach().clone()
-    adapter = {peft_key(k): v for k, v in adapter_state_dict(model).items()}
-    merged = merge_lora_weights(base, adapter, scaling=4.0)
+    base = {hf.hf_key(k.replace(".base_layer", "")): v.clone() for k, v in model.state_dict().items()
+            if not k.endswith((".lora_A", ".lora_B"))}
+    lora = {k: p.detach() for k, p in adapter_parameters(model).items()}
+    merged = merge_lora_weights(base, lora, scaling=4.0)
     assert set(merged) == set(base)
     assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], base[q])
+    dense = Transformer(tiny_args()).eval()
+    dense.load_state_dict({hf.our_key(k): v for k, v in merged.items()})
     tokens = torch.randint(0, 97, (2, 10))
     with torch.no_grad():
-        before = model(tokens)
-        for m in model.modules():
-            if isinstance(m, LoRALinear):
-                m.merge()
-        after = model(tokens)
-    assert rel_err(after, before) < 1e-5
-    q = model.layers[1].self_attn.q_proj.base_layer.weight
-    assert torch.equal(merged["model.layers.1.self_attn.q_proj.weight"], q)
-    assert not torch.equal(base["model.layers.1.self_attn.q_proj.weight"], q)
+        assert rel_err(dense(tokens), model(tokens)) < 1e-5
     with pytest.raises(ValueError, match="lacks"):
-        merge_lora_weights({}, adapter, scaling=4.0)
+        merge_lora_weights({}, lora, scaling=4.0)
 
 
 # --------------------------------------------------------------------------- files: ours <-> PEFT
@@ -360,9 +340,9 @@ def test_merged_export_loads_in_transformers_with_rope_scaling(ckpt, tmp_path):
     randomize_lora_b(ours)
     with torch.no_grad():
         ours.norm.weight.mul_(0.7)
-    save_adapter(ours, tmp_path / "adapter")
-    out = merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged", rope_scaling=scaling,
-                           max_shard_bytes=100_000)
+    save_adapter(ours, tmp_path / "adapter", training={"rope_scaling": ours.args.rope_scaling, "ctx": 256})
+    out, written, source = merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged", max_shard_bytes=100_000)
+    assert written == {"rope_type": "linear", "factor": 2.0} and source.endswith("longqlora.json")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["rope_scaling"] == {"type": "linear", "factor": 2.0} and cfg["rope_theta"] == 20000.0
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -387,14 +367,14 @@ def test_merged_export_of_nf4_trained_adapter_uses_16bit_originals(tmp_path):
     quant = pytest.importorskip("quant")
     base = make_hf_checkpoint(tmp_path / "base16", dtype=torch.bfloat16)
     torch.manual_seed(0)
-    nf4 = Transformer.from_pretrained(base, dtype=torch.float32, quantize="nf4")
+    nf4 = hf.load_model(base, dtype=torch.float32, quantize="nf4")
     add_lora(nf4, r=4, alpha=16)
     randomize_lora_b(nf4)
     save_adapter(nf4, tmp_path / "adapter")
-    out = merge_and_export(base, tmp_path / "adapter", tmp_path / "merged")
+    out, _, _ = merge_and_export(base, tmp_path / "adapter", tmp_path / "merged", rope_factor=1)
     # the adapter also loads back into a fresh NF4 model
     tokens = torch.randint(0, 512, (1, 16))
-    again = load_adapter(Transformer.from_pretrained(base, dtype=torch.float32, quantize="nf4"), tmp_path / "adapter")
+    again = load_adapter(hf.load_model(base, dtype=torch.float32, quantize="nf4"), tmp_path / "adapter")
     assert isinstance(again.layers[0].mlp.up_proj.base_layer, quant.Linear4bit)
     with torch.no_grad():
         assert rel_err(again.eval()(tokens), nf4.eval()(tokens)) < 1e-6
@@ -500,7 +480,7 @@ def test_adapter_of_another_model_is_refused(ckpt, saved_adapter, tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model.safetensors.*shape \(8, 64\).*\(8, 96\).*different model"):
         load_adapter(load_ours(wide), saved_adapter)
     with pytest.raises(ValueError, match="adapter_model.safetensors.*different model"):
-        merge_and_export(wide, saved_adapter, tmp_path / "out")
+        merge_and_export(wide, saved_adapter, tmp_path / "out", rope_factor=1)
     assert not (tmp_path / "out").exists()
     deeper = make_hf_checkpoint(tmp_path / "deep", num_hidden_layers=3)
     with pytest.raises(ValueError, match="missing.*layers.2"):

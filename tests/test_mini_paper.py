@@ -82,10 +82,10 @@ def test_base_is_cached_and_loads_in_transformers(smoke, tiny_pg19):
     report, out = smoke
     from transformers import LlamaForCausalLM
 
-    from model import Transformer
+    import hf
 
     base_dir = out / "cache" / report["config"]["base_dir"]
-    ours = Transformer.from_pretrained(base_dir, dtype=torch.float32)
+    ours = hf.load_model(base_dir, dtype=torch.float32)
     hf = LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32).eval()
     tokens = torch.randint(0, ours.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

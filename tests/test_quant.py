@@ -1,4 +1,5 @@
-"""quant.py: NF4 bytes and values identical to bitsandbytes, state conversion, Linear4bit autograd contract."""
+"""quant.py: NF4 bytes and values identical to bitsandbytes, state conversion, Linear4bit autograd contract;
+hf.py's reader of bitsandbytes' serialised NF4 state."""
 import dataclasses
 import glob
 import json
@@ -6,6 +7,7 @@ import json
 import pytest
 import torch
 
+import hf
 import quant
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -55,6 +57,16 @@ def assert_same_state(state, qs):
         assert state.nested_blocksize == qs.state2.blocksize == 256
     else:
         assert not state.double_quant
+
+
+def state_from_bnb(qs) -> quant.NF4State:
+    """Our NF4State holding the tensors of a bitsandbytes QuantState."""
+    state = quant.NF4State(shape=tuple(qs.shape), dtype=qs.dtype, blocksize=qs.blocksize, absmax=qs.absmax,
+                           code=qs.code)
+    if qs.nested:
+        state = dataclasses.replace(state, offset=float(qs.offset), nested_absmax=qs.state2.absmax,
+                                    nested_blocksize=qs.state2.blocksize, nested_code=qs.state2.code)
+    return state
 
 
 def bnb_dequantize(packed, qs):
@@ -186,10 +198,12 @@ def test_large_weight_matches_bitsandbytes():
 
 
 def test_storage_is_4_127_bits_per_parameter():
+    w_numel = 4096 * 4096
     packed, state = quant.quantize_nf4(torch.randn(4096, 4096, dtype=torch.bfloat16))
+    assert packed.dtype == state.absmax.dtype == torch.uint8 and state.nested_absmax.dtype == torch.float32
     assert packed.numel() == 4096 * 4096 // 2 and state.absmax.numel() == 4096 * 4096 // 64
     assert state.nested_absmax.numel() == 4096 * 4096 // (64 * 256)
-    bits = quant.nf4_storage_bits(packed, state)
+    bits = (packed.numel() * 8 + state.absmax.numel() * 8 + state.nested_absmax.numel() * 32 + 32) / w_numel
     assert bits == pytest.approx(4 + 8 / 64 + 32 / (64 * 256) + 32 / 4096**2, abs=1e-12)
     assert round(bits, 3) == 4.127
 
@@ -204,34 +218,32 @@ def test_round_trip_through_bnb_quant_state(dtype):
     assert torch.equal(bnb_dequantize(packed, quant.state_to_bnb(state)), quant.dequantize_nf4(packed, state).view(-1))
     # bnb quantize -> ours
     ref_packed, ref_state = bnb_quantize(w)
-    back = quant.state_from_bnb(ref_state)
+    back = state_from_bnb(ref_state)
     assert_same_state(back, ref_state)
     assert torch.equal(quant.dequantize_nf4(ref_packed, back).view(-1), bnb_dequantize(ref_packed, ref_state))
     assert quant.state_to_bnb(back) == ref_state  # QuantState.__eq__
 
 
-def test_serialized_tensors_equal_bnb_as_dict():
+def test_reads_bnb_serialized_state():
+    """bitsandbytes' QuantState.as_dict(packed=True), as *-bnb-4bit checkpoints store it, reads back exactly."""
     w = weight((96, 200), torch.bfloat16, seed=4)
     packed, state = quant.quantize_nf4(w)
-    ours = quant.state_to_tensors(state, prefix="model.layers.0.mlp.up_proj.")
-    ref = {"model.layers.0.mlp.up_proj.weight." + k: v for k, v in bnb_quantize(w)[1].as_dict(packed=True).items()}
-    assert ours.keys() == ref.keys()
-    for k in ref:
-        assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
-    meta = json.loads(bytes(ours["model.layers.0.mlp.up_proj.weight.quant_state.bitsandbytes__nf4"].tolist()))
+    prefix = "model.layers.0.mlp.up_proj."
+    ref = {prefix + "weight." + k: v for k, v in bnb_quantize(w)[1].as_dict(packed=True).items()}
+    meta = json.loads(bytes(ref[prefix + "weight.quant_state.bitsandbytes__nf4"].tolist()))
     assert meta["shape"] == [96, 200] and meta["dtype"] == "bfloat16" and meta["nested_blocksize"] == 256
-    # back from the bnb dict, and bnb reads ours
-    back = quant.state_from_tensors({"model.layers.0.mlp.up_proj.weight": packed, **ref}, "model.layers.0.mlp.up_proj.")
+    back = hf.nf4_state_from_tensors({prefix + "weight": packed, **ref}, prefix)
     assert torch.equal(quant.dequantize_nf4(packed, back), quant.dequantize_nf4(packed, state))
-    qs = BF.QuantState.from_dict({k.split("up_proj.")[1]: v for k, v in ours.items()}, device="cpu")
-    assert torch.equal(bnb_dequantize(packed, qs), quant.dequantize_nf4(packed, state).view(-1))
+    assert_same_state(back, bnb_quantize(w)[1])
 
 
-def test_serialized_without_double_quant_round_trips():
-    packed, state = quant.quantize_nf4(weight((8, 64), torch.float32), double_quant=False)
-    tensors = quant.state_to_tensors(state)
+def test_reads_bnb_serialized_state_without_double_quant():
+    w = weight((8, 64), torch.float32)
+    packed, state = quant.quantize_nf4(w, double_quant=False)
+    tensors = {"weight." + k: v for k, v in bnb_quantize(w, double_quant=False)[1].as_dict(packed=True).items()}
     assert set(tensors) == {"weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"}
-    back = quant.state_from_tensors(tensors, packed=packed)
+    back = hf.nf4_state_from_tensors({"weight": packed, **tensors})
+    assert not back.double_quant
     assert torch.equal(quant.dequantize_nf4(packed, back), quant.dequantize_nf4(packed, state))
 
 
@@ -255,13 +267,18 @@ def test_reads_a_transformers_bnb_4bit_checkpoint(tmp_path):
     prefixes = [k[: -len("weight.quant_state.bitsandbytes__nf4")] for k in quantized if k.endswith("bitsandbytes__nf4")]
     assert len(prefixes) == 2 * 7
     for prefix in prefixes:
-        state = quant.state_from_tensors(quantized, prefix)
+        state = hf.nf4_state_from_tensors(quantized, prefix)
         packed, ours = quant.quantize_nf4(dense[prefix + "weight"])
         assert torch.equal(quantized[prefix + "weight"], packed), prefix
         assert torch.equal(quant.dequantize_nf4(packed, state), quant.dequantize_nf4(packed, ours))
-        layer = quant.Linear4bit.from_weight(torch.zeros(state.shape), compute_dtype=torch.float32)
-        layer.load_state_dict({k[len(prefix):]: v for k, v in quantized.items() if k.startswith(prefix)})
+        layer = quant.Linear4bit(quantized[prefix + "weight"], state, compute_dtype=torch.float32)
         assert torch.equal(layer.dequantize(), quant.dequantize_nf4(packed, ours))
+    # and the whole directory loads as our model, in NF4 or dequantized, with the logits of the source
+    ids = torch.randint(0, 512, (1, 24))
+    with torch.no_grad():
+        ref = hf.load_model(src, dtype=torch.float32, quantize="nf4")(ids)
+        for kept in ("nf4", None):
+            assert torch.equal(hf.load_model(tmp_path / "bnb-4bit", dtype=torch.float32, quantize=kept)(ids), ref)
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -269,26 +286,25 @@ def test_reads_a_transformers_bnb_4bit_checkpoint(tmp_path):
 def test_wrong_shapes_give_clear_errors():
     packed, state = quant.quantize_nf4(weight((64, 128), torch.float32))
     with pytest.raises(ValueError, match=r"weight\.absmax has 127 values but shape \(64, 128\).*needs 128"):
-        quant.dequantize_nf4(packed, dataclasses.replace(state, absmax=state.absmax[:-1]))
+        quant.Linear4bit(packed, dataclasses.replace(state, absmax=state.absmax[:-1]))
     with pytest.raises(ValueError, match=r"weight holds 4096 packed bytes but shape \(64, 130\).*needs 4160"):
-        quant.dequantize_nf4(packed, dataclasses.replace(state, shape=(64, 130)))
+        quant.check_state(packed, dataclasses.replace(state, shape=(64, 130)))
     with pytest.raises(ValueError, match=r"weight\.nested_absmax has 2 values"):
         quant.check_state(packed, dataclasses.replace(state, nested_absmax=torch.ones(2)))
-    tensors = {"q_proj.weight": packed, **quant.state_to_tensors(state, "q_proj.")}
+    tensors = {"q_proj.weight." + k: v
+               for k, v in bnb_quantize(weight((64, 128), torch.float32))[1].as_dict(packed=True).items()}
+    tensors["q_proj.weight"] = packed
     meta = json.loads(bytes(tensors["q_proj.weight.quant_state.bitsandbytes__nf4"].tolist()))
     meta["shape"] = [32, 128]
     blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     tensors["q_proj.weight.quant_state.bitsandbytes__nf4"] = blob
     with pytest.raises(ValueError, match=r"q_proj\.weight holds 4096 packed bytes but shape \(32, 128\)"):
-        quant.state_from_tensors(tensors, "q_proj.")
+        hf.nf4_state_from_tensors(tensors, "q_proj.")
     tensors.pop("q_proj.weight.nested_absmax")
     with pytest.raises(ValueError, match=r"missing q_proj\.weight\.nested_absmax"):
-        quant.state_from_tensors(tensors, "q_proj.")
+        hf.nf4_state_from_tensors(tensors, "q_proj.")
     with pytest.raises(ValueError, match="2-D"):
         quant.Linear4bit(*quant.quantize_nf4(torch.randn(64)))
-    layer = quant.Linear4bit.from_weight(torch.randn(32, 64))
-    with pytest.raises(ValueError, match=r"says shape \(64, 128\), the layer is \(32, 64\)"):
-        layer.load_state_dict({"weight": packed, **quant.state_to_tensors(state)})
     with pytest.raises(ValueError, match="quant backend must be one of"):
         quant.Linear4bit.from_weight(torch.randn(8, 64), backend="cuda")
     with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
@@ -346,42 +362,6 @@ def test_linear4bit_saves_no_dense_weight_for_backward():
     assert x.grad is not None and layer.weight.grad is None
 
 
-def test_state_dict_has_bnb_layout_and_round_trips(tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    layer = quant.Linear4bit.from_weight(torch.randn(40, 64), bias=torch.randn(40), compute_dtype=torch.float32)
-    sd = layer.state_dict()
-    assert set(sd) == {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
-                       "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "bias"}
-    two = torch.nn.Sequential(layer, quant.Linear4bit.from_weight(torch.randn(8, 40)))
-    save_file(two.state_dict(), tmp_path / "layers.safetensors")  # no shared storage between layers
-    fresh = quant.Linear4bit.from_weight(torch.zeros(40, 64), bias=torch.zeros(40), compute_dtype=torch.float32)
-    fresh.load_state_dict({k[2:]: v for k, v in load_file(tmp_path / "layers.safetensors").items()
-                           if k.startswith("0.")})
-    x = torch.randn(3, 64)
-    assert torch.equal(fresh(x), layer(x))
-    result = fresh.load_state_dict({**sd, "weight.extra": torch.ones(1)}, strict=False)
-    assert result.unexpected_keys == ["weight.extra"]
-
-
-def test_state_dict_equals_bnb_linear4bit_and_loads_there():
-    torch.manual_seed(0)
-    w, b = torch.randn(48, 64), torch.randn(48)
-    layer = quant.Linear4bit.from_weight(w, bias=b, compute_dtype=torch.float32)
-    ref = bnb.nn.Linear4bit(64, 48, bias=True, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-    ref.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True)
-    ref.bias = torch.nn.Parameter(b.clone())
-    ref = ref.to("cpu")  # quantizes
-    sd, ref_sd = layer.state_dict(), ref.state_dict()
-    assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
-    x = torch.randn(3, 64)
-    assert torch.equal(layer(x), ref(x))
-    other = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    other.weight = bnb.nn.Params4bit.from_prequantized(
-        sd["weight"], {k: v for k, v in sd.items() if k.startswith("weight.")}, device="cpu", module=other)
-    torch.testing.assert_close(other(x) + b, layer(x), rtol=0, atol=0)
-
-
 def test_to_dtype_leaves_quant_state_alone():
     layer = quant.Linear4bit.from_weight(torch.randn(16, 64), bias=torch.randn(16), compute_dtype=torch.float32)
     x = torch.randn(2, 64)
@@ -408,6 +388,4 @@ def test_backends():
     y.sum().backward()
     y2.sum().backward()
     assert torch.equal(x.grad, x2.grad)
-    model = torch.nn.Sequential(auto, with_bnb)
-    quant.set_quant_backend(model, "torch")
-    assert auto.backend == with_bnb.backend == "torch"
+

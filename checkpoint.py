@@ -1,0 +1,195 @@
+"""A training run on disk: what --out holds, how checkpoints are written, and the rules of --resume.
+
+    out/train_config.json   everything the run resolved: flags, PI factor, the base model's fingerprint
+    out/metrics.jsonl       one JSON row per optimizer step, appended and flushed as the run goes
+    out/checkpoint-<step>/  adapter/ (model/ for full fine-tuning) + trainer_state.pt (optimizer, scheduler,
+                            loss scaler, data position, every RNG); written under a hidden name and renamed,
+                            so a folder called checkpoint-<step> is always complete
+    out/adapter/            the final adapter (PEFT format + longqlora.json), or model/; written last
+
+Rules that keep a run from being lost:
+  - without --resume, an --out holding a run is refused (--overwrite replaces it; the demo replaces its own);
+  - --resume continues from the newest complete checkpoint and reproduces an uninterrupted run bit for bit;
+    it refuses a different recipe or a different base model (same path, other weights: the fingerprint of
+    train_config.json), a --max-steps below the checkpoint's step, and an --out that holds a finished or
+    started run but no checkpoint (it would restart at step 0 and overwrite it);
+  - metrics rows after the checkpoint (an interrupted attempt) are dropped on resume; a torn last line (what
+    a crash leaves) is ignored with a warning, any other malformed line is an error naming file and line.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import atomic
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+RUN_FILES = ("metrics.jsonl", "train_config.json", "adapter", "model")
+# train_config.json keys a resumed run must share with the checkpoint's run.
+RECIPE_KEYS = ("model", "base_fingerprint", "data", "split", "ctx", "batch_size", "grad_accum", "lr", "warmup",
+               "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "train_embed_norm",
+               "full_finetune", "group_size_ratio", "attn", "s2_shift", "quant", "dtype", "sft", "template",
+               "loss_weighting", "layout", "rope_factor", "seed", "world_size", "loss_chunk")
+
+
+def checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `out`, oldest first (temporary folders are hidden and never match)."""
+    found = []
+    if out.is_dir():
+        for d in out.iterdir():
+            m = CHECKPOINT.match(d.name)
+            if m and (d / TRAINER_STATE).is_file():
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def has_run(out: Path) -> bool:
+    """Does `out` hold (part of) a run of train.py?"""
+    return out.is_dir() and (any((out / n).exists() for n in RUN_FILES) or any(out.glob("checkpoint-*")))
+
+
+def remove_run(out: Path) -> None:
+    for name in (*RUN_FILES, "demo-base"):
+        p = out / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    for p in out.glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int | None, demo: bool = False):
+    """(step, folder) of the checkpoint to resume from, or None for a fresh start; every refusal is here."""
+    if not resume:
+        if has_run(out) and not overwrite and not (demo and _saved_config(out).get("demo") is True):
+            raise ValueError(f"{out} already holds a training run; pass --resume to continue it, "
+                             "--overwrite to replace it, or another --out")
+        return None
+    found = checkpoints(out)
+    if not found:
+        if (out / "adapter").exists() or (out / "model").exists() or read_metrics(out / "metrics.jsonl"):
+            raise ValueError(f"{out}: --resume, but this run has no checkpoint to resume from (saved with "
+                             "--save-every 0?); restarting would overwrite it. Use --overwrite to start again, "
+                             "or another --out")
+        return None
+    step, folder = found[-1]
+    if max_steps is not None and max_steps < step:
+        raise ValueError(f"{folder}: the newest checkpoint is at step {step}, beyond --max-steps {max_steps}; "
+                         f"pass --max-steps {step} or more to continue this run")
+    return step, folder
+
+
+def _saved_config(out: Path) -> dict:
+    try:
+        saved = json.loads((out / "train_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def check_same_recipe(out: Path, config: dict) -> None:
+    """A resumed run must be the run that wrote the checkpoint: same recipe, same base weights."""
+    saved = _saved_config(out)
+    changed = [k for k in RECIPE_KEYS if k in saved and saved[k] != config.get(k)]
+    if changed:
+        what = ", ".join(f"{k}: {saved[k]!r} -> {config.get(k)!r}" for k in changed)
+        hint = " (the base model's weights changed)" if "base_fingerprint" in changed else ""
+        raise ValueError(f"{out / 'train_config.json'}: cannot resume with a different recipe ({what}){hint}")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    """Every random generator the run touches (LoRA dropout; the data order is seeded separately)."""
+    kind, keys, *rest = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(out: Path, step: int, write_weights, trainer_state: dict, keep: int) -> Path:
+    """checkpoint-<step>/: write_weights(folder) puts the adapter or model there, then trainer_state.pt.
+    Only the newest `keep` checkpoints stay (0: all)."""
+    def write(tmp: Path):
+        write_weights(tmp)
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+
+    final = atomic.write_dir(out / f"checkpoint-{step}", write)
+    for _, old in checkpoints(out)[:-keep] if keep else ():
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def trainer_state(step: int, optimizer, scheduler, scaler, sampler, world: int) -> dict:
+    """Everything besides the weights that a resumed run needs to continue exactly (collective: every rank)."""
+    rngs = [rng_state()]
+    if world > 1:                  # every rank's dropout RNG, so that a resumed run is exact on all of them
+        rngs = [None] * world
+        torch.distributed.all_gather_object(rngs, rng_state())
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rngs}
+
+
+def restore(ckpt: Path, load_weights, optimizer, scheduler, scaler, sampler, rank: int) -> None:
+    """Put the run back as it was when `ckpt` was written; load_weights(folder) restores the trained weights."""
+    try:
+        state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)   # no pickled code
+    except Exception as e:          # zip / pickle errors of a damaged file come in many types
+        raise ValueError(f"{ckpt / TRAINER_STATE}: cannot read, damaged? ({e}); delete {ckpt} to resume from "
+                         "the checkpoint before it") from None
+    load_weights(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(state["rng"][rank])
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line is dropped with a warning, other bad lines are errors."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a row with a step")
+        except ValueError as e:
+            if n == len(lines):
+                warnings.warn(f"{path}:{n}: ignoring a torn last line (interrupted write)", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{n}: malformed metrics row ({e})") from None
+        rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps <= step: what the checkpoint at `step` had seen."""
+    kept = [r for r in read_metrics(path) if r["step"] <= step]
+    atomic.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

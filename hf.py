@@ -1,0 +1,622 @@
+"""The file formats users already have: HF LLaMA checkpoints, bitsandbytes NF4 tensors, PEFT LoRA adapters.
+
+None of this is the method; it is what lets the method run on real checkpoints (REFERENCE §5):
+
+  config.json              <-> ModelArgs        read_config, config_json (every field type- and range-checked)
+  *.safetensors            ->  tensors          safetensors_header, read_tensors (offsets, dtypes and shapes
+                                                checked against the bytes of the file before anything is read)
+  *.index.json, *.bin      ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
+  HF keys                  <-> our module names model.<our name>, except lm_head.weight (hf_key, our_key)
+  *-bnb-4bit checkpoints   ->  NF4State         nf4_state_from_tensors (bitsandbytes' serialised QuantState)
+  PEFT adapter folders     <-> LoRA tensors     read_adapter, write_adapter; base_model.model.model.<name>.lora_A
+                                                .weight, plus `longqlora.json`: the RoPE scaling and context the
+                                                adapter was trained with (PEFT ignores the extra file)
+  HF model folders         <-  tensors          save_checkpoint (sharded, atomic), save_model
+
+load_model builds the Transformer on the `meta` device and materialises it tensor by tensor from the shards
+(read with plain reads into their own buffers, not memory-mapped, so file pages do not pile up in RSS),
+quantising the seven decoder linears to NF4 as they are read when asked: a 7B model never sits in memory
+twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is reported at load, naming the tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+import atomic
+from model import DECODER_LINEARS, ModelArgs, Transformer
+from quant import Linear4bit, NF4State, check_state, dequantize_nf4
+from rope import normalize_rope_scaling
+
+# --------------------------------------------------------------------------- config.json
+
+def load_json(file: Path) -> dict:
+    """A JSON object from `file`; a missing, unreadable or non-object file is one error naming it."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found")
+    try:
+        obj = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: malformed JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def load_config(path) -> dict:
+    """`config.json` of a model folder (or the file itself) as a dict."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() or not path.suffix else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json (is {path} an HF model directory?)")
+    return load_json(file)
+
+
+def _get(cfg: dict, key: str, kind: str, default=None):
+    """cfg[key] checked to be of `kind`: "int" (> 0), "float" (finite, > 0), "bool", "dict"; None if absent."""
+    value = cfg.get(key, default)
+    if value is None:
+        return None
+    ok = {"int": type(value) is int and value > 0,
+          "float": type(value) in (int, float) and math.isfinite(value) and value > 0,
+          "bool": type(value) is bool,
+          "dict": isinstance(value, dict)}[kind]
+    if not ok:
+        want = {"int": "a positive integer", "float": "a finite positive number", "bool": "true or false",
+                "dict": "a JSON object"}[kind]
+        raise ValueError(f"{key} must be {want}, got {value!r}")
+    return value
+
+
+def read_config(path) -> ModelArgs:
+    """ModelArgs of an HF LLaMA folder; any unsupported, missing or out-of-range field is one error naming
+    config.json and the field."""
+    path = Path(path)
+    cfg = load_config(path)
+    source = path / "config.json" if path.is_dir() else path
+    try:
+        return config_to_args(cfg)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def config_to_args(cfg: dict) -> ModelArgs:
+    if cfg.get("model_type", "llama") != "llama":
+        raise ValueError(f"unsupported model_type {cfg['model_type']!r} (only 'llama' is implemented)")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if cfg.get(key, ok) != ok:
+            raise ValueError(f"unsupported {key}={cfg[key]!r} (LLaMA uses {ok!r})")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in required if cfg.get(k) is None]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    ints = {k: _get(cfg, k, "int") for k in (*required, "num_key_value_heads", "head_dim")}
+    # transformers 5 moved rope_theta (and the scaling) into `rope_parameters`
+    rope_params = _get(cfg, "rope_parameters", "dict") or {}
+    scaling = _get(cfg, "rope_scaling", "dict") or {k: v for k, v in rope_params.items() if k != "rope_theta"} or None
+    if scaling and "original_max_position_embeddings" in cfg:
+        # HF lets a top-level original_max_position_embeddings win over the one inside the scaling dict
+        scaling = {**scaling, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
+    theta = _get(rope_params, "rope_theta", "float"), _get(cfg, "rope_theta", "float", 10000.0)   # both checked
+    theta = theta[0] or theta[1]
+    known = set(ints) | {"rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
+                         "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id"}
+    return ModelArgs(
+        vocab_size=ints["vocab_size"], dim=ints["hidden_size"], intermediate_size=ints["intermediate_size"],
+        n_layers=ints["num_hidden_layers"], n_heads=ints["num_attention_heads"],
+        n_kv_heads=ints["num_key_value_heads"], head_dim=ints["head_dim"],
+        norm_eps=_get(cfg, "rms_norm_eps", "float", 1e-6), rope_theta=theta,
+        max_position_embeddings=_get(cfg, "max_position_embeddings", "int", 4096),
+        tie_word_embeddings=_get(cfg, "tie_word_embeddings", "bool", False),
+        rope_scaling=normalize_rope_scaling(scaling),
+        bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2),
+        extra={k: v for k, v in cfg.items() if k not in known})
+
+
+def config_json(args: ModelArgs) -> dict:
+    """The config.json HF transformers (4.x and 5.x) reads back into the same model."""
+    cfg = dict(args.extra)
+    cfg.update(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=args.vocab_size,
+        hidden_size=args.dim, intermediate_size=args.intermediate_size, num_hidden_layers=args.n_layers,
+        num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+        rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, hidden_act="silu",
+        max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=args.tie_word_embeddings,
+        bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id, attention_bias=False, mlp_bias=False,
+        rope_scaling=hf_rope_scaling(args.rope_scaling))
+    cfg.pop("rope_parameters", None)
+    cfg.pop("quantization_config", None)  # what we write is dense
+    return cfg
+
+
+def hf_rope_scaling(scaling: dict | None) -> dict | None:
+    """A normalised scaling dict as config.json gets it: linear/dynamic in the legacy {"type", "factor"} form
+    that transformers 4.31 through 5.x all read, other rules with "rope_type"."""
+    if scaling is None:
+        return None
+    params = {k: v for k, v in scaling.items() if k != "rope_type"}
+    if scaling["rope_type"] in ("linear", "dynamic") and set(params) == {"factor"}:
+        return {"type": scaling["rope_type"], "factor": params["factor"]}
+    return {"rope_type": scaling["rope_type"], **params}
+
+
+def hf_key(key: str) -> str:
+    """Our state-dict key -> the HF checkpoint key."""
+    return key if key.startswith("lm_head.") else "model." + key
+
+
+def our_key(key: str) -> str:
+    return key.removeprefix("model.")
+
+
+# --------------------------------------------------------------------------- reading tensors
+
+# safetensors: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
+# then the raw tensor bytes, offsets relative to the end of the header.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def safetensors_header(file: Path) -> tuple[dict, int]:
+    """({name: {dtype, shape, data_offsets}}, byte offset of the data), every entry checked against the file:
+    a known dtype, a shape of non-negative ints, offsets that hold exactly shape x itemsize bytes inside it."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file}: safetensors header is not a JSON object, corrupt?")
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        problem = _tensor_entry_problem(info, data_bytes=size - 8 - n)
+        if problem:
+            raise ValueError(f"{file}: tensor {name}: {problem}, truncated or corrupt?")
+    return header, 8 + n
+
+
+def _tensor_entry_problem(info, data_bytes: int) -> str | None:
+    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
+        return f"unsupported or missing dtype in {info!r}"[:200]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        return f"bad shape {shape!r}"
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        return f"bad data_offsets {offsets!r}"
+    need = math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
+    if offsets[1] - offsets[0] != need:
+        return f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, shape {shape} needs {need}"
+    if offsets[1] > data_bytes:
+        return f"it ends at data byte {offsets[1]} but the file holds {data_bytes}"
+    return None
+
+
+def _read_safetensor(f, info: dict, data_start: int) -> torch.Tensor:
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    f.readinto(memoryview(buf.numpy()))
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _load_bin(file: Path) -> dict:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # weights_only: no pickle code
+    except Exception as e:  # zip / pickle errors of a damaged file come in many types
+        raise ValueError(f"{file}: cannot read PyTorch checkpoint, truncated or corrupt? ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{file}: expected a dict of tensors")
+    return state
+
+
+def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one .safetensors or .bin file."""
+    return dict((name, t) for name, t, _ in read_tensors({n: file for n in tensor_names(file)}))
+
+
+def tensor_names(file: Path) -> list[str]:
+    if file.suffix == ".safetensors":
+        return list(safetensors_header(file)[0])
+    return list(_load_bin(file))
+
+
+def read_tensors(files: dict[str, Path]):
+    """Yield (name, tensor, file), one tensor at a time, file by file."""
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        if file.suffix == ".safetensors":
+            header, data_start = safetensors_header(file)
+            with open(file, "rb") as f:
+                for name in names:
+                    if name not in header:
+                        raise ValueError(f"{file}: tensor {name} named by the index is not in this shard")
+                    yield name, _read_safetensor(f, header[name], data_start), file
+        else:
+            state = _load_bin(file)
+            for name in names:
+                if name not in state:
+                    raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
+                yield name, state[name], file
+            del state
+
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file holding it: from model.safetensors.index.json, model.safetensors, or .bin files."""
+    path = Path(path)
+    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
+        if index.is_file():
+            return _files_from_index(index)
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (path / single).is_file():
+            return {name: path / single for name in tensor_names(path / single)}
+    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+
+
+def _files_from_index(index: Path) -> dict[str, Path]:
+    weight_map = load_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: malformed index (no weight_map of tensor name -> file name)")
+    files = {}
+    for name, f in weight_map.items():
+        # A shard name is a file of this folder: an index must not make us read anything elsewhere.
+        if not f or Path(f).is_absolute() or ".." in Path(f).parts:
+            raise ValueError(f"{index}: refusing shard {f!r} for {name}: shards must lie inside {index.parent}")
+        files[name] = index.parent / f
+    for f in sorted(set(files.values())):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: shard named by {index} is missing")
+    return files
+
+
+def fingerprint(path) -> str:
+    """A short hash that changes when the checkpoint in `path` does: file names and sizes, and 256 KiB from the
+    start, middle and end of every file (the safetensors header among them, and weights: two checkpoints of
+    the same architecture share their headers). Cheap for a 7B model."""
+    h = hashlib.sha256()
+    for file in sorted(set(checkpoint_files(Path(path)).values())):
+        size = file.stat().st_size
+        h.update(f"{file.name}:{size}\n".encode())
+        with open(file, "rb") as f:
+            for offset in (0, size // 2, max(0, size - (1 << 18))):
+                f.seek(offset)
+                h.update(f.read(1 << 18))
+    return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading a model
+
+# Tensors some older checkpoints carry that are recomputed here, never loaded.
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+_DECODER_LINEAR = re.compile(r"^layers\.\d+\.(self_attn|mlp)\.(%s)\.weight$" % "|".join(DECODER_LINEARS))
+# bitsandbytes' serialised NF4 statistics beside a pre-quantised `*.weight`
+_BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
+
+
+def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, quantize: str | None = None,
+               quant_backend: str = "auto") -> Transformer:
+    """An HF LLaMA folder as our Transformer in eval mode. rope_scaling (e.g. {"type": "linear", "factor": 2.0})
+    replaces the config's: Position Interpolation applied at load time. quantize="nf4" stores the seven decoder
+    linears of every layer in NF4 (quant.Linear4bit), quantised as each tensor is read."""
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
+    path = Path(path)
+    args = read_config(path)
+    if rope_scaling is not None:
+        args.rope_scaling = normalize_rope_scaling(rope_scaling)
+    with torch.device("meta"):
+        model = Transformer(args)
+    _load_weights(model, path, dtype, torch.device(device), quantize == "nf4", quant_backend)
+    return model.eval()
+
+
+def _load_weights(model: Transformer, path: Path, dtype, device, nf4: bool, quant_backend: str) -> None:
+    files = checkpoint_files(path)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+    if model.args.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    prequantized = {n[: -len(".absmax")] for n in files if n.endswith(".weight.absmax")}
+    stats: dict[str, dict] = {}              # bnb statistics of each pre-quantised weight, gathered as read
+    loaded = set()
+    for name, tensor, file in read_tensors(files):
+        base = next((name[: -len(s)] for s in _BNB_SUFFIXES if name.endswith(s)), name)
+        key = our_key(base)
+        if _IGNORED.search(name) or (key == "lm_head.weight" and model.args.tie_word_embeddings):
+            continue                         # (tied checkpoints sometimes store the shared matrix twice)
+        if key not in expected:
+            raise ValueError(f"{file}: unexpected tensor {name} (not part of a {model.args.n_layers}-layer LLaMA)")
+        if base in prequantized:
+            stats.setdefault(base, {})[name] = tensor
+        else:
+            if tuple(tensor.shape) != expected[key]:
+                raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
+            if tensor.is_floating_point() and tensor.numel():
+                check_finite(tensor, name, file, dtype)
+            tensor = tensor.to(device=device, dtype=dtype)
+            if nf4 and _DECODER_LINEAR.match(key):
+                _set_module(model, key, Linear4bit.from_weight(tensor, compute_dtype=dtype, backend=quant_backend))
+            else:
+                _set_parameter(model, key, tensor)
+        loaded.add(key)
+        del tensor
+    for name, tensors in stats.items():
+        _load_prequantized(model, name, tensors, files[name], dtype, device, nf4, quant_backend, expected)
+    missing = sorted(set(expected) - loaded)
+    if missing:
+        shown = ", ".join(hf_key(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+    if model.args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+
+
+def load_state(model: Transformer, path) -> None:
+    """Copy the tensors of an HF folder written by save_model into `model`'s parameters (resuming full
+    fine-tuning)."""
+    state = {our_key(n): t for n, t, _ in read_tensors(checkpoint_files(Path(path)))}
+    if model.args.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(state[name])
+
+
+def check_finite(tensor: torch.Tensor, name: str, file, dtype) -> None:
+    """NaN, inf, or values beyond what `dtype` holds (they would become inf there) are errors naming the tensor."""
+    largest = float(tensor.abs().max())        # NaN propagates, so one pass catches all three
+    if not largest <= torch.finfo(dtype).max:
+        problem = "NaN or inf values" if not math.isfinite(largest) else f"values up to {largest:.3g}, beyond {dtype}"
+        raise ValueError(f"{file}: tensor {name} holds {problem}; the checkpoint is damaged or needs another --dtype")
+
+
+def _load_prequantized(model, name, tensors, file, dtype, device, nf4, quant_backend, expected) -> None:
+    """A weight bitsandbytes saved in NF4 (a `*-bnb-4bit` folder): kept in NF4, or dequantised."""
+    key = our_key(name)
+    if not _DECODER_LINEAR.match(key):
+        raise ValueError(f"{file}: {name} is NF4-quantised but only decoder linears can be")
+    try:
+        state = nf4_state_from_tensors(tensors, prefix=name[: -len("weight")])
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    if tuple(state.shape) != expected[key]:
+        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {expected[key]}")
+    packed = tensors[name]
+    if nf4:
+        _set_module(model, key, Linear4bit(packed, state, compute_dtype=dtype, backend=quant_backend).to(device))
+    else:
+        _set_parameter(model, key, dequantize_nf4(packed, state, dtype).to(device))
+
+
+def _parent(model: nn.Module, key: str):
+    *path, leaf = key.split(".")
+    module = model
+    for part in path:
+        module = getattr(module, part)
+    return module, leaf
+
+
+def _set_parameter(model, key, tensor):
+    module, leaf = _parent(model, key)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def _set_module(model, weight_key, new_module):
+    """Replace the nn.Linear owning `weight_key` by `new_module`."""
+    parent, leaf = _parent(model, weight_key[: -len(".weight")])
+    setattr(parent, leaf, new_module)
+
+
+# --------------------------------------------------------------------------- bitsandbytes' NF4 tensors
+
+_NF4_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def nf4_state_from_tensors(tensors: dict, prefix: str = "") -> NF4State:
+    """The NF4State bitsandbytes serialised beside `<prefix>weight` (QuantState.as_dict(packed=True)):
+    `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`, and the other fields
+    as JSON bytes in a uint8 tensor `weight.quant_state.bitsandbytes__nf4`. Sizes are checked against the shape."""
+    key = prefix + "weight."
+    meta_key = key + "quant_state.bitsandbytes__nf4"
+    if meta_key not in tensors:
+        other = [k for k in tensors if k.startswith(key + "quant_state.")]
+        raise ValueError(f"{other[0]}: only nf4 is supported" if other else f"missing {meta_key}")
+    try:
+        meta = json.loads(bytes(tensors[meta_key].to(torch.uint8).tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{meta_key} does not hold quantization JSON: {e}") from None
+
+    def need(name):
+        if name not in tensors:
+            raise ValueError(f"missing {name}")
+        return tensors[name]
+
+    shape = meta.get("shape") if isinstance(meta, dict) else None
+    if (not isinstance(meta, dict) or meta.get("quant_type") != "nf4" or meta.get("dtype") not in _NF4_DTYPES
+            or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"{meta_key}: expected nf4 with a float dtype and a shape, got {meta}")
+    state = NF4State(shape=tuple(shape), dtype=_NF4_DTYPES[meta["dtype"]], blocksize=meta.get("blocksize"),
+                     absmax=need(key + "absmax"), code=need(key + "quant_map"))
+    if "nested_offset" in meta:
+        state.offset = float(meta["nested_offset"])
+        state.nested_absmax, state.nested_code = need(key + "nested_absmax"), need(key + "nested_quant_map")
+        state.nested_blocksize = meta.get("nested_blocksize")
+    check_state(tensors.get(prefix + "weight"), state, name=prefix + "weight")
+    return state
+
+
+# --------------------------------------------------------------------------- writing HF folders
+
+def save_checkpoint(tensors, config: dict, out_dir, max_shard_bytes: int = 2 * 1024**3, copy_from=None) -> Path:
+    """Write an HF model folder atomically: config.json, safetensors shards (+ index when more than one) and
+    the tokenizer files of `copy_from`. `tensors` yields (hf_name, tensor), so a caller can stream one merged
+    tensor at a time; a shard is written as soon as it is full."""
+    def write(tmp: Path):
+        shards, current, size = [], {}, 0
+
+        def flush():
+            safetensors.torch.save_file(current, str(tmp / f"shard-{len(shards)}"), metadata={"format": "pt"})
+            shards.append(list(current))
+
+        for name, t in tensors:
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+                current, size = {}, 0
+            current[name] = t.detach().contiguous().cpu()
+            size += nbytes
+        if current:
+            flush()
+        n = len(shards)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for i, name in enumerate(names):
+            os.replace(tmp / f"shard-{i}", tmp / name)
+        if n > 1:
+            index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in names)},
+                     "weight_map": {k: names[i] for i, keys in enumerate(shards) for k in keys}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for f in Path(copy_from).iterdir() if copy_from is not None else ():
+            if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "generation_config.json"):
+                shutil.copy2(f, tmp / f.name)
+
+    return atomic.write_dir(out_dir, write)
+
+
+def save_model(model: Transformer, out_dir, max_shard_bytes: int = 2 * 1024**3, copy_from=None) -> Path:
+    """A dense model as an HF LLaMA folder that transformers loads (models trained or fine-tuned here)."""
+    state = model.state_dict()
+    if model.args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return save_checkpoint(((hf_key(k), v) for k, v in state.items()), config_json(model.args), out_dir,
+                           max_shard_bytes, copy_from)
+
+
+# --------------------------------------------------------------------------- PEFT adapters
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"  # .bin: older PEFT
+TRAINABLE_PARAMS, TRAINABLE_PARAMS_BIN = "trainable_params.safetensors", "trainable_params.bin"  # LoRA+ (LongLoRA)
+TRAINING_INFO = "longqlora.json"      # how the adapter was trained: its RoPE scaling and context
+# PEFT wraps the HF model twice (PeftModel.base_model = LoraModel, LoraModel.model = LlamaForCausalLM)
+PEFT_PREFIX = "base_model.model."
+_PEFT_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)(\.default)?\.weight$")
+
+
+def peft_key(key: str) -> str:
+    """`layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
+    return PEFT_PREFIX + hf_key(key) + ".weight"
+
+
+def lora_key_from_peft(key: str) -> str | None:
+    """Inverse of peft_key (PEFT's optional `.default` adapter name accepted); None for a non-LoRA key."""
+    m = _PEFT_LORA_KEY.match(key)
+    return None if m is None else our_key(m["module"]) + "." + m["which"]
+
+
+def write_adapter(out_dir, r: int, alpha: float, dropout: float, targets, tensors: dict, *,
+                  base_model_name_or_path=None, training: dict | None = None) -> Path:
+    """A PEFT adapter folder, atomically. tensors: {our key: tensor}, lora_A/lora_B go to adapter_model.safetensors,
+    anything else (LoRA+ embeddings and norms) to trainable_params.safetensors with HF names, as LongLoRA does.
+    training (rope_scaling, ctx, ...) goes to longqlora.json."""
+    lora = {peft_key(k): v.float().contiguous().cpu() for k, v in tensors.items() if k.endswith(("lora_A", "lora_B"))}
+    extra = {hf_key(k): v.contiguous().cpu() for k, v in tensors.items() if not k.endswith(("lora_A", "lora_B"))}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+              "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+              "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path)}
+
+    def write(tmp: Path):
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        safetensors.torch.save_file(lora, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if extra:
+            safetensors.torch.save_file(extra, str(tmp / TRAINABLE_PARAMS), metadata={"format": "pt"})
+        if training is not None:
+            (tmp / TRAINING_INFO).write_text(json.dumps(training, indent=2) + "\n")
+
+    return atomic.write_dir(out_dir, write)
+
+
+def read_adapter(adapter_dir):
+    """(config, lora, extra, training) of an adapter folder written by us, PEFT or LongLoRA, all checked:
+    lora {our key: tensor} of lora_A (r, in) / lora_B (out, r), extra {our key: tensor} of LoRA+ embeddings and
+    norms ({} without), training the longqlora.json dict or None (an adapter trained elsewhere)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise FileNotFoundError(f"{adapter_dir}: adapter directory not found")
+    config_file = adapter_dir / ADAPTER_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing (not a PEFT adapter directory?)")
+    config = load_json(config_file)
+    _check_lora_config(config, config_file)
+    weights = _first_file(adapter_dir, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN)
+    if weights is None:
+        raise FileNotFoundError(f"{adapter_dir / ADAPTER_WEIGHTS}: missing (nor is there {ADAPTER_WEIGHTS_BIN})")
+    lora = {}
+    for key, t in read_tensor_file(weights).items():
+        ours = lora_key_from_peft(key)
+        if ours is None:
+            raise ValueError(f"{weights}: unexpected tensor {key} (only LoRA A/B weights are supported)")
+        rank = t.shape[0] if ours.endswith("lora_A") else t.shape[-1]
+        if t.dim() != 2 or rank != config["r"]:
+            raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, i.e. rank {rank}, but {config_file} "
+                             f"says r={config['r']}")
+        lora[ours] = t
+    if not lora:
+        raise ValueError(f"{weights}: holds no LoRA weights")
+    if isinstance(config["target_modules"], str):   # a PEFT regex: the tensors say which modules it matched
+        config["target_modules"] = sorted({k.rsplit(".", 2)[-2] for k in lora})
+    extra_file = _first_file(adapter_dir, TRAINABLE_PARAMS, TRAINABLE_PARAMS_BIN)
+    extra = {} if extra_file is None else {
+        our_key(k.removeprefix(PEFT_PREFIX)): t for k, t in read_tensor_file(extra_file).items()}
+    for file, group, key in ((weights, lora, peft_key), (extra_file, extra, hf_key)):
+        bad = next((k for k, t in group.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+        if bad is not None:
+            raise ValueError(f"{file}: {key(bad)} holds NaN or inf values (saved from a diverged run?)")
+    training = load_json(adapter_dir / TRAINING_INFO) if (adapter_dir / TRAINING_INFO).is_file() else None
+    if training is not None:
+        try:
+            training["rope_scaling"] = normalize_rope_scaling(training.get("rope_scaling"))
+        except ValueError as e:
+            raise ValueError(f"{adapter_dir / TRAINING_INFO}: {e}") from None
+    return config, lora, extra, training
+
+
+def _first_file(folder: Path, *names) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _check_lora_config(config: dict, config_file: Path) -> None:
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
+    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout") or 0.0
+    if type(r) is not int or r <= 0:
+        raise ValueError(f"{config_file}: r must be a positive integer, got {r!r}")
+    if type(alpha) not in (int, float) or not math.isfinite(alpha):
+        raise ValueError(f"{config_file}: lora_alpha must be a finite number, got {alpha!r}")
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"{config_file}: lora_dropout must be in [0, 1), got {dropout!r}")
+    targets = config.get("target_modules")
+    if not (isinstance(targets, str) or isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{config_file}: target_modules must be a list of module names, got {targets!r}")
+    # PEFT options that change the computation; refusing beats silently computing something else
+    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
+                "layers_to_transform"):
+        if config.get(key):
+            raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{config_file}: bias={config['bias']!r} is not supported (only 'none')")

@@ -1,0 +1,381 @@
+"""Bad numbers, bad files and interrupted runs: one clear error (or the documented behaviour) and nothing on disk
+lost. Each case of the hardening issue has a test here; the download cases are in test_download.py."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import cli
+import hf
+import train
+from conftest import PG19_MINI, ROOT, make_hf_checkpoint
+from test_train import ENV, common, rows, tree_digest
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("robust")
+    book = sorted((PG19_MINI / "validation").glob("*.txt"))[0]
+    (root / "small.txt").write_text(book.read_text(encoding="utf-8")[500:1500])
+    return {"model": make_hf_checkpoint(root / "tiny", initializer_range=0.125), "cache": root / "cache",
+            "root": root, "small": root / "small.txt"}
+
+
+def run_train(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+def one_error_line(p, *fragments):
+    """Exit status 2, no traceback, and exactly one `error:` line, the last one, containing every fragment."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert [x for x in lines if "error" in x.lower()] == [lines[-1]] and lines[-1].startswith("error: "), p.stderr
+    for f in fragments:
+        assert f in lines[-1], (f, lines[-1])
+    return lines[-1]
+
+
+def edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def copy_model(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+
+@pytest.mark.parametrize("flag,value", [("--lora-alpha", "nan"), ("--lr", "inf"), ("--max-grad-norm", "nan"),
+                                        ("--rope-factor", "inf"), ("--lr", "-1"), ("--weight-decay", "nan"),
+                                        ("--lora-dropout", "1"), ("--group-size-ratio", "nan")])
+def test_non_finite_or_out_of_range_flags(tiny, tmp_path, flag, value):
+    p = run_train("--model", tiny["model"], "--out", tmp_path / "out", flag, value)
+    one_error_line(p, flag, "must be")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite positive number"),
+    ({"rope_theta": -5}, "rope_theta must be a finite positive number"),
+    ({"rope_scaling": {"type": "linear", "factor": 0}}, "factor must be a finite positive number"),
+    ({"rope_scaling": {"type": "linear", "factor": float("inf")}}, "factor must be a finite positive number"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be a positive integer"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ({"hidden_size": "64"}, "hidden_size must be a positive integer, got '64'"),
+    ({"num_attention_heads": True}, "num_attention_heads must be a positive integer"),
+    ({"rope_parameters": "linear"}, "rope_parameters must be a JSON object"),
+    ({"num_key_value_heads": 3}, "not a multiple of num_key_value_heads=3"),
+])
+def test_bad_config_fields_name_the_file_and_field(tiny, tmp_path, changes, fragment):
+    model = copy_model(tiny["model"], tmp_path / "m")
+    edit_config(model, **changes)
+    with pytest.raises(ValueError) as e:
+        hf.read_config(model)
+    assert str(e.value).startswith(str(model / "config.json")) and fragment in str(e.value)
+    p = run_train("--model", model, "--out", tmp_path / "out", "--ctx", 64)
+    one_error_line(p, "config.json", fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_nan_or_overflowing_base_weights_are_reported_at_load(tiny, tmp_path):
+    model = copy_model(tiny["model"], tmp_path / "nan")
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    tensors = load_file(shard)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    for quantize in (None, "nf4"):
+        with pytest.raises(ValueError, match=f"{shard.name}: tensor {name} holds NaN or inf"):
+            hf.load_model(model, dtype=torch.float32, quantize=quantize)
+    tensors[name].view(-1)[3] = 1e6                      # finite in fp32, inf in fp16
+    save_file(tensors, shard, metadata={"format": "pt"})
+    hf.load_model(model, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"tensor {name} holds values up to 1e\\+06, beyond torch.float16"):
+        hf.load_model(model, dtype=torch.float16)
+
+
+def test_diverging_run_stops_before_applying_nan_and_keeps_the_last_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    # Adam moves every weight by ~lr per step: with lr 1e30 the second forward overflows fp32.
+    p = run_train(*common(tiny, out, "--data", tiny["small"], "--max-steps", 6, "--lr", "1e30", "--warmup", 0,
+                          "--save-every", 1))
+    message = one_error_line(p, "step 2:", "not finite", "stopped before applying it", "checkpoint-1")
+    assert "--lr" in message
+    assert [x["step"] for x in rows(out)] == [1]
+    assert sorted(x.name for x in out.iterdir()) == ["checkpoint-1", "metrics.jsonl", "train_config.json"]
+    a = load_file(out / "checkpoint-1" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in a.values())
+
+
+def test_nan_in_a_checkpoint_is_refused_on_resume(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 1))
+    f = out / "checkpoint-2" / "adapter" / "adapter_model.safetensors"
+    t = load_file(f)
+    key = sorted(t)[0]
+    t[key][0, 0] = float("nan")
+    save_file(t, f)
+    before = tree_digest(out)
+    p = run_train(*common(tiny, out, "--data", tiny["small"], "--max-steps", 4, "--save-every", 1, "--resume"))
+    one_error_line(p, "checkpoint-2", "adapter_model.safetensors", key, "NaN")
+    assert tree_digest(out) == before
+
+
+def test_fp16_overflow_on_every_step_is_an_error_not_an_untrained_adapter(tiny, tmp_path):
+    """Norm weights of 300 make the MLP's intermediate overflow fp16 (max 65504) in every forward."""
+    model = copy_model(tiny["model"], tmp_path / "hot")
+    for shard in model.glob("model-*.safetensors"):
+        t = load_file(shard)
+        t = {k: (torch.full_like(v, 300.0) if k.endswith("post_attention_layernorm.weight") else v)
+             for k, v in t.items()}
+        save_file(t, shard, metadata={"format": "pt"})
+    out = tmp_path / "fp16"
+    p = run_train("--model", model, "--data", tiny["small"], "--cache-dir", tiny["cache"], "--out", out, "--ctx", 64,
+                  "--dtype", "fp16", "--max-steps", 3, "--save-every", 0, "--log-every", 100)
+    one_error_line(p, "fp16 loss scaling skipped 3 steps in a row", "nothing saved", "--dtype bf16")
+    assert not (out / "adapter").exists()
+    assert all(x["skipped"] == 1 for x in rows(out))
+    assert train.MAX_SKIPPED == 50        # a long run stops after this many in a row
+
+
+# --------------------------------------------------------------------------- resume never destroys a run
+
+def test_resume_without_checkpoint_refuses_a_finished_run(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 4, "--save-every", 0))
+    before = tree_digest(out)
+    p = run_train(*common(tiny, out, "--data", tiny["small"], "--resume", "--max-steps", 2))
+    one_error_line(p, "no checkpoint to resume from", "--overwrite")
+    assert tree_digest(out) == before and len(rows(out)) == 4
+
+
+def test_resume_with_max_steps_below_the_checkpoint(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 4, "--save-every", 2))
+    before = tree_digest(out)
+    p = run_train(*common(tiny, out, "--data", tiny["small"], "--resume", "--max-steps", 2, "--save-every", 2))
+    one_error_line(p, "checkpoint-4", "step 4, beyond --max-steps 2")
+    assert tree_digest(out) == before
+
+
+def test_resume_refuses_a_different_base_under_the_same_path(tiny, tmp_path):
+    model = copy_model(tiny["model"], tmp_path / "base")
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--model", model, "--data", tiny["small"], "--max-steps", 2, "--save-every", 1))
+    make_hf_checkpoint(tmp_path / "other", seed=5, initializer_range=0.125)
+    for f in model.glob("model*"):
+        f.unlink()
+    for f in (tmp_path / "other").glob("model*"):
+        os.replace(f, model / f.name)
+    before = tree_digest(out)
+    p = run_train(*common(tiny, out, "--model", model, "--data", tiny["small"], "--max-steps", 4,
+                          "--save-every", 1, "--resume"))
+    one_error_line(p, "cannot resume with a different recipe", "base_fingerprint", "weights changed")
+    assert tree_digest(out) == before
+
+
+def test_torn_metrics_line_is_tolerated_on_resume(tiny, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    flags = ["--data", tiny["small"], "--save-every", 2, "--lr", "1e-3"]
+    train.main(common(tiny, full, *flags, "--max-steps", 4))
+    train.main(common(tiny, part, *flags, "--max-steps", 2))
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')              # what a crash in the middle of a write leaves
+    with pytest.warns(UserWarning, match="metrics.jsonl:3: ignoring a torn last line"):
+        train.main(common(tiny, part, *flags, "--max-steps", 4, "--resume"))
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "peak_mem_bytes")}  # noqa: E731
+    assert [strip(r) for r in rows(part)] == [strip(r) for r in rows(full)]
+    (part / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2: malformed metrics row"):
+        train.main(common(tiny, part, *flags, "--max-steps", 6, "--resume"))
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, common(tiny, out, "--data", tiny["small"],
+                                                                    "--max-steps", 100000, "--save-every", 0,
+                                                                    "--log-every", 1))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not rows_or_empty(out):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    step = rows(out)[-1]["step"]
+    assert f"stopped at step {step}; checkpoint {out / f'checkpoint-{step}'}; continue with --resume" in stdout
+    assert (out / f"checkpoint-{step}" / "trainer_state.pt").is_file() and not (out / "adapter").exists()
+    summary = train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", step + 1, "--save-every", 0,
+                                "--resume"))
+    assert summary["steps_run"] == 1 and (out / "adapter").is_dir()
+
+
+def rows_or_empty(out):
+    try:
+        return rows(out)
+    except (OSError, ValueError):
+        return []
+
+
+def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
+    good = tree_digest(out / "checkpoint-2")
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        if str(f).endswith("trainer_state.pt"):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    code = cli.run(train.main, common(tiny, out, "--data", tiny["small"], "--max-steps", 4, "--save-every", 2,
+                                      "--resume"))
+    assert code == 2
+    assert tree_digest(out / "checkpoint-2") == good
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint-2"]
+
+
+# --------------------------------------------------------------------------- malformed checkpoints
+
+def write_raw_safetensors(path, header: dict, data: bytes):
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+@pytest.mark.parametrize("entry,fragment", [
+    ({"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}, "unsupported or missing dtype"),
+    ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "bad shape"),
+    ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "bad shape"),
+    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "bad data_offsets"),
+    ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "hold 8 bytes, shape [3] needs 12"),
+    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "ends at data byte 16 but the file holds 8"),
+    ("not an entry", "unsupported or missing dtype"),
+])
+def test_malformed_safetensors_headers(tmp_path, entry, fragment):
+    f = tmp_path / "model.safetensors"
+    write_raw_safetensors(f, {"model.norm.weight": entry}, b"\0" * 8)
+    with pytest.raises(ValueError, match="model.safetensors: tensor model.norm.weight: ") as e:
+        hf.safetensors_header(f)
+    assert fragment in str(e.value)
+    write_raw_safetensors(f, ["a", "list"], b"")
+    with pytest.raises(ValueError, match="header is not a JSON object"):
+        hf.safetensors_header(f)
+
+
+@pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/passwd", "sub/../../x.safetensors", ""])
+def test_index_naming_a_shard_outside_the_folder_is_refused(tiny, tmp_path, shard):
+    model = copy_model(tiny["model"], tmp_path / "m")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = shard
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"refusing shard {shard!r} for model.norm.weight: shards must lie inside"):
+        hf.load_model(model)
+
+
+# --------------------------------------------------------------------------- eval.py and generate.py limits
+
+def run_script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / name), *map(str, args)], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_eval_device_cuda_without_cuda(tiny):
+    p = run_script("eval.py", "--model", tiny["model"], "--device", "cuda", "--data-path", tiny["small"],
+                   "--seq-len", 64, "--no-progress")
+    one_error_line(p, "--device cuda: CUDA is not available")
+
+
+def test_passkey_length_is_bounded_before_building_the_prompt(tiny):
+    t0 = time.perf_counter()
+    p = run_script("eval.py", "--model", tiny["model"], "--task", "passkey", "--seq-len", 3000000, "--no-progress")
+    one_error_line(p, "--seq-len 3000000", "usable context of 128 tokens")
+    assert time.perf_counter() - t0 < 120
+
+
+def test_generate_is_bounded_by_the_usable_context(tiny):
+    """--max-new-tokens 1e8 neither allocates a cache for 1e8 positions nor runs past the model's 128 tokens."""
+    import data
+    import generate as gen
+
+    model, _ = gen.load_model(tiny["model"], dtype=torch.float32)
+    tok = data.load_tokenizer(tiny["model"])
+    prompt = tok.encode("To be or not to be", bos=True)
+    out = gen.generate(model, None, prompt, 100_000_000, limit=gen.max_length(model))
+    assert len(prompt) + len(out) == 128
+    p = run_script("generate.py", "--model", tiny["model"], "--prompt", "To be", "--max-new-tokens", 100000000,
+                   "--temperature", 0, "--dtype", "fp32")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "usable context 128 tokens" in p.stderr
+    with pytest.raises(ValueError, match="the prompt has 200 tokens; the model's usable context is 128"):
+        gen.generate(model, None, [5] * 200, 10, limit=128)
+
+
+# --------------------------------------------------------------------------- usability
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py", "generate.py"])
+def test_help_answers_before_torch_is_imported(script):
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({str(ROOT / script)!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('TORCH LOADED' if 'torch' in sys.modules else 'NO TORCH')\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip().endswith("NO TORCH"), p.stdout[-500:] + p.stderr[-500:]
+    assert "--threads" in p.stdout
+
+
+@pytest.mark.parametrize("script", ["eval.py", "generate.py"])
+def test_eval_and_generate_help_show_defaults_and_cpu_dtype(script):
+    p = run_script(script, "--help")
+    text = " ".join(p.stdout.split())
+    assert "fp32 on CPU" in text and "(default: auto)" in text and "(default: none)" in text
+
+
+def test_eval_prints_the_rope_factor_and_where_the_json_went(tiny, tmp_path):
+    out = tmp_path / "r.json"
+    p = run_script("eval.py", "--model", tiny["model"], "--data-path", tiny["small"], "--cache-dir", tiny["cache"],
+                   "--seq-len", 64, "--no-progress", "--out", out)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "RoPE factor 1 at every length (from the checkpoint's config.json)" in p.stdout
+    assert f"results: {out}" in p.stdout
+    report = json.loads(out.read_text())
+    assert report["rope_factor"] == 1 and report["results"][0]["rope_factor"] == 1
+    assert report["dtype"] == "float32"        # auto on CPU
+
+
+def test_warmup_longer_than_the_run_warns(tiny, tmp_path):
+    p = run_train(*common(tiny, tmp_path / "run", "--data", tiny["small"], "--max-steps", 2, "--warmup", 5,
+                          "--save-every", 0))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "warning: --warmup 5 is longer than the run (2 steps)" in p.stdout
+
+
+def test_threads_flag_sets_torch_threads(tiny, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        train.main(common(tiny, tmp_path / "run", "--data", tiny["small"], "--max-steps", 1, "--threads", 1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="--threads must be a positive integer"):
+        train.main(common(tiny, tmp_path / "other", "--threads", 0))
