@@ -228,9 +228,8 @@ def assert_complete(gcs, out):
 
 
 def on_disk(out):
-    """Every file under out with its bytes, the stamp sidecar aside."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*")
-            if p.is_file() and p.name != download.STAMP_FILE}
+    """Every file under out with its bytes."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,13 +286,10 @@ def test_download_split_with_paging_and_metadata(gcs, tmp_path):
     listings = [p for p, _ in gcs.log if p.startswith("/storage/")]
     assert len(listings) == 3 + 1  # 6 objects under validation/ in pages of 2, then metadata.csv
     assert len(gcs.object_requests()) == 6
-    stamps = json.loads((out / download.STAMP_FILE).read_text())
-    assert sorted(stamps) == sorted(expected_files(gcs))
-    assert stamps["validation/1.txt"][-1] == "md5 " + md5_hex(gcs.files["validation/1.txt"])
 
     gcs.log.clear()
     fetch(gcs, out)
-    assert gcs.object_requests() == [], "complete verified files are skipped"
+    assert gcs.object_requests() == [], "complete files, verified by their md5, are skipped"
 
 
 def test_empty_object(gcs, tmp_path):
@@ -495,39 +491,19 @@ def test_stale_file_after_the_object_changed(gcs, tmp_path):
                      f"downloading it again"
 
 
-def test_file_modified_after_stamping_is_verified_again(gcs, tmp_path, monkeypatch):
+def test_file_modified_in_place_is_caught_by_its_checksum(gcs, tmp_path):
     out = tmp_path / "pg19"
     fetch(gcs, out)
-    hashed = []
-    real_hash_file = download.hash_file
-    monkeypatch.setattr(download, "hash_file", lambda path, *a, **k: hashed.append(path) or real_hash_file(path, *a, **k))
-    gcs.log.clear()
-    fetch(gcs, out)
-    assert hashed == [] and gcs.object_requests() == [], "the stamps vouch for the files: no re-hash"
-
     path = out / "validation" / "1.txt"
     st = path.stat()
-    time.sleep(0.02)  # past the file system's timestamp granularity
     path.write_bytes(same_size_garbage(path.read_bytes()))
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only ctime tells
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the content tells
+    gcs.log.clear()
     log = []
     fetch(gcs, out, log=log.append)
     assert_complete(gcs, out)
-    assert hashed == [path]
     assert [p for p, _ in gcs.object_requests()] == [f"/{BUCKET}/validation/1.txt"]
-    assert "downloading it again" in log[0]
-
-
-def test_broken_stamp_file_means_hash_again(gcs, tmp_path):
-    out = tmp_path / "pg19"
-    fetch(gcs, out)
-    (out / download.STAMP_FILE).write_text("{not json")
-    (out / "validation" / "0.txt").write_bytes(same_size_garbage(gcs.files["validation/0.txt"]))
-    gcs.log.clear()
-    fetch(gcs, out)
-    assert_complete(gcs, out)
-    assert [p for p, _ in gcs.object_requests()] == [f"/{BUCKET}/validation/0.txt"]
-    assert len(json.loads((out / download.STAMP_FILE).read_text())) == 6
+    assert len(log) == 1 and log[0].startswith(f"{path}: md5 ") and log[0].endswith("downloading it again")
 
 
 def test_spliced_part_from_another_source(gcs, tmp_path):
@@ -587,15 +563,8 @@ def test_listing_without_checksums(gcs, tmp_path):
     with pytest.raises(ValueError) as e:
         fetch(gcs, out)
     assert str(e.value) == (f"{gcs.url}/storage/v1/b/{BUCKET}/o: the listing gives no md5Hash or crc32c for "
-                            f"validation/0.txt (and 5 more); refusing files that cannot be verified "
-                            f"(--allow-unverified accepts them on their size alone)")
+                            f"validation/0.txt (and 5 more); refusing files that cannot be verified")
     assert not out.exists(), "refused before anything is downloaded"
-
-    log = []
-    fetch(gcs, out, allow_unverified=True, log=log.append)
-    assert_complete(gcs, out)
-    assert sorted(log) == sorted(f"warning: {out / name}: no checksum in the listing, accepted on its size alone"
-                                 for name in expected_files(gcs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -645,22 +614,30 @@ def test_trickling_server_is_cut_by_min_rate(gcs, tmp_path):
     assert not (out / name).exists() and (out / (name + ".part")).is_file(), "the good prefix is kept to resume"
 
 
-def test_rate_guard():
+def test_min_rate_rule():
     now = [0.0]
-    guard = download.RateGuard(min_rate=100, window=10, clock=lambda: now[0])
-    for _ in range(40):  # 50 B/s for the first 20 s... but a window only counts once it has passed
-        now[0] += 0.5
-        if now[0] < 10:
-            guard.add(25)
-    with pytest.raises(download.TransientError, match=r"too slow: \d+ B/s over the last 1\d\.\d s"):
-        guard.add(25)
-    fast = download.RateGuard(min_rate=100, window=10, clock=lambda: now[0])
-    for _ in range(100):
-        now[0] += 0.5
-        fast.add(60)  # 120 B/s: never cut
-    off = download.RateGuard(min_rate=0, window=10, clock=lambda: now[0])
-    now[0] += 100
-    off.add(1)
+
+    class Response:
+        """`step` bytes every 0.5 s of the fake clock, `total` bytes in all."""
+        def __init__(self, step, total):
+            self.step, self.left = step, total
+
+        def read1(self, n):
+            now[0] += 0.5
+            chunk = b"x" * min(self.step, self.left, n)
+            self.left -= len(chunk)
+            return chunk
+
+    net = download.Network(timeout=1, retries=0, backoff=0, min_rate=100, rate_window=10)
+    with pytest.raises(download.TransientError, match=r"^too slow: 50 B/s over the last 10\.0 s, below the minimum "
+                                                      r"rate of 100 B/s$"):
+        download.copy_body(Response(25, 10_000), lambda chunk: None, 10_000, net, clock=lambda: now[0])
+    got = []
+    assert download.copy_body(Response(60, 6000), got.append, 6000, net, clock=lambda: now[0]) == 6000, \
+        "120 B/s: never cut"
+    assert download.copy_body(Response(1, 100), got.append, 100, net._replace(min_rate=0), clock=lambda: now[0]) == 100
+    assert download.copy_body(Response(60, 6000), got.append, 100, net, clock=lambda: now[0]) == 101, \
+        "reads stop just past the limit"
 
 
 # ----------------------------------------------------------------------------------------------------
