@@ -37,7 +37,7 @@ RUN_FILES = ("metrics.jsonl", "train_config.json", "adapter", "model")
 RECIPE_KEYS = ("model", "base_fingerprint", "data", "split", "ctx", "batch_size", "grad_accum", "lr", "warmup",
                "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "train_embed_norm",
                "full_finetune", "group_size_ratio", "attn", "s2_shift", "quant", "dtype", "sft", "template",
-               "loss_weighting", "layout", "rope_factor", "seed", "world_size", "loss_chunk")
+               "loss_weighting", "layout", "rope_factor", "seed", "world_size")
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:

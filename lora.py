@@ -38,9 +38,9 @@ DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 
 
 class LoRALinear(nn.Module):
-    """base(x) + scaling * B(A(dropout(x))), the LoRA path in fp32 whatever the base computes in."""
+    """base(x) + B((alpha / r) A(dropout(x))), the LoRA path in fp32 whatever the base computes in."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, shared_input=None):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
@@ -52,16 +52,43 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
         # PEFT's initialisation (nn.Linear's default): uniform(-1/sqrt(in), 1/sqrt(in)).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.input = shared_input or SharedInput(dropout, readers=1)
+        self.dropout = self.input.dropout        # a submodule, so model.train() / .eval() reach it
         self.train(base.training)   # a wrapped eval-mode model stays in eval mode (no dropout)
 
     def forward(self, x):
         y = self.base_layer(x)
-        update = F.linear(F.linear(self.dropout(x.float()), self.lora_A), self.lora_B)
-        return y + (update * self.scaling).to(y.dtype)
+        h = F.linear(self.input(x), self.lora_A) * self.scaling      # scaled on the narrow (r-wide) side
+        return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}"
+        return f"r={self.r}, alpha={self.alpha}, input shared by {self.input.readers}"
+
+
+class SharedInput:
+    """dropout(x) in fp32, made once for the LoRA layers that read the same x (q, k, v; gate, up).
+
+    Each of them would otherwise keep its own fp32 copy of x and its own dropout mask for backward: the
+    largest LoRA activations of a recomputed layer. The readers must be called in a row on the same tensor;
+    the copy is let go after the last one. With dropout 0 the result is bit-identical to unshared inputs;
+    with dropout the readers share one mask instead of drawing one each (PEFT draws one per layer).
+    """
+
+    def __init__(self, dropout: float, readers: int):
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.readers, self.x, self.value, self.reads = readers, None, None, 0
+
+    def __call__(self, x):
+        if self.x is not x:
+            self.x, self.value, self.reads = x, self.dropout(x.float()), 0
+        value, self.reads = self.value, self.reads + 1
+        if self.reads == self.readers:
+            self.x = self.value = None
+        return value
+
+
+# Decoder linears that read the same tensor: RMSNorm(h) feeds q, k, v; RMSNorm(a) feeds gate and up.
+SAME_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _is_adaptable(module: nn.Module) -> bool:
@@ -74,25 +101,34 @@ def _is_embed_or_norm(param_name: str) -> bool:
 
 
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
-             targets=DEFAULT_TARGETS, train_embed_norm: bool = False) -> list[nn.Parameter]:
+             targets=DEFAULT_TARGETS, train_embed_norm: bool = False, share_inputs: bool = True) -> list[nn.Parameter]:
     """Wrap every linear whose attribute name is in `targets` with LoRALinear and freeze everything else.
 
     Returns the trainable parameters: all lora_A/lora_B, plus the embeddings and every norm weight when
-    `train_embed_norm` (LongLoRA's LoRA+). The configuration is kept as `model.lora_config`.
+    `train_embed_norm` (LongLoRA's LoRA+). share_inputs: siblings that read the same tensor (SAME_INPUT) share
+    one dropped-out fp32 input (False: one each, as PEFT). The configuration is kept as `model.lora_config`.
     """
     targets = tuple(dict.fromkeys(targets))
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("the model already has LoRA adapters")
     if "lm_head" in targets:
         raise ValueError("lm_head is never a LoRA target (LongQLoRA adapts the decoder linears only)")
-    found = [(parent, name) for _, parent in model.named_modules() for name, child in parent.named_children()
-             if name in targets and _is_adaptable(child)]
-    missing = [t for t in targets if t not in {name for _, name in found}]
+    parents = {}
+    for _, parent in model.named_modules():
+        names = [n for n, child in parent.named_children() if n in targets and _is_adaptable(child)]
+        if names:
+            parents[parent] = names
+    missing = [t for t in targets if not any(t in names for names in parents.values())]
     if missing:
         raise ValueError(f"LoRA targets {missing} match no linear layer of the model")
     model.requires_grad_(False)
-    for parent, name in found:
-        setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout))
+    for parent, names in parents.items():
+        groups = [[n for n in group if n in names] for group in SAME_INPUT] if share_inputs else []
+        groups += [[n] for n in names if not any(n in g for g in groups)]
+        for group in (g for g in groups if g):
+            shared = SharedInput(dropout, readers=len(group))
+            for name in group:
+                setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout, shared))
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, train_embed_norm=train_embed_norm,
                              training=None)
     trainable = list(adapter_parameters(model).values())

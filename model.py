@@ -16,6 +16,7 @@ computed chunk by chunk of tokens (chunked_cross_entropy), so the (T x vocab) lo
 What is fixed for a run is set once on the model, not passed to every call:
     model.set_attention("s2", group_size_ratio, shift)   S²-Attn for training ("full": inference, evaluation)
     model.gradient_checkpointing = True                  keep each layer's input only, recompute it in backward
+    model.set_memory_savings(mlp_chunk, offload)         MLP in tiles of tokens; checkpoints in host memory
     model.loss_chunk                                     tokens per lm_head + cross-entropy chunk
 Module names mirror the HF checkpoint minus its leading "model.", so checkpoint and PEFT keys map to ours
 by one rule (hf.py, which also does all loading and saving).
@@ -72,10 +73,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # fp32 statistics even for 16-bit activations: the mean of squares over 4096 values overflows fp16.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNorm.apply(x, self.weight, self.eps)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """w * (x * inv).to(x.dtype), inv = 1 / sqrt(mean(x^2) + eps), with fp32 statistics even for 16-bit x (the
+    mean of squares over 4096 values overflows fp16), as HF computes it. Saves only x, which a checkpointed
+    layer keeps anyway, instead of autograd's fp32 copy of it; backward recomputes inv:
+        dx = inv * (g - y * mean(g * y)),   y = x * inv,   g = w * dy,   dw = sum over tokens of dy * y."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return weight * _normalized(x, eps)[0].to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        y, inv = _normalized(x, ctx.eps)
+        g = (dy * weight).float()
+        dx = inv * (g - y * (g * y).mean(-1, keepdim=True)) if ctx.needs_input_grad[0] else None
+        dw = (dy * y.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return None if dx is None else dx.to(x.dtype), dw, None
+
+
+def _normalized(x, eps):
+    x32 = x.float()
+    inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return x32 * inv, inv
 
 
 class Attention(nn.Module):
@@ -106,8 +132,16 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.chunk = 0      # > 0: in training, tokens per separately recomputed tile (see Transformer)
 
     def forward(self, x):
+        if self.chunk and x.shape[1] > self.chunk and torch.is_grad_enabled() and self.training:
+            # The (T x intermediate) activations are the largest of a layer: computed tile by tile, each tile
+            # checkpointed, backward holds one tile's worth of them, at the cost of one more MLP forward.
+            return torch.cat([checkpoint(self.swiglu, t, use_reentrant=False) for t in x.split(self.chunk, 1)], 1)
+        return self.swiglu(x)
+
+    def swiglu(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -161,7 +195,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention, self.group_size_ratio, self.s2_shift = "full", 0.25, "segment"
-        self.gradient_checkpointing = False
+        self.gradient_checkpointing, self.offload_checkpoints = False, False
         self.loss_chunk = 1024
         if self.embed_tokens.weight.device.type != "meta":   # hf.load_model builds on meta: nothing to init
             self.init_weights()
@@ -202,8 +236,10 @@ class Transformer(nn.Module):
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its inside in backward. LoRA dropout stays
-                # identical in the recompute because checkpoint() restores the RNG state.
-                h = checkpoint(layer, h, cos, sin, attend, use_reentrant=False)
+                # identical in the recompute because checkpoint() restores the RNG state. Offloaded, that
+                # input is a pinned host copy (what checkpoint keeps), brought back when the layer runs.
+                kept = to_host(h) if self.offload_checkpoints else h
+                h = checkpoint(run_on, layer, kept, h.device, cos, sin, attend, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, attend, cache)
         if cache is not None:
@@ -219,6 +255,13 @@ class Transformer(nn.Module):
         hidden = self.hidden_states(tokens, padding_mask=padding_mask)
         return chunked_cross_entropy(hidden, self.lm_head.weight, labels, self.loss_chunk, reduction)
 
+    def set_memory_savings(self, mlp_chunk: int = 0, offload_checkpoints: bool = False) -> None:
+        """mlp_chunk > 0: the MLP of a recomputed layer in tiles of that many tokens; offload_checkpoints: the
+        checkpointed layer inputs in pinned host memory (for a GPU; on a CPU it only adds a copy)."""
+        for layer in self.layers:
+            layer.mlp.chunk = mlp_chunk
+        self.offload_checkpoints = offload_checkpoints
+
     def _attend(self, T: int, padding_mask, cache):
         if self.attention == "s2" and cache is None:
             group_size = max(1, int(T * self.group_size_ratio))
@@ -229,6 +272,16 @@ class Transformer(nn.Module):
         if padding_mask is not None and cache is not None:
             raise ValueError("a padding mask with a KV cache is not supported")
         return lambda q, k, v: causal_attention(q, k, v, key_padding_mask=padding_mask)
+
+
+def to_host(h):
+    """A differentiable copy of h in host memory, pinned for a GPU so that the copy runs asynchronously; the
+    device copy can then be freed."""
+    return torch.empty(h.shape, dtype=h.dtype, pin_memory=h.is_cuda).copy_(h, non_blocking=h.is_cuda)
+
+
+def run_on(layer, h, device, *args):
+    return layer(h.to(device, non_blocking=True), *args)
 
 
 # --------------------------------------------------------------------------- the loss

@@ -46,7 +46,8 @@ DEFAULTS = dict(
     warmup=20, weight_decay=0.0, max_grad_norm=0.3, lora_r=64, lora_alpha=16.0, lora_dropout=0.05,
     train_embed_norm=False, group_size_ratio=0.25, attn="s2", s2_shift="segment", quant="nf4", quant_backend="auto",
     dtype="auto", sft=False, template="vicuna", loss_weighting="tokens", rope_factor=None, out=None, save_every=100,
-    keep_checkpoints=3, seed=42, layout="packing", loss_chunk=1024, log_every=10, full_finetune=False,
+    keep_checkpoints=3, seed=42, layout="packing", loss_chunk=1024, log_every=10, full_finetune=False, mlp_chunk=0,
+    offload_activations=False, compile=False,
 )
 PRETRAIN_STEPS = 1000          # the paper's 1000 steps when --max-steps is not given (SFT: one epoch)
 # The paper's recipes (REFERENCE §2), with LongQLoRA's roll shift only on request (see --s2-shift).
@@ -113,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pretraining: one BOS+document per sequence, truncated and padded (LongQLoRA; presets)")
     a("--rope-factor", type=float, help="PI factor; default ceil(ctx / max_position_embeddings); 1: no PI")
     a("--loss-chunk", type=int, help="tokens per lm_head + cross-entropy chunk [1024]")
+    a("--mlp-chunk", type=int, help="MLP of the recomputed layer in tiles of this many tokens: less memory, one "
+                                    "more MLP forward (0: untiled) [0]")
+    a("--offload-activations", action="store_true", default=None,
+      help="keep the checkpointed layer inputs in pinned CPU memory (CUDA; nothing to offload on CPU)")
+    a("--compile", action="store_true", default=None,
+      help="torch.compile every decoder layer (slower on the CPUs measured so far, see README)")
     a("--out", help="output folder [out/demo for the demo, else out/<model name>-<ctx>]")
     a("--save-every", type=int, help="checkpoint every N steps (0: never) [100; demo: 0]")
     a("--keep-checkpoints", type=int, help="keep only the newest N checkpoints (0: all) [3]")
@@ -139,7 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, default in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, preset.get(key, demo.get(key, default)))
-    args.resume, args.overwrite, args.dry_run = bool(args.resume), bool(args.overwrite), bool(args.dry_run)
+    for flag in ("resume", "overwrite", "dry_run", "offload_activations", "compile"):
+        setattr(args, flag, bool(getattr(args, flag)))
     if args.out is None:
         args.out = DEMO_OUT if args.model is None else f"out/{Path(args.model).name}-{args.ctx}"
     check_args(args)
@@ -152,7 +160,7 @@ RANGES = (("ctx", 2, None, "[]"), ("max_steps", 1, None, "[]"), ("batch_size", 1
           ("weight_decay", 0, None, "[]"), ("max_grad_norm", 0, None, "[]"), ("lora_r", 1, None, "[]"),
           ("lora_alpha", 0, None, "(]"), ("lora_dropout", 0, 1, "[)"), ("group_size_ratio", 0, 1, "(]"),
           ("rope_factor", 1, None, "[]"), ("loss_chunk", 1, None, "[]"), ("save_every", 0, None, "[]"),
-          ("keep_checkpoints", 0, None, "[]"), ("log_every", 1, None, "[]"))
+          ("keep_checkpoints", 0, None, "[]"), ("log_every", 1, None, "[]"), ("mlp_chunk", 0, None, "[]"))
 
 
 def check_args(args) -> None:
@@ -211,6 +219,9 @@ def build_model(args, dtype=torch.float32, device="cpu"):
                           quantize=None if args.quant == "none" else "nf4", quant_backend=args.quant_backend)
     model.set_attention(args.attn, args.group_size_ratio, args.s2_shift)
     model.gradient_checkpointing, model.loss_chunk = True, args.loss_chunk
+    model.set_memory_savings(args.mlp_chunk, args.offload_activations and model.lm_head.weight.is_cuda)
+    for layer in model.layers if args.compile else ():
+        layer.compile()
     if args.full_finetune:
         trainable = list(model.parameters())
         model.requires_grad_(True)

@@ -389,3 +389,108 @@ def test_bad_inputs_one_line_exit_2_out_untouched(tiny, existing_out, tmp_path):
     # a fresh --out is not created by a failing run
     p = run_cli(["--model", tmp_path / "nope", "--out", tmp_path / "fresh"])
     assert p.returncode == 2 and not (tmp_path / "fresh").exists()
+
+
+# --------------------------------------------------------------------------- memory savings
+
+def step_grads(tiny, *flags, dropout=0.0, share_inputs=True, seed=0):
+    """Loss and LoRA gradients of one micro-batch with the given memory options."""
+    torch.manual_seed(seed)
+    args = train.parse_args(["--model", str(tiny["model"]), "--ctx", "64", "--lora-dropout", str(dropout),
+                             *map(str, flags)])
+    if not share_inputs:
+        import lora
+        model = hf.load_model(args.model, dtype=torch.float32, quantize="nf4")
+        model.set_attention("s2")
+        model.gradient_checkpointing = True
+        trainable = lora.add_lora(model, r=64, alpha=16, dropout=dropout, share_inputs=False)
+        model.set_memory_savings(args.mlp_chunk, args.offload_activations)
+        model.train()
+    else:
+        model, trainable, _ = train.build_model(args, torch.float32)
+        model.set_memory_savings(args.mlp_chunk, args.offload_activations)   # offload on CPU too: the same path
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in trainable:
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    ids = torch.randint(3, 512, (2, 64), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(seed + 1)
+    loss = model.loss(ids, ids)
+    loss.backward()
+    return loss.item(), [p.grad for p in trainable]
+
+
+def test_shared_lora_inputs_and_offload_are_bit_identical(tiny):
+    """Where the math is unchanged the bits are too: one dropped-out input for q/k/v and gate/up (dropout 0)
+    against PEFT's one per layer, and checkpoints kept in a host copy against kept in place."""
+    loss, grads = step_grads(tiny)
+    for other in (step_grads(tiny, share_inputs=False), step_grads(tiny, "--offload-activations")):
+        assert other[0] == loss and all(torch.equal(a, b) for a, b in zip(other[1], grads))
+
+
+def test_tiled_mlp_equals_untiled(tiny):
+    """Tiles change only the order in which the LoRA gradients are summed over tokens (without dropout: tiles
+    draw their masks tile by tile, a different sample)."""
+    loss, grads = step_grads(tiny)
+    tiled_loss, tiled = step_grads(tiny, "--mlp-chunk", 16)
+    assert tiled_loss == loss
+    for a, b in zip(tiled, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_shared_input_draws_one_dropout_mask_per_group():
+    import lora
+
+    shared = lora.SharedInput(0.5, readers=3)
+    x = torch.randn(4, 8)
+    a, b, c = shared(x), shared(x), shared(x)
+    assert a is b is c and shared.value is None                 # let go after the last reader
+    assert not torch.equal(shared(x), a)                        # a new forward draws a new mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rmsnorm_saves_only_its_input_and_matches_autograd(dtype):
+    """The same values as HF's fp32-statistics RMSNorm, and the gradients autograd gets from that formula."""
+    from model import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, 1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = norm(x)
+    assert {id(t) for t in saved} == {id(x), id(norm.weight)}          # no fp32 copy of x
+    x2, w2 = x.detach().clone().requires_grad_(True), norm.weight.detach().clone().requires_grad_(True)
+    x32 = x2.float()
+    ref = w2 * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert torch.equal(y, ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref.backward(dy)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)   # bf16: 1 ulp
+    torch.testing.assert_close(x.grad, x2.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad, w2.grad, **tol)
+
+
+def test_dry_run_models_the_savings_and_the_budget(capsys):
+    plain = train.main(["--preset", "llama2-7b-12k", "--dry-run"])
+    tiled = train.main(["--preset", "llama2-7b-12k", "--dry-run", "--mlp-chunk", "1024"])
+    assert tiled["layer_recompute"] < plain["layer_recompute"] and tiled["peak_bytes"] <= 12e9
+    long = train.main(["--preset", "llama2-7b-12k", "--dry-run", "--ctx", "65536", "--mlp-chunk", "1024",
+                       "--offload-activations", "--budget", "32GB"])
+    assert long["checkpointed_hidden_states"] == 0 and long["host_checkpoints"] == 34 * 65536 * 4096 * 2
+    assert long["peak_bytes"] <= 30e9
+    out = capsys.readouterr().out
+    assert f"largest ctx that fits 32.0 GB with these settings: {long['largest_ctx']} tokens" in out
+    args = ModelArgs(**memory.ARCHS["llama2-7b"])
+    options = dict(mlp_chunk=1024, offload=True)
+    n = long["largest_ctx"]
+    assert memory.predict_peak_memory(args, n, **options)["peak_bytes"] <= 32e9 < \
+        memory.predict_peak_memory(args, n + 256, **options)["peak_bytes"]
+    sft = train.main(["--preset", "vicuna-13b-sft-8k", "--dry-run", "--mlp-chunk", "1024"])
+    assert sft["peak_bytes"] <= 24e9
+    assert memory.parse_bytes("24GiB") == 24 * 2**30 and memory.parse_bytes("900MB") == 900e6
+    with pytest.raises(ValueError, match="--budget 'lots'"):
+        memory.parse_bytes("lots")
