@@ -371,6 +371,22 @@ def test_sft_conversation_mask_and_template(tmp_path, tok, monkeypatch):
     assert tok.decode(prompt).endswith("USER: And Ophelia? ASSISTANT:")
 
 
+def test_longqlora_template_has_no_bos_and_newlines(tmp_path, tok):
+    """LongQLoRA's own SFT format: SYSTEM + "\nUSER: {input}\nASSISTANT: " then the answer and EOS, no BOS."""
+    path = write(tmp_path / "sft.jsonl", json.dumps({"input": "Who is Hamlet?", "output": "The Prince."}) + "\n")
+    ex = data.SFTDataset(path, tok, ctx=512, template="longqlora")[0]
+    n = int(ex["padding_mask"].sum())
+    prompt = data.SYSTEM + "\nUSER: Who is Hamlet?\nASSISTANT: "
+    answer = tok.encode("The Prince.", bos=False) + [tok.eos_id]
+    assert ex["input_ids"][:n].tolist() == tok.encode(prompt, bos=False) + answer
+    assert ex["input_ids"][0] != tok.bos_id and answer_spans(ex["labels"]) == [answer]
+    assert data.chat_prompt_ids(tok, [], "Who is Hamlet?", "longqlora") == tok.encode(prompt, bos=False)
+    second = data.chat_prompt_ids(tok, [("Who is Hamlet?", "The Prince.")], "And?", "longqlora")
+    assert second == tok.encode(prompt, bos=False) + answer + tok.encode("\nUSER: And?\nASSISTANT: ", bos=False)
+    with pytest.raises(ValueError, match="unknown chat template 'alpaca'"):
+        data.SFTDataset(path, tok, ctx=512, template="alpaca")
+
+
 def test_sft_truncation(tok):
     turns = [("Tell me everything.", "word " * 300)]
     full = data.build_sft_example(tok, turns, ctx=2048)

@@ -152,3 +152,20 @@ def test_cli_errors(ckpt, tmp_path, capsys):
     assert "--top-p" in capsys.readouterr().err
     assert cli.run(gen.main, ["--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "tokenizer.model" in capsys.readouterr().err
+
+
+def test_chat_uses_the_template_the_adapter_was_trained_with(ckpt, tmp_path, monkeypatch, capsys):
+    import lora
+
+    model, _ = gen.load_model(ckpt, dtype=torch.float32)
+    lora.add_lora(model, r=4, alpha=8)
+    lora.save_adapter(model, tmp_path / "sft", training={"rope_scaling": None, "ctx": 128, "template": "longqlora"})
+    seen = []
+    real = gen.generate
+    monkeypatch.setattr(gen, "generate", lambda m, t, ids, *a, **k: seen.append(list(ids)) or real(m, t, ids, *a, **k))
+    tok = data.load_tokenizer(ckpt)
+    for extra, template in (([], "longqlora"), (["--template", "vicuna"], "vicuna")):
+        assert cli.run(gen.main, ["--model", str(ckpt), "--adapter", str(tmp_path / "sft"), "--chat", "--prompt",
+                                  "Who is Hamlet?", "--max-new-tokens", "2", "--dtype", "fp32", *extra]) == 0
+        assert seen[-1] == data.chat_prompt_ids(tok, [], "Who is Hamlet?", template)
+    assert seen[0] != seen[1]

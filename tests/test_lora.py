@@ -496,3 +496,44 @@ def test_export_refuses_quantized_base(ckpt, saved_adapter, tmp_path):
     (base / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="config.json.*16-bit"):
         merge_and_export(base, saved_adapter, tmp_path / "out")
+
+
+def test_merge_cli_carries_the_training_factor_round_trip_with_peft_and_transformers(ckpt, tmp_path, capsys):
+    """train.py at ctx 256 on a 128-token model (PI factor 2) writes the factor into the adapter folder;
+    `python lora.py merge` reads it, and the merged model, PEFT on the base with that factor, and our
+    base + adapter all give the same logits."""
+    import cli
+    import generate
+    import lora
+    import train
+    from conftest import PG19_MINI
+    from peft import PeftModel
+    from transformers import LlamaConfig
+
+    out = tmp_path / "run"
+    train.main(["--model", str(ckpt), "--data", str(PG19_MINI), "--split", "validation", "--cache-dir",
+                str(tmp_path / "cache"), "--out", str(out), "--ctx", "256", "--max-steps", "2", "--lr", "1e-2",
+                "--warmup", "0", "--lora-r", "8", "--dtype", "fp32", "--save-every", "0", "--log-every", "100"])
+    info = json.loads((out / "adapter" / "longqlora.json").read_text())
+    assert info["rope_scaling"] == {"factor": 2.0, "rope_type": "linear"} and info["ctx"] == 256
+    capsys.readouterr()
+    assert cli.run(lora.main, ["merge", "--base", str(ckpt), "--adapter", str(out / "adapter"),
+                               "--out", str(tmp_path / "merged")]) == 0
+    printed = capsys.readouterr().out
+    assert "rope_scaling {'type': 'linear', 'factor': 2.0}" in printed and "longqlora.json" in printed
+    tokens = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        merged = hf_model(tmp_path / "merged")(tokens).logits
+        cfg = LlamaConfig.from_pretrained(ckpt)
+        cfg.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 20000.0}
+        peft = PeftModel.from_pretrained(hf_model(ckpt, config=cfg), out / "adapter").eval()(tokens).logits
+        ours = generate.load_model(ckpt, out / "adapter", dtype=torch.float32)[0](tokens)
+        base = hf_model(ckpt, config=cfg)(tokens).logits
+    assert rel_err(merged, peft) <= 1e-5 and rel_err(ours, peft) <= 1e-5
+    assert rel_err(base, peft) > 1e-4                  # the adapter did change the model
+    # no record and no --rope-factor: refused, nothing written
+    (out / "adapter" / "longqlora.json").unlink()
+    assert cli.run(lora.main, ["merge", "--base", str(ckpt), "--adapter", str(out / "adapter"),
+                               "--out", str(tmp_path / "again")]) == 2
+    assert "the RoPE scaling this adapter was trained with is unknown" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()

@@ -155,7 +155,7 @@ def test_accumulation_is_token_weighted(tiny):
     SGD with lr 1 turns the parameter change into exactly minus the gradient)."""
     tokens = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(3))
     labels = tokens.clone()
-    labels[0, :40] = -100                 # 7 loss tokens in sequence 0, 47 in sequence 1 (SFT-like)
+    labels[0, :40] = -100                 # 8 loss tokens in sequence 0, 47 in sequence 1 (SFT-like)
     split = [{"input_ids": tokens[i:i + 1], "labels": labels[i:i + 1], "padding_mask": None} for i in (0, 1)]
     joint = [{"input_ids": tokens, "labels": labels, "padding_mask": None}]
     results = []
@@ -171,6 +171,46 @@ def test_accumulation_is_token_weighted(tiny):
     assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_micro_batch_weighting_is_longqlora_s_mean_of_means(tiny):
+    """--loss-weighting micro-batch: each micro-batch's mean over its own tokens, averaged over the step (HF
+    Trainer's accumulation in LongQLoRA's SFT), against tokens: one mean over every token of the step."""
+    tokens = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(3))
+    labels = tokens.clone()
+    labels[0, :40] = -100                 # 8 loss tokens in sequence 0, 47 in sequence 1
+    split = [{"input_ids": tokens[i:i + 1], "labels": labels[i:i + 1], "padding_mask": None} for i in (0, 1)]
+    assert [train.loss_tokens(b) for b in split] == [8, 47]
+    model, trainable = lora_model_with_nonzero_b(tiny, dropout=0.0)
+    with torch.no_grad():
+        per_batch = [model.loss(b["input_ids"], b["labels"], reduction="mean").item() for b in split]
+    results = {}
+    for weighting in ("tokens", "micro-batch"):
+        model, trainable = lora_model_with_nonzero_b(tiny, dropout=0.0)
+        opt = torch.optim.SGD(trainable, lr=1.0)
+        before = [p.detach().clone() for p in trainable]
+        r = train.train_step(model, split, opt, torch.amp.GradScaler("cpu", enabled=False), 0, weighting)
+        results[weighting] = (r["loss"], [b - p.detach() for b, p in zip(before, trainable)])
+    assert results["micro-batch"][0] == pytest.approx(sum(per_batch) / 2, rel=1e-6)
+    assert results["tokens"][0] == pytest.approx((8 * per_batch[0] + 47 * per_batch[1]) / 55, rel=1e-6)
+    # the gradient is the mean of the two micro-batches' mean-loss gradients
+    grads = []
+    for b in split:
+        model, trainable = lora_model_with_nonzero_b(tiny, dropout=0.0)
+        model.loss(b["input_ids"], b["labels"], reduction="mean").backward()
+        grads.append([p.grad for p in trainable])
+    for got, g0, g1 in zip(results["micro-batch"][1], *grads):
+        torch.testing.assert_close(got, (g0 + g1) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_presets_and_the_roll_shift(tiny):
+    sft = train.parse_args(["--preset", "vicuna-13b-sft-8k", "--model", str(tiny["model"]), "--data", "x.jsonl"])
+    assert (sft.template, sft.loss_weighting, sft.lr, sft.sft, sft.s2_shift) == ("longqlora", "micro-batch", 1e-4,
+                                                                               True, "segment")
+    exact = train.parse_args(["--preset", "llama2-7b-8k", "--model", str(tiny["model"]), "--s2-shift", "roll"])
+    assert (exact.ctx, exact.grad_accum, exact.layout, exact.s2_shift) == (8192, 16, "truncate", "roll")
+    help_text = " ".join(train.build_parser().format_help().split())
+    assert "LongQLoRA trained with: it wraps around" in help_text and "[segment]" in help_text
 
 
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tiny, tmp_path):
