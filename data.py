@@ -1,32 +1,32 @@
 """Data for LongQLoRA: text sources, a token cache, and the pretraining and SFT sequences the model is fed.
 
-What LongQLoRA (arXiv 2311.04879) and LongLoRA (arXiv 2309.12307) feed the model:
-- Continued pretraining on long texts. Every document is tokenized with the model's sentencepiece
-  `tokenizer.model` as `BOS + text`. Two ways to cut it into training sequences of exactly `ctx` tokens:
-  * packing (LongLoRA, our default): the documents are joined with EOS into one stream
-    `BOS d1 EOS BOS d2 EOS ... BOS dn` and the stream is cut into consecutive chunks of `ctx` tokens
-    (the incomplete tail is dropped); labels = input_ids;
-  * truncation (LongQLoRA's original recipe): one sequence per document, `(BOS + doc)[:ctx]`, shorter
-    documents right-padded, labels -100 and padding_mask False on the padding.
-- SFT on long instructions, in LongQLoRA's template or FastChat's Vicuna v1.1 (`chat_pieces`); only the
-  answers (and their EOS) are learned.
-- Perplexity data: the PG19 / Proof-pile texts, or LongLoRA's pre-tokenized flat `.bin` token files
-  (uint16, or uint32 for vocabularies of more than 65,536 ids).
+Continued pretraining on long texts (LongQLoRA arXiv 2311.04879, LongLoRA arXiv 2309.12307): every document is
+tokenized with the model's sentencepiece `tokenizer.model` as `BOS + text`, then cut into sequences of exactly
+`ctx` tokens by
+  * packing (LongLoRA, our default): the stream `BOS d1 EOS BOS d2 EOS ... BOS dn` cut into consecutive chunks
+    of ctx tokens, the incomplete tail dropped; labels = input_ids;
+  * truncation (LongQLoRA's recipe): one sequence per document, `(BOS + doc)[:ctx]`, shorter documents
+    right-padded (labels -100 and padding_mask False on the padding).
+SFT on long instructions uses LongQLoRA's template or FastChat's Vicuna v1.1 (`chat_pieces`); only the answers
+(and their EOS) are learned. Perplexity data: the PG19 / Proof-pile texts, or LongLoRA's pre-tokenized flat
+`.bin` token files (uint16, or uint32 for vocabularies of more than 65,536 ids).
 
-A batch is a dict of equal-length tensors (the model shifts, so labels are *aligned* with input_ids:
-the loss at position t predicts labels[t + 1] from input_ids[: t + 1]):
-    {"input_ids": LongTensor (B, T),
-     "labels": LongTensor (B, T), -100 = ignored,
-     "padding_mask": BoolTensor (B, T), True = real token, or None when every token is real}
+A source is a .txt file (one document), a .jsonl / .jsonl.gz file (one {"text": ...} object per line), a .bin
+token file, a PG19-layout folder (train/, validation/, test/ of .txt books: a split must be chosen), or any
+other folder of .txt / .jsonl / .jsonl.gz files (recursive, sorted by relative path, hidden entries skipped).
 
-Text is tokenized once and cached as a flat token file (`<name>.bin`, uint16/uint32) beside a small JSON
-index (`<name>.json`) with the document offsets and the fingerprints of the tokenizer and of the source
-files; a second run memory-maps the cache. All files are written atomically (temporary file, then
-`os.replace`): after an error nothing half-written is left.
+A batch is a dict of equal-length tensors; labels are *aligned* with input_ids (the model shifts: the loss at
+position t predicts labels[t + 1] from input_ids[: t + 1]):
+    {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T) with -100 = ignored,
+     "padding_mask": BoolTensor (B, T) with True = real token, or None when every token is real}
 
-Command line (the PG19 download itself is download.py):
+Text is tokenized once and cached as a flat token file (`<name>.bin`, uint16/uint32) beside a small JSON index
+(`<name>.json`) with the document offsets and the fingerprints of the tokenizer and of the source files; a
+second run memory-maps the cache. All files are written atomically (temporary file, then `os.replace`): after
+an error nothing half-written is left.
+
     python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]
-    python data.py download pg19 --split validation --out data/pg19
+    python data.py download pg19 --split validation --out data/pg19      (download.py's command line)
 """
 from __future__ import annotations
 
@@ -56,190 +56,136 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 CACHE_FORMAT = 1
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- tokenizer
 
 class Tokenizer:
-    """The model's sentencepiece `tokenizer.model`; BOS/EOS are the ids the model file defines.
-
-    pad_id: the model's pad id if it has one, else EOS (LLaMA has none). Padding positions are always
-    masked (labels -100, padding_mask False), so the id only has to be a valid embedding row.
-    fingerprint: sha256 of the model file; the token cache is keyed on it.
-    """
+    """The model's sentencepiece `tokenizer.model` and the BOS/EOS ids it defines. pad_id: the model's, else EOS
+    (LLaMA has none); padding is always masked, so it only has to be a valid embedding row."""
 
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: sentencepiece tokenizer.model not found")
-        data = self.path.read_bytes()
+            raise FileNotFoundError(
+                f"{self.path}: not found; the model folder must contain the sentencepiece tokenizer.model")
+        raw = self.path.read_bytes()
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.LoadFromSerializedProto(data)
-        except Exception as e:  # sentencepiece raises RuntimeError/OSError depending on version
+            self.sp.LoadFromSerializedProto(raw)
+        except Exception as e:  # RuntimeError or OSError, depending on the sentencepiece version
             raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from None
-        self.fingerprint = hashlib.sha256(data).hexdigest()
-        self.vocab_size = self.sp.get_piece_size()
-        self.bos_id = self.sp.bos_id()
-        self.eos_id = self.sp.eos_id()
+        self.fingerprint = hashlib.sha256(raw).hexdigest()        # keys the token cache
+        self.vocab_size, self.bos_id, self.eos_id = self.sp.get_piece_size(), self.sp.bos_id(), self.sp.eos_id()
         pad = self.sp.pad_id()
         self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id >= 0 else 0)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text, out_type=int)
-        return self._add_special(ids, bos, eos)
+        return self._add_special(self.sp.encode(text, out_type=int), bos, eos)
 
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
-        """Many documents at once, on all cores (sentencepiece's own thread pool)."""
-        out = self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+        out = self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)  # all cores
         return [self._add_special(ids, bos, eos) for ids in out]
 
     def _add_special(self, ids, bos, eos):
-        if bos and self.bos_id >= 0:
-            ids = [self.bos_id] + ids
-        if eos and self.eos_id >= 0:
-            ids = ids + [self.eos_id]
-        return ids
+        head = [self.bos_id] if bos and self.bos_id >= 0 else []
+        return head + ids + ([self.eos_id] if eos and self.eos_id >= 0 else [])
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 
 
 def load_tokenizer(model_dir) -> Tokenizer:
-    """`model_dir/tokenizer.model` (or the path of a .model file itself)."""
+    """`model_dir/tokenizer.model`, or the path of a .model file itself."""
     path = Path(model_dir)
-    if path.is_dir():
-        path = path / "tokenizer.model"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: not found; the model folder must contain the sentencepiece tokenizer.model")
-    return Tokenizer(path)
+    return Tokenizer(path / "tokenizer.model" if path.is_dir() else path)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Text sources
-# ----------------------------------------------------------------------------------------------------
-
-def is_text_file(path: Path) -> bool:
-    return path.name.endswith(TEXT_SUFFIXES)
-
+# --------------------------------------------------------------------------- text sources
 
 def is_pg19_layout(path: Path) -> bool:
-    """PG19 layout: a folder with train/, validation/ and/or test/ sub-folders (plus metadata.csv)."""
     return path.is_dir() and any((path / split).is_dir() for split in PG19_SPLITS)
 
 
-def source_files(path, split=None) -> list[Path]:
-    """The files a source reads, in a fixed order.
+def source_root(path: Path, split) -> Path:
+    """The folder that document names (and fingerprints) are relative to."""
+    return path.parent if path.is_file() else (path / split if split is not None else path)
 
-    - a `.bin` / `.txt` / `.jsonl` / `.jsonl.gz` file: itself;
-    - a PG19-layout folder: the `.txt` books of `path/split` (split is required there);
-    - any other folder: every `.txt`, `.jsonl`, `.jsonl.gz` below it, recursively, sorted by relative
-      path; hidden entries are skipped.
-    """
+
+def source_files(path, split=None) -> list[Path]:
+    """The files a source reads (see the module docstring), in a fixed order."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
-        if path.suffix == ".bin" or is_text_file(path):
+        if path.suffix == ".bin" or path.name.endswith(TEXT_SUFFIXES):
             return [path]
         raise ValueError(f"{path}: unsupported file type (expected .txt, .jsonl, .jsonl.gz, .bin or a folder)")
-    root = path
-    if split is not None:
-        root = path / split
-        if not root.is_dir():
-            raise FileNotFoundError(f"{root}: split folder not found (PG19 layout: {path}/{{train,validation,test}}/)")
-    elif is_pg19_layout(path):
+    if split is None and is_pg19_layout(path):
         raise ValueError(f"{path}: PG19-layout folder; choose a split ({', '.join(PG19_SPLITS)})")
-    files = []
-    for f in root.rglob("*"):
-        rel = f.relative_to(root)
-        if f.is_file() and is_text_file(f) and not any(part.startswith(".") for part in rel.parts):
-            files.append(f)
-    files.sort(key=lambda f: f.relative_to(root).as_posix())
+    root = source_root(path, split)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: split folder not found (PG19 layout: {path}/{{train,validation,test}}/)")
+    files = [f for f in root.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES)
+             and not any(part.startswith(".") for part in f.relative_to(root).parts)]
     if not files:
         raise ValueError(f"{root}: empty source: no .txt, .jsonl or .jsonl.gz files found")
-    return files
+    return sorted(files, key=lambda f: f.relative_to(root).as_posix())
 
 
-def decode_utf8(data: bytes) -> tuple[str, int]:
-    """UTF-8 text and the number of characters replaced by U+FFFD because their bytes were invalid."""
+def decode_utf8(raw: bytes, replaced: dict, name: str) -> str:
+    """UTF-8 text; invalid bytes become U+FFFD and are counted in replaced[name]."""
     try:
-        return data.decode("utf-8"), 0
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        text = data.decode("utf-8", errors="replace")
+        text = raw.decode("utf-8", errors="replace")
         # A U+FFFD already present in the file is text, not a replacement.
-        return text, text.count("\ufffd") - data.count("\ufffd".encode())
+        replaced[name] = replaced.get(name, 0) + text.count("\ufffd") - raw.count("\ufffd".encode())
+        return text
 
 
-def iter_jsonl(path):
-    """Yields (line number, parsed object, replaced characters) for each non-blank line of .jsonl(.gz)."""
-    path = Path(path)
-    opener = gzip.open if path.name.endswith(".gz") else open
+def iter_jsonl(path: Path, replaced: dict, name: str):
+    """(line number, parsed object) for each non-blank line of a .jsonl(.gz)."""
     try:
-        with opener(path, "rb") as f:
+        with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
                 if not raw.strip():
                     continue
-                line, replaced = decode_utf8(raw)
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(decode_utf8(raw, replaced, name))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                yield lineno, obj, replaced
+                yield lineno, obj
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path}: corrupt gzip file ({e})") from None
 
 
-def jsonl_text(obj, path, lineno) -> str:
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object with a string field \"text\"")
-    return obj["text"]
-
-
 def warn_replaced(replaced: dict):
-    """One warning for the whole source: how many characters were undecodable, and where."""
+    """One warning for the whole source, not one per file or line."""
     if replaced:
-        total = sum(replaced.values())
-        names = ", ".join(sorted(replaced))
-        warnings.warn(f"{total} characters were not valid UTF-8 and were replaced by U+FFFD in: {names}",
-                      stacklevel=3)
+        warnings.warn(f"{sum(replaced.values())} characters were not valid UTF-8 and were replaced by U+FFFD in: "
+                      f"{', '.join(sorted(replaced))}", stacklevel=3)
 
 
 def iter_documents(path, split=None):
-    """Yields (name, text) for each document of a text source (see `source_files`).
-
-    A .txt file is one document (named by its path relative to the source); each line of a .jsonl is one
-    (named `file:line`). Invalid UTF-8 is decoded with replacement; the count is reported once, in a
-    warning, when the iteration finishes.
-    """
+    """(name, text) for each document of a text source: a .txt is named by its path relative to the source,
+    a .jsonl line `file:line`. Invalid UTF-8 is replaced, and reported in one warning at the end."""
     path = Path(path)
     files = source_files(path, split)
     if files == [path] and path.suffix == ".bin":
         raise ValueError(f"{path}: a pre-tokenized token file has no text; use load_token_file()")
-    root = path if path.is_dir() else path.parent
-    if path.is_dir() and split is not None:
-        root = path / split
-    replaced = {}
+    root, replaced = source_root(path, split), {}
     for f in files:
         rel = f.relative_to(root).as_posix()
         if f.name.endswith(".txt"):
-            text, n = decode_utf8(f.read_bytes())
-            text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark is not text
-            if n:
-                replaced[rel] = n
-            yield rel, text
-        else:
-            for lineno, obj, n in iter_jsonl(f):
-                if n:
-                    replaced[rel] = replaced.get(rel, 0) + n
-                yield f"{rel}:{lineno}", jsonl_text(obj, f, lineno)
+            yield rel, decode_utf8(f.read_bytes(), replaced, rel).removeprefix("\ufeff")  # a BOM is not text
+            continue
+        for lineno, obj in iter_jsonl(f, replaced, rel):
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise ValueError(f"{f}:{lineno}: expected a JSON object with a string field \"text\"")
+            yield f"{rel}:{lineno}", obj["text"]
     warn_replaced(replaced)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Flat token files (LongLoRA's .bin) and the token cache
-# ----------------------------------------------------------------------------------------------------
+# ------------------------------------------------------- flat token files (LongLoRA's .bin), token cache
 
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 holds ids 0..65535, so vocabularies of up to 65,536 ids; larger ones need uint32."""
@@ -247,27 +193,23 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where) -> None:
-    """Raises if any id is >= vocab_size (scanned in chunks so a large memmap is never copied whole)."""
-    chunk = 1 << 24
+    chunk = 1 << 24         # a large memmap is scanned, never copied whole
     for start in range(0, len(tokens), chunk):
         part = np.asarray(tokens[start:start + chunk])
-        if len(part) and int(part.max()) >= vocab_size:
+        if int(part.max()) >= vocab_size:
             pos = int(np.flatnonzero(part >= vocab_size)[0])
             raise ValueError(f"{where}: token id {int(part[pos])} at position {start + pos} is outside the "
                              f"model's vocabulary of {vocab_size} ids (wrong tokenizer or dtype?)")
 
 
 def load_token_file(path, vocab_size=None, dtype=None) -> np.ndarray:
-    """Memory-maps a flat token file: LongLoRA's `pg19-validation.bin` etc., no header, native byte order.
-
-    dtype: "uint16" | "uint32"; by default chosen from vocab_size (`token_dtype`), or uint16 (LongLoRA's)
-    when vocab_size is unknown. With vocab_size, every id is checked to be < vocab_size.
-    """
+    """Memory-maps a flat token file (LongLoRA's `pg19-validation.bin` etc.: no header, native byte order),
+    by default as `token_dtype(vocab_size)`, or LongLoRA's uint16 when vocab_size is unknown, and checks its ids."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: token file not found")
     if dtype is None:
-        dtype = token_dtype(vocab_size) if vocab_size else np.dtype(np.uint16)
+        dtype = token_dtype(vocab_size) if vocab_size else np.uint16
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
         raise ValueError(f"{path}: token dtype must be uint16 or uint32, not {dtype}")
@@ -285,11 +227,8 @@ def load_token_file(path, vocab_size=None, dtype=None) -> np.ndarray:
 
 @dataclass
 class TokenCorpus:
-    """Tokenized documents in one flat array: document i is tokens[offsets[i]:offsets[i + 1]].
-
-    bos: True when every document starts with BOS (tokenized text); False for a `.bin` token file, which
-    is one stream of unknown layout and therefore a single document.
-    """
+    """Documents in one flat array: document i is tokens[offsets[i]:offsets[i + 1]]. bos: each starts with BOS
+    (tokenized text); False for a `.bin` token file, one stream of unknown layout and so a single document."""
     tokens: np.ndarray
     offsets: np.ndarray
     names: list
@@ -313,26 +252,22 @@ def sha256_json(obj) -> str:
 
 def source_fingerprint(files, root: Path) -> str:
     """Changes when a file is added, removed, resized or touched."""
-    entries = []
-    for f in files:
-        st = f.stat()
-        entries.append([f.relative_to(root).as_posix() if f != root else f.name, st.st_size, st.st_mtime_ns])
-    return sha256_json(entries)
+    stats = [(f, f.stat()) for f in files]
+    return sha256_json([[f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns] for f, st in stats])
 
 
-def default_cache_dir() -> Path:
-    """`$LONGQLORA_CACHE`, else `$XDG_CACHE_HOME/longqlora` (~/.cache/longqlora). Never beside the source:
-    data folders are often shared or read-only, and root passes every writability probe anyway."""
-    if os.environ.get("LONGQLORA_CACHE"):
-        return Path(os.environ["LONGQLORA_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longqlora"
-
-
-def cache_stem(source: Path, split, tokenizer: Tokenizer) -> str:
-    """Readable and unique: source name, split, and a hash of (absolute source path, split, tokenizer)."""
+def cache_paths(source: Path, split, tokenizer: Tokenizer, cache_dir) -> tuple[Path, Path]:
+    """(token file, index) of a source's cache entry, named readably (source name, split) and uniquely (a hash
+    of the absolute source path, split and tokenizer), so one folder serves every source. The default folder is
+    `$LONGQLORA_CACHE`, else `$XDG_CACHE_HOME/longqlora` (~/.cache/longqlora), never beside the source: data
+    folders are often shared or read-only, and root passes every writability probe anyway."""
+    if cache_dir is None:
+        cache_dir = os.environ.get("LONGQLORA_CACHE") or (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longqlora")
     key = sha256_json([str(source.resolve()), split, tokenizer.fingerprint])[:16]
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in source.name) or "source"
-    return f"{name}-{split}-{key}" if split else f"{name}-{key}"
+    stem = f"{name}-{split}-{key}" if split else f"{name}-{key}"
+    return Path(cache_dir) / f"{stem}.bin", Path(cache_dir) / f"{stem}.json"
 
 
 def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha: str):
@@ -353,7 +288,7 @@ def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha:
 
 
 def batched_documents(docs, max_docs=64, max_chars=64 << 20):
-    """Groups (name, text) pairs so sentencepiece can encode a group on all cores at once."""
+    """Groups of (name, text) pairs, for sentencepiece to encode each group on all cores at once."""
     group, chars = [], 0
     for name, text in docs:
         group.append((name, text))
@@ -367,15 +302,12 @@ def batched_documents(docs, max_docs=64, max_chars=64 << 20):
 
 def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path, index_path: Path,
                 source_sha: str, progress: bool) -> TokenCorpus:
-    """Tokenizes every document as BOS + text into `bin_path`, then writes the index.
-
-    Empty documents are skipped. The index is written last: its presence marks a complete cache.
-    """
+    """Every non-empty document as BOS + text into `bin_path`, then the index: its presence marks a complete cache."""
     dtype = token_dtype(tokenizer.vocab_size)
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     offsets, names, skipped = [0], [], 0
-    with_total = all(f.name.endswith(".txt") for f in files)
+    with_total = all(f.name.endswith(".txt") for f in files)     # a .txt file is one document
     bar = tqdm(total=len(files) if with_total else None, unit="doc", desc=f"tokenizing {source.name}",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -393,13 +325,10 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
                 bar.update(len(group))
         if not names:
             raise ValueError(f"{source}: empty source: no text in {len(files)} file(s)")
-        index = {
-            "format": CACHE_FORMAT, "source": str(source.resolve()), "split": split,
-            "source_sha256": source_sha, "tokenizer": str(tokenizer.path.resolve()),
-            "tokenizer_sha256": tokenizer.fingerprint, "dtype": dtype.name, "bos": tokenizer.bos_id >= 0,
-            "eos": False, "n_documents": len(names), "n_tokens": offsets[-1], "skipped_empty": skipped,
-            "offsets": offsets, "names": names,
-        }
+        index = {"format": CACHE_FORMAT, "source": str(source.resolve()), "split": split, "source_sha256": source_sha,
+                 "tokenizer": str(tokenizer.path.resolve()), "tokenizer_sha256": tokenizer.fingerprint,
+                 "dtype": dtype.name, "bos": tokenizer.bos_id >= 0, "eos": False, "n_documents": len(names),
+                 "n_tokens": offsets[-1], "skipped_empty": skipped, "offsets": offsets, "names": names}
         # An old index must never describe the new token file, so it goes first.
         index_path.unlink(missing_ok=True)
         os.replace(tmp, bin_path)
@@ -412,27 +341,19 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
 
 
 def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=None, vocab_size=None,
-                    progress=True) -> TokenCorpus:
-    """The tokens of a source, tokenized once and cached (see the module docstring).
-
-    A `.bin` token file is memory-mapped as it is (one document; its dtype follows the vocabulary size)
-    and needs no tokenizer. vocab_size: the model's vocabulary, if it differs from the tokenizer's; every
-    token id is checked against it. cache_dir: default `default_cache_dir()`; cache names carry a hash of
-    the absolute source path, split and tokenizer, so one folder serves every source.
-    """
+                    progress=True, dtype=None) -> TokenCorpus:
+    """The tokens of a source, tokenized once and cached; a `.bin` token file is memory-mapped as it is (one
+    document) and needs no tokenizer. Every id is checked against vocab_size (default: the tokenizer's)."""
     path = Path(path)
     vocab = vocab_size or (tokenizer.vocab_size if tokenizer is not None else None)
-    files = source_files(path, split)
-    if path.is_file() and path.suffix == ".bin":
-        tokens = load_token_file(path, vocab_size=vocab)
+    if path.suffix == ".bin" and not path.is_dir():
+        tokens = load_token_file(path, vocab_size=vocab, dtype=dtype)
         return TokenCorpus(tokens, np.array([0, len(tokens)], dtype=np.int64), [path.name], False, path)
+    files = source_files(path, split)
     if tokenizer is None:
         raise ValueError(f"{path}: a text source needs the model's tokenizer")
-    root = (path / split if split is not None else path) if path.is_dir() else path
-    source_sha = source_fingerprint(files, root)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    stem = cache_stem(path, split, tokenizer)
-    bin_path, index_path = folder / f"{stem}.bin", folder / f"{stem}.json"
+    source_sha = source_fingerprint(files, source_root(path, split))
+    bin_path, index_path = cache_paths(path, split, tokenizer, cache_dir)
     corpus = read_cache(bin_path, index_path, tokenizer.fingerprint, source_sha)
     if corpus is None:
         corpus = write_cache(path, split, files, tokenizer, bin_path, index_path, source_sha, progress)
@@ -441,74 +362,48 @@ def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=Non
     return corpus
 
 
-# ----------------------------------------------------------------------------------------------------
-# Pretraining datasets, collate, sampler
-# ----------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------- pretraining datasets, collate, sampler
 
 def example(input_ids, labels, padding_mask=None) -> dict:
     return {"input_ids": input_ids, "labels": labels, "padding_mask": padding_mask}
 
 
 class PackedDataset:
-    """LongLoRA packing: `BOS d1 EOS BOS d2 EOS ... BOS dn` cut into chunks of exactly ctx tokens.
-
-    EOS joins documents (none after the last one); the incomplete last chunk is dropped; labels equal
-    input_ids (a chunk may start mid-document; every token is real, so padding_mask is None). The stream
-    is never materialised: a chunk is gathered from the memory-mapped documents on demand.
-    """
+    """LongLoRA packing (see the module docstring). EOS joins documents, none follows the last one; a chunk may
+    start mid-document. The stream is never materialised: a chunk is gathered from the memory-mapped documents."""
 
     def __init__(self, corpus: TokenCorpus, ctx: int, eos_id: int):
         if ctx < 1:
             raise ValueError(f"ctx must be positive, got {ctx}")
         self.corpus, self.ctx, self.eos_id = corpus, ctx, eos_id
-        n_docs = len(corpus)
         self.lengths = np.diff(corpus.offsets)
-        # document i starts after the i EOS tokens that precede it in the stream
-        self.starts = corpus.offsets[:-1] + np.arange(n_docs)
-        self.stream_len = int(corpus.offsets[-1]) + n_docs - 1
+        self.starts = corpus.offsets[:-1] + np.arange(len(corpus))     # after the EOS of every earlier document
+        self.stream_len = corpus.n_tokens + len(corpus) - 1
         if self.stream_len < ctx:
             raise ValueError(f"{corpus.path or 'corpus'}: {self.stream_len} tokens, fewer than ctx={ctx}")
 
     def __len__(self):
         return self.stream_len // self.ctx
 
-    def stream_slice(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty(stop - start, dtype=np.int64)
-        doc = int(np.searchsorted(self.starts, start, side="right")) - 1
-        pos = start
-        while pos < stop:
-            inside = pos - int(self.starts[doc])
-            length = int(self.lengths[doc])
-            if inside < length:
-                take = min(length - inside, stop - pos)
-                begin = int(self.corpus.offsets[doc]) + inside
-                out[pos - start:pos - start + take] = self.corpus.tokens[begin:begin + take]
-                pos += take
-            else:  # the EOS that joins document doc to doc + 1
-                out[pos - start] = self.eos_id
-                pos += 1
-                doc += 1
-        return out
-
     def __getitem__(self, i):
         if not 0 <= i < len(self):
             raise IndexError(i)
-        ids = torch.from_numpy(self.stream_slice(i * self.ctx, (i + 1) * self.ctx))
+        pos = np.arange(i * self.ctx, (i + 1) * self.ctx)              # positions in the stream
+        doc = np.searchsorted(self.starts, pos, side="right") - 1
+        inside = pos - self.starts[doc]
+        is_eos = inside == self.lengths[doc]                             # the EOS that joins doc to doc + 1
+        ids = np.asarray(self.corpus.tokens[np.where(is_eos, 0, self.corpus.offsets[doc] + inside)], dtype=np.int64)
+        ids[is_eos] = self.eos_id
+        ids = torch.from_numpy(ids)
         return example(ids, ids.clone())
 
 
 def pad_right(ids: list[int], labels: list[int], ctx: int, pad_id: int) -> dict:
-    """Right-pads to ctx: pad_id in input_ids, -100 in labels, False in padding_mask (None if no padding)."""
+    """Right-pads to ctx with pad_id / -100 / mask False; padding_mask is None when nothing is padded."""
     n = len(ids)
-    input_ids = torch.full((ctx,), pad_id, dtype=torch.long)
-    input_ids[:n] = torch.as_tensor(ids, dtype=torch.long)
-    out_labels = torch.full((ctx,), IGNORE_INDEX, dtype=torch.long)
-    out_labels[:n] = torch.as_tensor(labels, dtype=torch.long)
-    mask = None
-    if n < ctx:
-        mask = torch.zeros(ctx, dtype=torch.bool)
-        mask[:n] = True
-    return example(input_ids, out_labels, mask)
+    input_ids = torch.tensor(ids + [pad_id] * (ctx - n), dtype=torch.long)
+    labels = torch.tensor(labels + [IGNORE_INDEX] * (ctx - n), dtype=torch.long)
+    return example(input_ids, labels, None if n == ctx else torch.arange(ctx) < n)
 
 
 class TruncatedDataset:
@@ -530,10 +425,7 @@ class TruncatedDataset:
 
 
 def collate(examples: list[dict], pad_id: int = 0) -> dict:
-    """Stacks examples into a batch; unequal lengths are right-padded (pad_id, -100, mask False).
-
-    padding_mask is None when every token of the batch is real.
-    """
+    """Stacks examples into a batch, right-padding unequal lengths like `pad_right`."""
     T = max(len(e["input_ids"]) for e in examples)
     B = len(examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -548,14 +440,10 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict:
 
 
 class ShuffledSampler:
-    """An endless stream of dataset indices: a fresh permutation of range(n) each epoch.
-
-    The permutation of epoch e depends only on (seed, e), so the order is reproducible and the state is
-    just (epoch, position): `state_dict()` saved with a checkpoint makes `load_state_dict()` resume at the
-    exact next index. Data parallel: rank r of world_size takes positions r, r + world_size, ... of the
-    epoch's permutation, truncated to a multiple of world_size so every rank sees the same number of
-    indices per epoch (the ranks' gradient all-reduces stay in step); the ranks' indices are disjoint.
-    """
+    """An endless stream of dataset indices: a fresh permutation of range(n) each epoch, depending only on
+    (seed, epoch), so the state is just (epoch, position) and `load_state_dict` resumes at the exact next index.
+    Rank r of world_size takes positions r, r + world_size, ... of the permutation cut to a multiple of
+    world_size: disjoint indices, and as many per rank, so the gradient all-reduces stay in step."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
@@ -566,8 +454,7 @@ class ShuffledSampler:
         self.epoch, self.position = 0, 0
         self._cached = (None, None)
 
-    def __len__(self):
-        """Indices per epoch for this rank."""
+    def __len__(self):  # indices per epoch for this rank
         return self.n // self.world_size
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
@@ -582,9 +469,8 @@ class ShuffledSampler:
     def __next__(self) -> int:
         if self.position >= len(self):
             self.epoch, self.position = self.epoch + 1, 0
-        index = int(self.epoch_indices(self.epoch)[self.position])
         self.position += 1
-        return index
+        return int(self.epoch_indices(self.epoch)[self.position - 1])
 
     def state_dict(self) -> dict:
         return {"n": self.n, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
@@ -604,29 +490,30 @@ def batches(dataset, sampler: ShuffledSampler, batch_size: int, pad_id: int = 0)
         yield collate([dataset[next(sampler)] for _ in range(batch_size)], pad_id)
 
 
-# ----------------------------------------------------------------------------------------------------
-# SFT: chat templates
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- SFT chat templates
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 TEMPLATES = ("longqlora", "vicuna")
 
 
+def check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
 def sft_turns(record, where) -> list[tuple[str, str]]:
     """[(human, assistant), ...] from {"input", "output"} (LongQLoRA) or {"conversation": [{"human",
-    "assistant"}, ...]} (multi-turn). Texts are stripped (the template supplies the spaces)."""
+    "assistant"}, ...]} (multi-turn). Texts are stripped: the template supplies the spaces."""
     if isinstance(record, dict) and "conversation" in record:
         conv = record["conversation"]
         if not isinstance(conv, list) or not conv:
             raise ValueError(f"{where}: \"conversation\" must be a non-empty list of turns")
-        turns = []
         for k, turn in enumerate(conv):
             if not (isinstance(turn, dict) and isinstance(turn.get("human"), str)
                     and isinstance(turn.get("assistant"), str)):
                 raise ValueError(f"{where}: conversation turn {k} needs string fields \"human\" and \"assistant\"")
-            turns.append((turn["human"].strip(), turn["assistant"].strip()))
-        return turns
+        return [(turn["human"].strip(), turn["assistant"].strip()) for turn in conv]
     if isinstance(record, dict) and isinstance(record.get("input"), str) and isinstance(record.get("output"), str):
         return [(record["input"].strip(), record["output"].strip())]
     raise ValueError(f"{where}: expected {{\"input\", \"output\"}} strings or a \"conversation\" list")
@@ -643,8 +530,7 @@ def chat_pieces(tokenizer: Tokenizer, turns, template: str = "vicuna") -> list[t
     word-boundary marker at the start of each encoded piece, exactly where the whole string would have it.
     A turn whose assistant text is None ends the pieces after its prompt (a generation prompt).
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    check_template(template)
     vicuna = template == "vicuna"
     pieces = [([tokenizer.bos_id], False)] if vicuna and tokenizer.bos_id >= 0 else []
     for k, (human, assistant) in enumerate(turns):
@@ -682,14 +568,11 @@ class SFTDataset:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: SFT file not found")
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+        check_template(template)
         self.tokenizer, self.ctx, self.template = tokenizer, ctx, template
-        self.conversations, replaced = [], {}
-        for lineno, obj, n in iter_jsonl(path):
-            if n:
-                replaced[path.name] = replaced.get(path.name, 0) + n
-            self.conversations.append(sft_turns(obj, f"{path}:{lineno}"))
+        replaced = {}
+        records = iter_jsonl(path, replaced, path.name)
+        self.conversations = [sft_turns(obj, f"{path}:{lineno}") for lineno, obj in records]
         warn_replaced(replaced)
         if not self.conversations:
             raise ValueError(f"{path}: empty SFT file")
@@ -701,9 +584,7 @@ class SFTDataset:
         return build_sft_example(self.tokenizer, self.conversations[i], self.ctx, self.template)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- command line
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -1,33 +1,26 @@
 """Evaluation of a context-extended LLaMA: perplexity on long texts (PG19, Proof-pile) and passkey retrieval.
 
-LongQLoRA reports perplexity at evaluation lengths 1024 / 2048 / 4096 / 8192 with full causal attention
-(S²-Attn is a training-time approximation only), the base in NF4 (REFERENCE §6, §7). The RoPE scaling is the
-one the weights were trained with, the same at every length (rope.py's inference rule: --rope-factor, else
-the adapter's longqlora.json, else the checkpoint's config.json); it is printed and written to the results.
+As LongQLoRA reports it (REFERENCE §6, §7): lengths 1024 / 2048 / 4096 / 8192, full causal attention (S²-Attn
+only approximates it in training), the base in NF4. The RoPE scaling is the one the weights were trained with,
+the same at every length (rope.py's inference rule: --rope-factor, else the adapter's longqlora.json, else the
+checkpoint's config.json); it is printed and written to the results.
 
-Perplexity. The evaluation text is one flat token stream x_0 .. x_{N-1} (tokenized documents back to back,
-each starting with BOS, or LongLoRA's pre-tokenized `.bin`). A window is x_s .. x_{s+L-1} (L = seq_len); the
-model predicts x_t from x_s .. x_{t-1}, so a window holds L - 1 predictions, with nll_t = -log p(x_t | ...).
-Three protocols:
-
+Perplexity. The text is one flat token stream x_0 .. x_{N-1} (tokenized documents back to back, each starting
+with BOS, or LongLoRA's pre-tokenized `.bin`). A window x_s .. x_{s+L-1} (L = seq_len) holds L - 1 predictions,
+nll_t = -log p(x_t | x_s .. x_{t-1}). Three protocols:
   longlora   LongLoRA's eval.py: windows start at s in range(0, N - L, stride) with the LAST start dropped
-             (stride 256 by default); each window's loss is the mean of its L - 1 nlls, and
-                 ppl = exp(mean over windows of the window losses).
-             Tokens in the overlap of windows are scored several times; the tail of the stream is not scored.
-  longqlora  LongQLoRA's evaluate.py: the same loop with stride = seq_len (non-overlapping windows). The default,
-             because the paper's table (REFERENCE §7) comes from it.
-  sliding    Every token x_1 .. x_{N-1} is scored exactly once, with up to L - 1 tokens of context:
-                 the first window [0, L) scores x_1 .. x_{L-1};
-                 then each window [e - L, e), e = L + stride, L + 2 stride, ..., N (the last one cut at N),
-                 scores only its new targets x_{e_prev} .. x_{e-1}, each with at least L - stride tokens of context.
-             Windows are right-aligned (all exactly L tokens long, unlike the HF docs' loop, whose last window is
-             shorter), stride defaults to L // 2 and must be < L. ppl = exp(sum of nlls / (N - 1)).
-             The scored token set is x_1 .. x_{N-1} whatever L is, so perplexities at different context lengths
-             are comparable: the same targets, only the context changes.
-
-"tokens" in the results counts scored predictions (with multiplicity for the overlapping longlora windows).
-Logits and loss are computed in chunks (model.chunked_cross_entropy over the final hidden states), so no
-(T, vocab) fp32 tensor exists, and attention goes through SDPA: an 8k window fits where eager attention would not.
+             (stride 256 by default); ppl = exp(mean over windows of each window's mean nll). Tokens in the
+             overlap of windows are scored several times; the tail of the stream is not scored.
+  longqlora  LongQLoRA's evaluate.py: the same with stride = seq_len (non-overlapping windows). The default:
+             the paper's table (REFERENCE §7) comes from it.
+  sliding    Every token x_1 .. x_{N-1} is scored exactly once, ppl = exp(sum of nlls / (N - 1)): the first
+             window [0, L) scores x_1 .. x_{L-1}; each next window [e - L, e), e = L + stride, L + 2 stride, ...,
+             N, scores only its new targets x_{e_prev} .. x_{e-1}, with at least L - stride tokens of context.
+             Windows are right-aligned, all exactly L long (the HF docs' last one is shorter); stride defaults to
+             L // 2 and must be < L. The scored set is the same at every L, so lengths are comparable.
+"tokens" in the results counts scored predictions (with multiplicity for longlora's overlaps). Logits and loss
+are computed in chunks (model.chunked_cross_entropy), so no (T, vocab) fp32 tensor exists, and attention goes
+through SDPA: an 8k window fits where eager attention would not.
 
 Passkey retrieval (LongLoRA, PI): filler text ("The grass is green. The sky is blue. ...") with one line
 "The pass key is K. Remember it. K is the pass key." at a random depth, then "What is the pass key? The pass
@@ -132,65 +125,49 @@ from rope import describe_scaling
 # --------------------------------------------------------------------------- data
 
 def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
-    """(path, split to pass to the reader) of a named dataset under data_dir, or FileNotFoundError that lists
-    every place looked at and how to get the data.
-
-    pg19: the PG19 text layout (`data_dir/pg19/<split>/*.txt`, or data_dir itself in that layout) is preferred,
-    since it is tokenized with the evaluated model's own tokenizer; LongLoRA's `pg19-<split>.bin` (LLaMA
-    tokenizer, uint16) otherwise. proof-pile: LongLoRA's `proof-pile-<split>.bin` first (the paper's sample of
-    128 long test documents), then jsonl(.gz) files of the Proof-pile split."""
-    data_dir = Path(data_dir)
+    """(path, split for the reader) of a named dataset, or FileNotFoundError naming every place looked at and how
+    to get the data. pg19 prefers the text layout (`pg19/<split>/*.txt`), tokenized with the evaluated model's own
+    tokenizer, to LongLoRA's `pg19-<split>.bin` (LLaMA's); proof-pile prefers LongLoRA's `proof-pile-<split>.bin`
+    (the paper's sample of 128 long test documents) to the split's jsonl(.gz) files."""
+    d = Path(data_dir)
+    # (path, reader split, folder that must hold text files; None for a file)
     if dataset == "pg19":
-        candidates = [(data_dir / "pg19", split, data_dir / "pg19" / split), (data_dir, split, data_dir / split),
-                      (data_dir / f"pg19-{split}.bin", None, None),
-                      (data_dir / "pg19" / f"pg19-{split}.bin", None, None)]
-        how = (f"get it with `python data.py download pg19 --split {split} --out {data_dir / 'pg19'}` "
+        candidates = [(d / "pg19", split, d / "pg19" / split), (d, split, d / split),
+                      (d / f"pg19-{split}.bin", None, None), (d / "pg19" / f"pg19-{split}.bin", None, None)]
+        how = (f"get it with `python data.py download pg19 --split {split} --out {d / 'pg19'}` "
                f"(or add --download), or pass --data-path")
     elif dataset == "proof-pile":
-        pp = data_dir / "proof-pile"
-        candidates = [(data_dir / f"proof-pile-{split}.bin", None, None), (pp / f"proof-pile-{split}.bin", None, None),
+        pp = d / "proof-pile"
+        candidates = [(d / f"proof-pile-{split}.bin", None, None), (pp / f"proof-pile-{split}.bin", None, None),
                       (pp / split, None, pp / split), (pp / f"{split}.jsonl.gz", None, None),
-                      (pp / f"{split}.jsonl", None, None), (data_dir / f"proof-pile-{split}.jsonl.gz", None, None)]
+                      (pp / f"{split}.jsonl", None, None), (d / f"proof-pile-{split}.jsonl.gz", None, None)]
         how = ("get LongLoRA's pre-tokenized proof-pile-test.bin (linked from the LongLoRA README) or the Proof-pile "
                "jsonl.gz test files into that folder, or pass --data-path")
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose pg19 or proof-pile, or pass --data-path")
-    looked = []
+
+    def found(path, folder):
+        if folder is None:
+            return path.is_file()
+        return folder.is_dir() and any(f.is_file() and f.name.endswith(data.TEXT_SUFFIXES) for f in folder.rglob("*"))
+
     for path, reader_split, folder in candidates:
-        if folder is not None:
-            looked.append(f"{folder}/")
-            if folder.is_dir() and _has_text(folder):
-                return path, reader_split
-        else:
-            looked.append(str(path))
-            if path.is_file():
-                return path, None
-    raise FileNotFoundError(f"no {dataset} {split} data found; looked for {', '.join(looked)}; {how}")
-
-
-def _has_text(folder: Path) -> bool:
-    return any(f.is_file() and f.name.endswith((".txt", ".jsonl", ".jsonl.gz")) for f in folder.rglob("*"))
+        if found(path, folder):
+            return path, reader_split
+    looked = ", ".join(str(path) if folder is None else f"{folder}/" for path, _, folder in candidates)
+    raise FileNotFoundError(f"no {dataset} {split} data found; looked for {looked}; {how}")
 
 
 def load_eval_tokens(path, split=None, tokenizer=None, vocab_size=None, bin_dtype=None, cache_dir=None,
                      max_tokens=None, progress=True) -> np.ndarray:
-    """The flat token stream of a source: a `.bin` token file memory-mapped as is (uint16 unless bin_dtype or a
-    vocabulary above 65,536 says otherwise), or text tokenized with the model's tokenizer once and cached
-    (data.tokenize_source). Every id is checked against vocab_size. max_tokens keeps the first tokens only."""
-    path = Path(path)
-    if path.suffix == ".bin":
-        tokens = data.load_token_file(path, vocab_size=vocab_size, dtype=bin_dtype)
-    else:
-        if tokenizer is None:
-            raise ValueError(f"{path}: a text source needs the model's tokenizer")
-        corpus = data.tokenize_source(path, tokenizer, split=split, cache_dir=cache_dir, vocab_size=vocab_size,
-                                      progress=progress)
-        tokens = corpus.tokens[:corpus.n_tokens]
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
-        tokens = tokens[:max_tokens]
-    return tokens
+    """The flat token stream of a source (data.tokenize_source: a `.bin` as it is, text tokenized once and
+    cached), every id checked against vocab_size; max_tokens keeps the first tokens only."""
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
+    corpus = data.tokenize_source(path, tokenizer, split=split, cache_dir=cache_dir, vocab_size=vocab_size,
+                                  progress=progress, dtype=bin_dtype)
+    tokens = corpus.tokens[:corpus.n_tokens]
+    return tokens if max_tokens is None else tokens[:max_tokens]
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -232,30 +209,27 @@ def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
 
 @torch.inference_mode()
 def token_nll(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    """nll (B, T - 1) float32 of the next tokens of tokens (B, T):
-    nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1]), with the model's attention (full unless set)."""
+    """nll (B, T - 1) float32: nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
     return model.loss(tokens, tokens, reduction="none")
 
 
 def evaluate_perplexity(model: Transformer, tokens, seq_len: int, protocol: str = "longqlora",
                         stride: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
-    """Perplexity of `tokens` (1-D array or tensor of ids) under one protocol; see the module docstring.
-
-    Returns {"seq_len", "stride", "protocol", "ppl", "nll", "tokens", "windows", "seconds"}, nll = log(ppl).
-    The result does not depend on batch_size (windows of one batch all have the same length)."""
+    """Perplexity of `tokens` (1-D ids) under one protocol: {"seq_len", "stride", "protocol", "ppl", "nll",
+    "tokens", "windows", "seconds"}, nll = log(ppl). All windows have the same length, so they batch freely and
+    the result does not depend on batch_size."""
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
     windows = perplexity_windows(len(tokens), seq_len, protocol, stride)
     device = model.embed_tokens.weight.device
-    window_losses, nll_sum, scored = [], 0.0, 0
-    t0 = time.perf_counter()
+    window_losses, nll_sum, scored, t0 = [], 0.0, 0, time.perf_counter()
     bar = tqdm(total=len(windows), desc=f"{protocol} L={seq_len}", unit="win", disable=not progress,
                dynamic_ncols=True)
-    for batch in _same_length_batches(windows, batch_size):
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i:i + batch_size]
         ids = torch.stack([torch.from_numpy(np.asarray(tokens[s:e], dtype=np.int64)) for s, _, e in batch])
-        nll = token_nll(model, ids.to(device)).double().cpu()
-        for row, (s, first, e) in zip(nll, batch):
+        for row, (s, first, e) in zip(token_nll(model, ids.to(device)).double().cpu(), batch):
             picked = row[first - s - 1:e - s - 1]        # prediction of token t sits at index t - s - 1
             window_losses.append(picked.mean().item())
             nll_sum += picked.sum().item()
@@ -265,17 +239,6 @@ def evaluate_perplexity(model: Transformer, tokens, seq_len: int, protocol: str 
     mean_nll = nll_sum / scored if protocol == "sliding" else sum(window_losses) / len(window_losses)
     return {"seq_len": seq_len, "stride": stride, "protocol": protocol, "ppl": math.exp(mean_nll), "nll": mean_nll,
             "tokens": scored, "windows": len(windows), "seconds": time.perf_counter() - t0}
-
-
-def _same_length_batches(windows, batch_size):
-    batch = []
-    for w in windows:
-        if batch and (len(batch) == batch_size or w[2] - w[0] != batch[0][2] - batch[0][0]):
-            yield batch
-            batch = []
-        batch.append(w)
-    if batch:
-        yield batch
 
 
 # --------------------------------------------------------------------------- passkey retrieval
@@ -289,17 +252,16 @@ PASSKEY_NEW_TOKENS = 10         # " 12345." is at most 7 LLaMA tokens (digits ar
 DEPTH_BUCKETS = 5
 
 
-def filler_text(n_words: int) -> str:
-    """The first n_words words of the filler sentences repeated (word granularity lets the prompt length hit its
-    target within a token or two; LongLoRA cuts its filler at a character count)."""
-    words = " ".join(FILLER).split()
-    return " ".join(words[i % len(words)] for i in range(n_words))
-
-
 def passkey_text(n_filler: int, depth: float, key: str) -> str:
-    """The prompt text with n_filler filler words, round(depth * n_filler) of them before the key line."""
+    """The prompt text with n_filler filler words, round(depth * n_filler) of them before the key line. Words,
+    not LongLoRA's character count, so the prompt length hits its target within a token or two."""
+    words = " ".join(FILLER).split()
+
+    def filler(n):      # the first n words of the filler sentences, repeated
+        return " ".join(words[i % len(words)] for i in range(n))
+
     before = round(depth * n_filler)
-    return "\n".join([PASSKEY_TASK, filler_text(before), PASSKEY_LINE.format(key=key), filler_text(n_filler - before),
+    return "\n".join([PASSKEY_TASK, filler(before), PASSKEY_LINE.format(key=key), filler(n_filler - before),
                       PASSKEY_QUESTION])
 
 
@@ -328,18 +290,14 @@ def passkey_correct(answer: str, key: str) -> bool:
     return m is not None and m.group() == key
 
 
-def depth_bucket(depth: float, n_buckets: int = DEPTH_BUCKETS) -> str:
-    k = min(int(depth * n_buckets), n_buckets - 1)
-    return f"{100 * k // n_buckets}-{100 * (k + 1) // n_buckets}%"
-
-
 def passkey_summary(trials: list[dict], n_buckets: int = DEPTH_BUCKETS) -> dict:
     """Accuracy over trials [{"depth", "correct"}] and per depth bucket (None for an empty bucket)."""
-    buckets = {depth_bucket((k + 0.5) / n_buckets, n_buckets): [] for k in range(n_buckets)}
+    names = [f"{100 * k // n_buckets}-{100 * (k + 1) // n_buckets}%" for k in range(n_buckets)]
+    buckets = {name: [] for name in names}
     for t in trials:
-        buckets[depth_bucket(t["depth"], n_buckets)].append(t["correct"])
-    return {"accuracy": sum(t["correct"] for t in trials) / len(trials), "correct": sum(t["correct"] for t in trials),
-            "trials": len(trials),
+        buckets[names[min(int(t["depth"] * n_buckets), n_buckets - 1)]].append(t["correct"])
+    correct = sum(t["correct"] for t in trials)
+    return {"accuracy": correct / len(trials), "correct": correct, "trials": len(trials),
             "depth_accuracy": {b: (sum(v) / len(v) if v else None) for b, v in buckets.items()}}
 
 
@@ -360,28 +318,25 @@ def evaluate_passkey(model: Transformer, tokenizer, seq_len: int, trials: int = 
             "seconds": time.perf_counter() - t0, "records": records}
 
 
-# --------------------------------------------------------------------------- output
+# --------------------------------------------------------------------------- command line run
 
-def markdown_table(header: list[str], rows: list[list]) -> str:
+def results_table(task: str, results: list[dict]) -> str:
+    """The results as a markdown table."""
+    if task == "perplexity":
+        header = ["seq_len", "perplexity", "tokens", "windows", "seconds"]
+        rows = [[r["seq_len"], r["ppl"], r["tokens"], r["windows"], f"{r['seconds']:.1f}"] for r in results]
+    else:
+        buckets = list(results[0]["depth_accuracy"]) if results else []
+        header = ["seq_len", "accuracy", *[f"depth {b}" for b in buckets], "trials", "seconds"]
+        rows = [[r["seq_len"], r["accuracy"], *r["depth_accuracy"].values(), r["trials"], f"{r['seconds']:.1f}"]
+                for r in results]
+
     def cell(v):
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
         return "-" if v is None else str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def perplexity_table(results: list[dict]) -> str:
-    return markdown_table(["seq_len", "perplexity", "tokens", "windows", "seconds"],
-                          [[r["seq_len"], r["ppl"], r["tokens"], r["windows"], f"{r['seconds']:.1f}"] for r in results])
-
-
-def passkey_table(results: list[dict]) -> str:
-    buckets = list(results[0]["depth_accuracy"]) if results else []
-    return markdown_table(["seq_len", "accuracy", *[f"depth {b}" for b in buckets], "trials", "seconds"],
-                          [[r["seq_len"], r["accuracy"], *r["depth_accuracy"].values(), r["trials"],
-                            f"{r['seconds']:.1f}"] for r in results])
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
 def resolve_source(args) -> tuple[Path, str | None, str, str | None]:
@@ -403,46 +358,51 @@ def resolve_source(args) -> tuple[Path, str | None, str, str | None]:
     return path, reader_split, args.dataset, split
 
 
-def run(args) -> dict:
-    show = not args.no_progress
-    needs_tokenizer = args.task == "passkey"
-    if args.task == "perplexity":  # missing data fails before the model is loaded
-        path, reader_split, dataset, split = resolve_source(args)
-        needs_tokenizer = path.suffix != ".bin"
-    tokenizer = data.load_tokenizer(args.model) if needs_tokenizer else None
-    device = cli.device(args.device)
-    model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
-                               args.rope_factor, device)
-    model.set_attention(args.attn)
-    factor, usable = describe_scaling(model.args.rope_scaling), max_length(model)
-    for L in args.seq_len:   # impossible lengths fail before any time is spent on the others
+def check_seq_lens(seq_lens, model, factor) -> int:
+    """Bounds every --seq-len by the model's usable context (returned) before any time is spent on one: a
+    passkey prompt for an absurd length would take long to build."""
+    usable = max_length(model)
+    for L in seq_lens:
         if L > MAX_CONTEXT_MULTIPLE * usable:
             raise ValueError(f"--seq-len {L}: more than {MAX_CONTEXT_MULTIPLE}x this model's usable context of "
                              f"{usable} tokens (max_position_embeddings {model.args.max_position_embeddings}, "
                              f"RoPE factor {factor})")
+    return usable
+
+
+def run(args) -> dict:
+    show, perplexity = not args.no_progress, args.task == "perplexity"
+    if perplexity:  # missing data fails before the model is loaded
+        path, reader_split, dataset, split = resolve_source(args)
+    tokenizer = data.load_tokenizer(args.model) if not perplexity or path.suffix != ".bin" else None
+    device = cli.device(args.device)
+    model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
+                               args.rope_factor, device)
+    model.set_attention(args.attn)
+    factor = describe_scaling(model.args.rope_scaling)
+    usable = check_seq_lens(args.seq_len, model, factor)
+    if perplexity:
+        tokens = load_eval_tokens(path, reader_split, tokenizer, model.args.vocab_size, args.bin_dtype,
+                                  args.cache_dir, args.max_tokens, progress=show)
+    for L in args.seq_len:      # an impossible length fails before time is spent on the others
+        if perplexity:
+            perplexity_windows(len(tokens), L, args.protocol, args.stride)
+        else:
+            passkey_prompt(tokenizer, L - PASSKEY_NEW_TOKENS, 0.5, "12345")
+    print(f"RoPE factor {factor} at every length (from {source}); usable context {usable} tokens", flush=True)
     report = {"model": str(args.model), "adapter": None if args.adapter is None else str(args.adapter),
               "quant": args.quant, "dtype": str(model.embed_tokens.weight.dtype)[6:], "attn": args.attn,
               "rope_factor": factor, "rope_source": source, "results": []}
-    if args.task == "perplexity":
-        tokens = load_eval_tokens(path, reader_split, tokenizer, model.args.vocab_size, args.bin_dtype,
-                                  args.cache_dir, args.max_tokens, progress=show)
-        for L in args.seq_len:
-            perplexity_windows(len(tokens), L, args.protocol, args.stride)
-    else:
-        for L in args.seq_len:
-            passkey_prompt(tokenizer, L - PASSKEY_NEW_TOKENS, 0.5, "12345")
-    print(f"RoPE factor {factor} at every length (from {source}); usable context {usable} tokens", flush=True)
     for L in args.seq_len:
-        if args.task == "perplexity":
-            r = evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, show)
-            r = {"dataset": dataset, "split": split, **r}
+        if perplexity:
+            r = {"dataset": dataset, "split": split,
+                 **evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, show)}
         else:
             r = evaluate_passkey(model, tokenizer, L, args.trials, args.seed, show)
         report["results"].append({**r, "rope_factor": factor})
         if args.out:  # after every length, so a crash at 8k keeps the shorter results
             atomic.write_json(args.out, report)
-    table = perplexity_table if args.task == "perplexity" else passkey_table
-    print(table(report["results"]))
+    print(results_table(args.task, report["results"]))
     if args.out:
         print(f"results: {args.out}")
     return report
