@@ -23,6 +23,20 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_inference_flags(p: argparse.ArgumentParser) -> None:
+    """The flags eval.py and generate.py share: which model, its adapter and RoPE factor, how it computes."""
+    p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, weights, tokenizer.model)")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (ours, PEFT's or LongLoRA's)")
+    p.add_argument("--rope-factor", type=float, default=None,
+                   help="linear PI factor at every length (1 = plain RoPE); default: the adapter's training factor "
+                        "(longqlora.json), else the checkpoint's config; an adapter with neither needs it")
+    p.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: the base as QLoRA trains it")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="auto: fp32 on CPU, bf16 on GPUs that have it, fp16 on older ones")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when available")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (none: all cores)")
+
+
 def parse_or_exit(parse, argv=None):
     """parse(argv), with a bad value turned into one `error:` line and exit status 2 (as argparse's own)."""
     try:

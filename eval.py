@@ -56,21 +56,12 @@ MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity")
-    p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, safetensors, tokenizer.model)")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (ours or PEFT's)")
+    p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity", help="what to measure")
+    cli.add_inference_flags(p)
     p.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), help="evaluation lengths")
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="linear PI factor at every length (1 = plain RoPE); default: the adapter's training factor "
-                        "(longqlora.json), else the checkpoint's config; an adapter with neither needs it")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: the base as QLoRA trains it")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="auto: fp32 on CPU, bf16 on GPUs that have it, fp16 on older ones")
     p.add_argument("--attn", choices=("full", "s2"), default="full",
                    help="full causal attention (the paper's choice at inference) or S²-Attn (ablation)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when available")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
-    p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19")
+    p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19", help="looked up in --data-dir")
     p.add_argument("--split", default=None, help="default: validation for pg19, test for proof-pile")
     p.add_argument("--data-dir", default=os.environ.get("LONGQLORA_DATA", "data"),
                    help="where --dataset looks ($LONGQLORA_DATA or data/)")
@@ -79,15 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bin-dtype", choices=("uint16", "uint32"), default=None,
                    help="element type of a .bin token file (default uint16, or uint32 above 65,536 ids)")
     p.add_argument("--cache-dir", default=None, help="token cache folder ($LONGQLORA_CACHE or ~/.cache/longqlora)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora", help="perplexity windows (module docstring)")
     p.add_argument("--stride", type=int, default=None,
                    help=f"window stride (default: {LONGLORA_STRIDE} longlora, seq_len longqlora, seq_len//2 sliding)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (the result does not change)")
     p.add_argument("--trials", type=int, default=20, help="passkey trials per length")
     p.add_argument("--seed", type=int, default=0, help="passkey keys and depths")
     p.add_argument("--out", default=None, help="results JSON (rewritten after every length)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 

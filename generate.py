@@ -34,16 +34,7 @@ import cli
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, weights, tokenizer.model)")
-    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory")
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="linear PI factor (1 = plain RoPE); default: the adapter's training factor "
-                        "(longqlora.json), else the checkpoint's config")
-    p.add_argument("--quant", choices=("none", "nf4"), default="none", help="storage of the base's decoder linears")
-    p.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
-                   help="auto: fp32 on CPU, bf16 on GPUs that have it, fp16 on older ones")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N; auto: cuda when available")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    cli.add_inference_flags(p)
     p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file (long prompts)")
     p.add_argument("--chat", action="store_true",
@@ -52,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat template (default: the adapter's training template, else vicuna)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stops earlier at EOS or the usable context")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the top tokens of this mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (none: a different sample each run)")
     return p
 
 
