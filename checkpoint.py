@@ -29,6 +29,8 @@ import numpy as np
 import torch
 
 import atomic
+import hf
+import lora
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
@@ -150,14 +152,25 @@ def trainer_state(step: int, optimizer, scheduler, scaler, sampler, world: int) 
             "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rngs}
 
 
-def restore(ckpt: Path, load_weights, optimizer, scheduler, scaler, sampler, rank: int) -> None:
-    """Put the run back as it was when `ckpt` was written; load_weights(folder) restores the trained weights."""
+def save_weights(model, folder: Path, full_finetune: bool, base_model, training: dict) -> None:
+    """The trained weights into `folder`: adapter/ (PEFT format + longqlora.json), or model/ (full fine-tuning)."""
+    if full_finetune:
+        hf.save_model(model, folder / "model", copy_from=base_model)
+    else:
+        lora.save_adapter(model, folder / "adapter", base_model_name_or_path=base_model, training=training)
+
+
+def restore(ckpt: Path, model, full_finetune: bool, optimizer, scheduler, scaler, sampler, rank: int) -> None:
+    """Put the run back as it was when `ckpt` was written: weights, optimizer, schedule, scaler, data, RNGs."""
     try:
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)   # no pickled code
     except Exception as e:          # zip / pickle errors of a damaged file come in many types
         raise ValueError(f"{ckpt / TRAINER_STATE}: cannot read, damaged? ({e}); delete {ckpt} to resume from "
                          "the checkpoint before it") from None
-    load_weights(ckpt)
+    if full_finetune:
+        hf.load_state(model, ckpt / "model")
+    else:
+        lora.load_adapter(model, ckpt / "adapter")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

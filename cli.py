@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by every script: the project's rule for bad input, and small flag checks.
+"""Command-line and process plumbing shared by every script: the rule for bad input, flag checks, devices.
 
 The rule: bad input gets one line `error: <file or flag>: <problem>` on stderr and exit status 2, before
 anything on disk is changed; Ctrl-C exits with 130 and no traceback. Scripts raise ValueError (bad values),
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import signal
 import sys
 import threading
@@ -137,3 +138,36 @@ def device(name: str):
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: only cpu and cuda are supported")
     return dev
+
+
+def init_distributed():
+    """(rank, world size, device); under torchrun one process per GPU (nccl) or CPU process (gloo)."""
+    import torch
+    import torch.distributed as dist
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak allocated device memory on CUDA; the process's peak resident set size on CPU."""
+    import torch
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource   # POSIX only, as is the CPU path it measures
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
+
+
+def stop_requested(stop: StopRequest, world: int) -> bool:
+    """Ctrl-C on any rank stops every rank at the same step (a checkpoint needs all of them)."""
+    if world == 1:
+        return stop.requested
+    import torch
+    import torch.distributed as dist
+    flag = torch.tensor([float(stop.requested)])
+    dist.all_reduce(flag)
+    return bool(flag.item())

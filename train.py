@@ -188,7 +188,6 @@ if __name__ == "__main__":      # flags are parsed before torch loads (seconds):
     ARGS = cli.parse_or_exit(parse_args)
 
 import os
-import resource
 import shutil
 import time
 
@@ -321,24 +320,6 @@ def train_step(model, micro_batches, optimizer, scaler, max_grad_norm: float = 0
 MAX_SKIPPED = 50       # fp16 steps skipped in a row (overflow at every loss scale) before the run is declared broken
 
 
-def init_distributed():
-    """(rank, world size, device); under torchrun one process per GPU (nccl) or CPU process (gloo)."""
-    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated device memory on CUDA; the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
-
-
 def prepare(args, rank: int, world: int, device, dtype, log):
     """Check --out, read the config and the data, load the model, and only then write train_config.json:
     a bad input fails before --out is touched, and an --out this call created is removed if anything fails."""
@@ -399,7 +380,7 @@ def prepare(args, rank: int, world: int, device, dtype, log):
 
 
 def train(args) -> dict:
-    rank, world, device = init_distributed()
+    rank, world, device = cli.init_distributed()
     log = (lambda message: print(message, flush=True)) if rank == 0 else (lambda message: None)
     dtype = cli.compute_dtype(args.dtype, device)
     model, trainable, dataset, sampler, pad_id, training, config, start = prepare(args, rank, world, device, dtype,
@@ -410,20 +391,11 @@ def train(args) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def save_weights(folder: Path):
-        if args.full_finetune:
-            hf.save_model(model, folder / "model", copy_from=args.model)
-        else:
-            lora.save_adapter(model, folder / "adapter", base_model_name_or_path=args.model, training=training)
-
-    def load_weights(folder: Path):
-        if args.full_finetune:
-            hf.load_state(model, folder / "model")
-        else:
-            lora.load_adapter(model, folder / "adapter")
+        checkpoint.save_weights(model, folder, args.full_finetune, args.model, training)
 
     step, last_saved = start or (0, None)
     if start is not None:
-        checkpoint.restore(last_saved, load_weights, optimizer, scheduler, scaler, sampler, rank)
+        checkpoint.restore(last_saved, model, args.full_finetune, optimizer, scheduler, scaler, sampler, rank)
         if rank == 0:
             checkpoint.truncate_metrics(metrics_path, step)
             atomic.write_json(out / "train_config.json", config)
@@ -455,7 +427,7 @@ def train(args) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             row = {"step": step, **{k: r[k] for k in ("loss", "grad_norm", "lr", "tokens")},
-                   "tokens_per_s": r["tokens"] / (time.perf_counter() - t0), "peak_mem_bytes": peak_memory_bytes(device),
+                   "tokens_per_s": r["tokens"] / (time.perf_counter() - t0), "peak_mem_bytes": cli.peak_memory_bytes(device),
                    "skipped": int(r["skipped"]), **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
             rows.append(row)
             metrics.write(json.dumps(row) + "\n")
@@ -466,7 +438,7 @@ def train(args) -> dict:
                 log(f"step {step}/{args.max_steps} loss {row['loss']:.4f} lr {row['lr']:.3g} grad_norm "
                     f"{row['grad_norm'] or 0:.4g} {row['tokens_per_s']:.0f} tok/s peak "
                     f"{row['peak_mem_bytes'] / 2**30:.2f} GiB" + (" SKIPPED (fp16 overflow)" if r["skipped"] else ""))
-            interrupted = stop_requested(stop, world)
+            interrupted = cli.stop_requested(stop, world)
             if interrupted or (args.save_every and step % args.save_every == 0):
                 state = checkpoint.trainer_state(step, optimizer, scheduler, scaler, sampler, world)
                 last_saved = checkpoint.save(out, step, save_weights, state, args.keep_checkpoints) if rank == 0 \
@@ -484,7 +456,7 @@ def train(args) -> dict:
                "first_loss": all_rows[0]["loss"] if all_rows else None,
                "last_loss": all_rows[-1]["loss"] if all_rows else None,
                "tokens_per_s": sum(r["tokens"] for r in rows) / elapsed if rows else 0.0,
-               "peak_mem_bytes": peak_memory_bytes(device), "seconds": elapsed,
+               "peak_mem_bytes": cli.peak_memory_bytes(device), "seconds": elapsed,
                "output": str(out / ("model" if args.full_finetune else "adapter"))}
     if all_rows:
         log(f"loss: first step {summary['first_loss']:.4f} -> last step {summary['last_loss']:.4f}; "
@@ -493,15 +465,6 @@ def train(args) -> dict:
         if args.demo:
             log(demo.verdict(all_rows, dataset))
     return summary
-
-
-def stop_requested(stop: cli.StopRequest, world: int) -> bool:
-    """Ctrl-C on any rank stops every rank at the same step (a checkpoint needs all of them)."""
-    if world == 1:
-        return stop.requested
-    flag = torch.tensor([float(stop.requested)])
-    dist.all_reduce(flag)
-    return bool(flag.item())
 
 
 def main(argv=None) -> dict:
