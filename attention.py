@@ -20,8 +20,8 @@ s2_attention (LongLoRA §3.2, used by LongQLoRA during fine-tuning only), group 
       shift="none":    no shifted half: every head attends inside [0, g), [g, 2g), ... (LongLoRA's "short
                        attention" ablation; information never crosses a group boundary).
   Cost O(T * g) time and memory: the sequence is cut into groups that become extra batch entries.
-  T not a multiple of g: the sequence is padded to a multiple of g; padded keys are never attended and
-  padded query rows are dropped. In roll mode the roll is over the padded length.
+  T not a multiple of g: the last group is shorter (in roll mode the sequence is padded to a multiple of g,
+  padded keys are never attended and padded query rows are dropped, and the roll is over the padded length).
   g >= T in segment mode: one group covers everything, so there is nothing to shift: plain causal attention.
   Odd g: both shift directions use s = g // 2. (LongLoRA writes roll(-g // 2), which Python reads as
   -ceil(g / 2), but rolls back by g // 2; the two differ for odd g and would misalign the output by one
@@ -103,8 +103,9 @@ def causal_attention(
 
 
 def _pad_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad (B, H, T, D) at the end of the sequence axis to `length`."""
-    return F.pad(x, (0, 0, 0, length - x.shape[2]))
+    """Zero-pad (B, H, T, D) at the end of the sequence axis to `length` (x itself when there is nothing to pad:
+    F.pad would copy it anyway, and SDPA would keep that copy for backward)."""
+    return x if length == x.shape[2] else F.pad(x, (0, 0, 0, length - x.shape[2]))
 
 
 def _to_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -124,11 +125,18 @@ def grouped_causal_attention(
 ) -> torch.Tensor:
     """Causal attention inside consecutive groups [0, g), [g, 2g), ... of (B, H, T, D) tensors (equal heads).
 
-    T not a multiple of g: zero padding is appended. Causality already hides it from every real
-    query (padding comes after them), so it needs no mask; padded output rows are cut off.
-    key_mask: optional bool (B, T), True = key may be attended.
+    T not a multiple of g: the last group is shorter and attended on its own. (Zero padding to a multiple of
+    g would give the same result, causality hiding the padding from every real query, but costs a copy of
+    q, k and v that SDPA then keeps for backward.) key_mask: optional bool (B, T), True = key may be attended.
     """
     batch, _, length, _ = q.shape
+    full = length // group_size * group_size
+    if 0 < full < length:
+        parts = [(slice(None, full), group_size), (slice(full, None), length - full)]
+        return torch.cat([grouped_causal_attention(q[:, :, part], k[:, :, part], v[:, :, part], size,
+                                                   None if key_mask is None else key_mask[:, part])
+                          for part, size in parts], dim=2)
+    group_size = min(group_size, length)
     padded = -(-length // group_size) * group_size
     q, k, v = (_to_groups(_pad_sequence(x, padded), group_size) for x in (q, k, v))
     if key_mask is None:
@@ -201,4 +209,6 @@ def s2_attention(
     if half > 0:
         outs.append(grouped_causal_attention(q[:, :half], k[:, :half], v[:, :half], group_size, key_padding_mask))
     outs.append(shifted_attention(q[:, half:], k[:, half:], v[:, half:], group_size, key_padding_mask))
-    return torch.cat(outs, dim=1)
+    # Joined in (B, T, H, D) memory order, as SDPA lays out its own output: the caller's (B, T, H * D) view of
+    # it is then free instead of one more copy.
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2)

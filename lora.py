@@ -57,34 +57,186 @@ class LoRALinear(nn.Module):
         self.train(base.training)   # a wrapped eval-mode model stays in eval mode (no dropout)
 
     def forward(self, x):
-        y = self.base_layer(x)
-        h = F.linear(self.input(x), self.lora_A) * self.scaling      # scaled on the narrow (r-wide) side
-        return y + F.linear(h, self.lora_B).to(y.dtype)
+        keep, keep_scale = self.input.mask(x)
+        if _frozen_linear(self.base_layer):
+            return _LoRALinearFn.apply(x, keep, keep_scale, self.lora_A, self.lora_B, self.scaling, self.base_layer)
+        y = self.base_layer(x)                                  # a trained or unknown base: autograd does it
+        return _LoRAUpdate.apply(y.contiguous(), x, keep, keep_scale, self.lora_A, self.lora_B, self.scaling)
 
     def extra_repr(self):
         return f"r={self.r}, alpha={self.alpha}, input shared by {self.input.readers}"
 
 
 class SharedInput:
-    """dropout(x) in fp32, made once for the LoRA layers that read the same x (q, k, v; gate, up).
+    """The dropout mask of x, drawn once for the LoRA layers that read the same x (q, k, v; gate, up).
 
-    Each of them would otherwise keep its own fp32 copy of x and its own dropout mask for backward: the
-    largest LoRA activations of a recomputed layer. The readers must be called in a row on the same tensor;
-    the copy is let go after the last one. With dropout 0 the result is bit-identical to unshared inputs;
-    with dropout the readers share one mask instead of drawing one each (PEFT draws one per layer).
+    The readers must be called in a row on the same tensor; the mask is let go after the last one. With
+    dropout 0 there is no mask and the result is bit-identical to unshared inputs; with dropout the readers
+    share one mask instead of drawing one each (PEFT draws one per layer). The dropped-out input itself is
+    never stored: _LoRALinearFn rebuilds it chunk by chunk from x and the 1-byte mask.
     """
 
     def __init__(self, dropout: float, readers: int):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.readers, self.x, self.value, self.reads = readers, None, None, 0
 
-    def __call__(self, x):
+    def mask(self, x):
+        """(keep, scale): the bool mask of x's kept elements and F.dropout's fp32 1 / (1 - p), or (None, None)
+        without dropout (dropout 0 or eval mode). The same RNG draws as F.dropout(x.float(), p)."""
         if self.x is not x:
-            self.x, self.value, self.reads = x, self.dropout(x.float()), 0
+            self.x, self.value, self.reads = x, _draw_mask(x, self._p()), 0
         value, self.reads = self.value, self.reads + 1
         if self.reads == self.readers:
             self.x = self.value = None
         return value
+
+    def _p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) and self.dropout.training else 0.0
+
+
+def _draw_mask(x, p: float):
+    if p <= 0:
+        return None, None
+    # bernoulli_ draws the same values into a bool tensor as into F.dropout's fp32 noise (same RNG use), and
+    # F.dropout's noise holds 1 / (1 - p) computed this way in fp32: the same mask and the same bits.
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - p)
+    return keep, torch.ones((), dtype=torch.float32, device=x.device).div_(1 - p)
+
+
+def _dropped(x, keep, scale):
+    """dropout(x) in fp32 from its mask, with F.dropout's bits (x * noise, noise = scale where kept)."""
+    out = x.float() if x.dtype != torch.float32 else x.clone()
+    return out if keep is None else out.mul_(scale).mul_(keep)
+
+
+# fp32 elements of the per-chunk temporaries of the LoRA path (4 MiB): small enough to stay in cache and to be
+# reused by the allocator, where a (tokens x features) fp32 tensor is a fresh allocation the kernel maps in page
+# by page on CPU, which cost more than the LoRA arithmetic itself.
+LORA_CHUNK_ELEMENTS = 1 << 20
+
+
+def _lora_rows(A, B) -> int:
+    return max(1, LORA_CHUNK_ELEMENTS // max(A.shape[1], B.shape[0]))
+
+
+def _lora_forward(y2, x2, keep2, keep_scale, A, B, scaling):
+    """y2 += (s * dropout(x2) A^T) B^T cast to y2's dtype, chunk by chunk of rows (tokens); returns the fp32
+    h = s * dropout(x2) A^T (tokens x r). The same arithmetic as y + F.linear(F.linear(dropout(x.float()), A) * s,
+    B).to(y.dtype), without any (tokens x features) fp32 tensor."""
+    rows = _lora_rows(A, B)
+    h = torch.empty(x2.shape[0], A.shape[0], dtype=torch.float32, device=x2.device)
+    for s in range(0, x2.shape[0], rows):
+        e = min(s + rows, x2.shape[0])
+        d = _dropped(x2[s:e], None if keep2 is None else keep2[s:e], keep_scale)
+        torch.mm(d, A.t(), out=h[s:e]).mul_(scaling)
+        del d
+        y2[s:e].add_(torch.mm(h[s:e], B.t()).to(y2.dtype))
+    return h
+
+
+def _lora_backward(g2, x2, keep2, keep_scale, A, B, h, scaling, grad_x2, want_a, want_b):
+    """Gradients of _lora_forward from y's gradient g2, chunk by chunk: (grad_A, grad_B) in fp32, and the input
+    gradient added in place into grad_x2 (x's dtype; the base layer's gradient, or zeros) when it is given."""
+    grad_a = torch.zeros(A.shape, dtype=torch.float32, device=A.device) if want_a else None
+    grad_b = torch.zeros(B.shape, dtype=torch.float32, device=B.device) if want_b else None
+    rows = _lora_rows(A, B)
+    for s in range(0, x2.shape[0], rows):
+        e = min(s + rows, x2.shape[0])
+        g = g2[s:e].float()
+        if want_b:
+            grad_b.addmm_(g.t(), h[s:e])
+        gh = (g @ B).mul_(scaling)                                    # d loss / d (dropout(x) A^T)
+        del g
+        chunk_keep = None if keep2 is None else keep2[s:e]
+        if want_a:
+            grad_a.addmm_(gh.t(), _dropped(x2[s:e], chunk_keep, keep_scale))
+        if grad_x2 is not None:
+            gx = gh @ A
+            if chunk_keep is not None:
+                gx.mul_(keep_scale).mul_(chunk_keep)
+            grad_x2[s:e].add_(gx.to(grad_x2.dtype))        # the bits of autograd's base grad + lora grad
+    return grad_a, grad_b
+
+
+def _frozen_linear(base) -> bool:
+    """Is `base` a linear layer whose forward and input gradient _LoRALinearFn computes itself?"""
+    if isinstance(base, Linear4bit):
+        return True
+    frozen = not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
+    return type(base) is nn.Linear and frozen
+
+
+def _base_forward(base, x):
+    """base(x), for a frozen nn.Linear or a Linear4bit (which computes in its compute dtype, returns x's)."""
+    if isinstance(base, Linear4bit):
+        bias = None if base.bias is None else base.bias.to(base.compute_dtype)
+        return F.linear(x.to(base.compute_dtype), base.dequantize(), bias).to(x.dtype)
+    return F.linear(x, base.weight, base.bias)
+
+
+def _base_input_grad(base, grad_y, x_dtype):
+    """d loss / d x of _base_forward: grad_y @ W (a Linear4bit dequantizes W again, as its own backward does)."""
+    if isinstance(base, Linear4bit):
+        return (grad_y.to(base.compute_dtype) @ base.dequantize()).to(x_dtype)
+    return grad_y @ base.weight
+
+
+class _LoRALinearFn(torch.autograd.Function):
+    """base(x) + (s * dropout(x) A^T) B^T for a frozen base, as one autograd node.
+
+    Forward: the base's output, the LoRA update added into it in place chunk by chunk of tokens (_lora_forward).
+    Backward: the base's input gradient, the LoRA input gradient added into it in place, and the LoRA weight
+    gradients, chunk by chunk. Compared with autograd over base(x) + lora(x), no (tokens x features) fp32 tensor
+    ever exists (the dropped-out input is rebuilt from x and the 1-byte mask, forward and backward; the product
+    and the fp32 copy of y's gradient are chunks), and the two input gradients are never separate tensors to be
+    summed. Saves x (for 16-bit x half the fp32 copy autograd would keep), the mask and h (tokens x r); the base
+    saves nothing (a Linear4bit dequantizes again in backward, as its own backward does).
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, keep_scale, A, B, scaling, base):
+        y = _base_forward(base, x)
+        x2 = x.reshape(-1, A.shape[1])
+        keep2 = None if keep is None else keep.view(-1, A.shape[1])
+        h = _lora_forward(y.view(-1, B.shape[0]), x2, keep2, keep_scale, A, B, scaling)
+        ctx.save_for_backward(x, keep, keep_scale, A, B, h)
+        ctx.scaling, ctx.base = scaling, base
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, keep, keep_scale, A, B, h = ctx.saved_tensors
+        want_x = ctx.needs_input_grad[0]
+        grad_x = _base_input_grad(ctx.base, grad_y, x.dtype).contiguous() if want_x else None
+        grad_a, grad_b = _lora_backward(
+            grad_y.reshape(-1, B.shape[0]), x.reshape(-1, A.shape[1]),
+            None if keep is None else keep.view(-1, A.shape[1]), keep_scale, A, B, h, ctx.scaling,
+            None if grad_x is None else grad_x.view(-1, A.shape[1]), ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+class _LoRAUpdate(torch.autograd.Function):
+    """y += (s * dropout(x) A^T) B^T in place, for a base layer autograd differentiates itself (trained or of
+    another type): the LoRA half of _LoRALinearFn, with the input gradient a tensor of its own."""
+
+    @staticmethod
+    def forward(ctx, y, x, keep, keep_scale, A, B, scaling):
+        keep2 = None if keep is None else keep.view(-1, A.shape[1])
+        h = _lora_forward(y.view(-1, B.shape[0]), x.reshape(-1, A.shape[1]), keep2, keep_scale, A, B, scaling)
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x, keep, keep_scale, A, B, h)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, keep, keep_scale, A, B, h = ctx.saved_tensors
+        grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if ctx.needs_input_grad[1] else None
+        grad_a, grad_b = _lora_backward(
+            grad_y.reshape(-1, B.shape[0]), x.reshape(-1, A.shape[1]),
+            None if keep is None else keep.view(-1, A.shape[1]), keep_scale, A, B, h, ctx.scaling,
+            None if grad_x is None else grad_x.view(-1, A.shape[1]), ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        return grad_y, grad_x, None, None, grad_a, grad_b, None
 
 
 # Decoder linears that read the same tensor: RMSNorm(h) feeds q, k, v; RMSNorm(a) feeds gate and up.
@@ -122,13 +274,16 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     if missing:
         raise ValueError(f"LoRA targets {missing} match no linear layer of the model")
     model.requires_grad_(False)
+    inputs = {}                   # (parent, name) -> the SharedInput of its group
     for parent, names in parents.items():
         groups = [[n for n in group if n in names] for group in SAME_INPUT] if share_inputs else []
         groups += [[n] for n in names if not any(n in g for g in groups)]
         for group in (g for g in groups if g):
             shared = SharedInput(dropout, readers=len(group))
-            for name in group:
-                setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout, shared))
+            inputs.update({(parent, name): shared for name in group})
+    # Target by target (every q_proj, then every k_proj, ...): the order the A matrices draw their random init.
+    for (parent, name), shared in sorted(inputs.items(), key=lambda item: targets.index(item[0][1])):
+        setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha, dropout, shared))
     model.lora_config = dict(r=r, alpha=alpha, dropout=dropout, targets=targets, train_embed_norm=train_embed_norm,
                              training=None)
     trainable = list(adapter_parameters(model).values())

@@ -86,7 +86,8 @@ class _RMSNorm(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        return weight * _normalized(x, eps)[0].to(x.dtype)
+        y = _normalized(x, eps)[0].to(x.dtype)                 # a fresh tensor: scaled in place when it can be
+        return y.mul_(weight) if weight.dtype == y.dtype else weight * y
 
     @staticmethod
     def backward(ctx, dy):
@@ -101,7 +102,7 @@ class _RMSNorm(torch.autograd.Function):
 def _normalized(x, eps):
     x32 = x.float()
     inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return x32 * inv, inv
+    return (x32 * inv if x32 is x else x32.mul_(inv)), inv     # in place over x.float()'s own copy
 
 
 class Attention(nn.Module):
@@ -142,7 +143,25 @@ class MLP(nn.Module):
         return self.swiglu(x)
 
     def swiglu(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(g) * u with the bits of F.silu(g) * u, forward and backward. Saves g and u only (autograd would also
+    keep silu(g), a third (tokens x intermediate) tensor) and recomputes silu(g) in backward; the forward
+    writes the product over silu(g) instead of allocating another such tensor."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g).mul_(u)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        grad_g = torch.ops.aten.silu_backward(dy * u, g) if ctx.needs_input_grad[0] else None
+        grad_u = F.silu(g).mul_(dy) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_u
 
 
 class Block(nn.Module):
@@ -305,19 +324,34 @@ class _ChunkedCE(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h and not want_w else None
         lse = torch.empty_like(nll) if want_w else None
+        # Work buffers shared by every chunk: a fresh (chunk x vocab) tensor per chunk and per step of the softmax
+        # is a new allocation of ~100 MB, which on CPU the kernel maps in page by page; that cost more than the
+        # arithmetic. The chunk's logits are computed in h's dtype (as HF, then cast to fp32) and everything else
+        # happens in place in the fp32 buffer.
+        rows = min(chunk_size, n)
+        logits32 = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=h.device)
+        logits16 = None if h.dtype == torch.float32 else torch.empty(rows, weight.shape[0], dtype=h.dtype,
+                                                                      device=h.device)
         for s in range(0, n, chunk_size):
             e = min(s + chunk_size, n)
-            logits = (h[s:e] @ weight.t()).float()
             t = targets[s:e].clamp(min=0)
-            # cross_entropy's fused kernel beats a separate logsumexp; lse = nll + the target's logit.
-            chunk_nll = F.cross_entropy(logits, t, reduction="none")
-            chunk_lse = chunk_nll + logits.gather(1, t[:, None]).squeeze(1)
-            nll[s:e] = chunk_nll * valid[s:e]
+            logits = _chunk_logits(h[s:e], weight, logits32[:e - s], None if logits16 is None else logits16[:e - s])
+            # nll = lse - logit of the target, lse = max + log(sum(exp(logits - max))); logits become exp(. - max).
+            target_logit = logits.gather(1, t[:, None]).squeeze(1)
+            peak = logits.amax(1, keepdim=True)
+            total = logits.sub_(peak).exp_().sum(1)
+            chunk_lse = total.log().add_(peak.squeeze(1))
+            nll[s:e] = (chunk_lse - target_logit) * valid[s:e]
             if lse is not None:
                 lse[s:e] = chunk_lse
             if dnll_dh is not None:
-                dnll_dh[s:e] = _dlogits_times_head(logits, chunk_lse, t, valid[s:e], weight)
-            del logits
+                # softmax - onehot (0 for ignored tokens), times _DLOGITS_SCALE, then @ W in the 16-bit dtype.
+                weight_row = valid[s:e] * _DLOGITS_SCALE
+                logits.mul_((weight_row / total)[:, None]).scatter_add_(1, t[:, None], -weight_row[:, None])
+                probs = logits if logits16 is None else logits16[:e - s].copy_(logits)
+                dnll_dh[s:e] = probs @ weight
+                dnll_dh[s:e].div_(_DLOGITS_SCALE)
+        del logits32, logits16
         ctx.chunk_size, ctx.h_dtype = chunk_size, h.dtype
         if want_w:
             ctx.save_for_backward(h, weight, targets, lse)
@@ -353,15 +387,17 @@ def _softmax_minus_onehot(logits, lse, targets, valid):
     return probs.mul_(valid[:, None])
 
 
+def _chunk_logits(h, weight, out32, out16):
+    """h @ W^T into the fp32 buffer `out32`; for 16-bit h computed in h's dtype into `out16` and cast, as
+    (h @ W^T).float() does."""
+    if out16 is None:
+        return torch.mm(h, weight.t(), out=out32)
+    return out32.copy_(torch.mm(h, weight.t(), out=out16))
+
+
 # A power of two applied before the 16-bit matmul and removed after it: softmax values near 1/V (~3e-5) would
 # otherwise land in fp16's subnormal range and lose precision. Exact for every dtype.
 _DLOGITS_SCALE = 1024.0
-
-
-def _dlogits_times_head(logits, lse, targets, valid, weight):
-    """(softmax - onehot) @ W for one chunk, in fp32, consuming `logits`."""
-    probs = _softmax_minus_onehot(logits, lse, targets, valid).mul_(_DLOGITS_SCALE)
-    return (probs.to(weight.dtype) @ weight).float().div_(_DLOGITS_SCALE)
 
 
 def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024, reduction: str = "mean"):

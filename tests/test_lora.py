@@ -140,6 +140,90 @@ def test_lora_over_linear4bit_is_dequantized_base_plus_lora():
     assert not any(p.requires_grad for p in q.parameters())
 
 
+def autograd_lora(base, layer, x, p, seed):
+    """The LoRA layer as plain autograd writes it (PEFT's arithmetic): base(x) + B(s * A(dropout(x.float())))."""
+    torch.manual_seed(seed)
+    dropped = F.dropout(x.float(), p, training=p > 0)
+    y = base(x)
+    return y + F.linear(F.linear(dropped, layer.lora_A) * layer.scaling, layer.lora_B).to(y.dtype)
+
+
+def grads_of(fn, x, layer):
+    x = x.detach().clone().requires_grad_(True)
+    for prm in (layer.lora_A, layer.lora_B):
+        prm.grad = None
+    y = fn(x)
+    torch.manual_seed(7)
+    y.backward(torch.randn_like(y))
+    return y.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("kind", ["linear", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_lora_node_has_autograds_bits_in_one_chunk(kind, dtype, p):
+    """lora._LoRALinearFn (base + LoRA as one node, the dropped-out input rebuilt from a 1-byte mask) against
+    autograd over the same formula: the same dropout draws and the same bits, forward and every gradient."""
+    import quant
+    torch.manual_seed(0)
+    if kind == "nf4":
+        base = quant.Linear4bit.from_weight(torch.randn(24, 40), compute_dtype=dtype)
+    else:
+        base = nn.Linear(40, 24, bias=True).to(dtype).requires_grad_(False)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=p)
+    randomize_lora_b(layer, std=0.3)
+    layer.train()
+    x = torch.randn(3, 5, 40, dtype=dtype)
+
+    def fused(inp):
+        torch.manual_seed(11)
+        return layer(inp)
+
+    ours = grads_of(fused, x, layer)
+    ref = grads_of(lambda inp: autograd_lora(base, layer, inp, p, 11), x, layer)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_fused_lora_node_in_many_chunks_matches_autograd(monkeypatch):
+    """More tokens than one chunk: the same arithmetic, but the matmul kernels see fewer rows at a time (they
+    block differently) and grad A, grad B are summed chunk by chunk: equal to fp32 rounding."""
+    import lora
+    monkeypatch.setattr(lora, "LORA_CHUNK_ELEMENTS", 64)        # 1-2 tokens per chunk
+    torch.manual_seed(0)
+    base = nn.Linear(40, 24, bias=False).requires_grad_(False)
+    layer = LoRALinear(base, r=8, alpha=16, dropout=0.2)
+    randomize_lora_b(layer, std=0.3)
+    layer.train()
+    x = torch.randn(4, 9, 40)
+
+    def fused(inp):
+        torch.manual_seed(3)
+        return layer(inp)
+
+    ours = grads_of(fused, x, layer)
+    ref = grads_of(lambda inp: autograd_lora(base, layer, inp, 0.2, 3), x, layer)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_over_a_trained_base_updates_in_place_with_autograds_bits():
+    """A base autograd differentiates itself (not frozen): lora._LoRAUpdate adds the update into its output."""
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
+    base.requires_grad_(True)
+    randomize_lora_b(layer)
+    x = torch.randn(6, 16)
+    ours = grads_of(layer, x, layer)
+    w_grad = base.weight.grad.clone()
+    base.weight.grad = None
+    ref = grads_of(lambda inp: autograd_lora(base, layer, inp, 0.0, 0), x, layer)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+    assert torch.equal(w_grad, base.weight.grad)
+
+
 # --------------------------------------------------------------------------- add_lora
 
 def test_add_lora_wraps_targets_and_freezes_the_rest():

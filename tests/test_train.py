@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import hf
@@ -483,9 +484,31 @@ def test_shared_input_draws_one_dropout_mask_per_group():
 
     shared = lora.SharedInput(0.5, readers=3)
     x = torch.randn(4, 8)
-    a, b, c = shared(x), shared(x), shared(x)
+    shared.dropout.train()
+    a, b, c = shared.mask(x), shared.mask(x), shared.mask(x)
     assert a is b is c and shared.value is None                 # let go after the last reader
-    assert not torch.equal(shared(x), a)                        # a new forward draws a new mask
+    assert not torch.equal(shared.mask(x)[0], a[0])             # a new forward draws a new mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_node_saves_two_tensors_with_autograds_bits(dtype):
+    """model._SwiGLU: silu(g) * u, forward and both gradients bit-identical to autograd's, saving g and u only."""
+    from model import _SwiGLU
+
+    torch.manual_seed(0)
+    g0, u0 = (torch.randn(4, 7, 33, dtype=dtype) for _ in range(2))
+    dy = torch.randn(4, 7, 33, dtype=dtype)
+    results = []
+    for fn in (lambda g, u: _SwiGLU.apply(g, u), lambda g, u: F.silu(g) * u):
+        g, u = g0.clone().requires_grad_(True), u0.clone().requires_grad_(True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = fn(g, u)
+        y.backward(dy)
+        results.append((y.detach(), g.grad, u.grad, len(saved)))
+    (y, gg, gu, n_saved), (ry, rgg, rgu, _) = results
+    assert torch.equal(y, ry) and torch.equal(gg, rgg) and torch.equal(gu, rgu)
+    assert n_saved == 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
