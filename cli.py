@@ -24,6 +24,18 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every optional flag's help ends with its default ("none" when unset), except where the help already says
+    what the default is."""
+
+    def _get_help_string(self, action):
+        if action.required or (action.default is None and "default" in (action.help or "")):
+            return action.help
+        if action.default is None and action.option_strings:
+            return f"{action.help} (default: none)"
+        return super()._get_help_string(action)
+
+
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     """The flags eval.py and generate.py share: which model, its adapter and RoPE factor, how it computes."""
     p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, weights, tokenizer.model)")

@@ -55,7 +55,7 @@ MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=cli.DefaultsHelp)
     p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity", help="what to measure")
     cli.add_inference_flags(p)
     p.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), help="evaluation lengths")
