@@ -2,26 +2,56 @@
 
     peak = weights (NF4 decoder linears, 16-bit embedding, head and norms)
          + trainable state (LoRA: fp32 weight + grad + 2 AdamW moments = 16 bytes per parameter)
-         + checkpointed hidden states: (layers + 2) x tokens x dim x 2 bytes      (on the host with offload)
-         + max(one layer's recompute and backward, one loss chunk)               (never alive together)
+         + checkpointed hidden states: layers x tokens x dim x 2 bytes, each layer's input (host with offload)
+         + max(one layer's recompute and backward, the loss phase)              (never alive together)
 
-A step as train.py runs it on CUDA: every decoder layer checkpointed, SDPA with a fused kernel (no T x T
-scores), lm_head + cross-entropy in chunks of tokens. The recompute of a layer is counted per token from what
-autograd keeps (b = bytes of the compute dtype, d = dim, q = heads x head_dim, I = intermediate, r = rank):
+A step as train.py runs it: every decoder layer checkpointed, SDPA with a fused kernel (no T x T scores),
+lm_head + cross-entropy in chunks of tokens, base + LoRA of each linear as one node (lora._LoRALinearFn: saves
+the 16-bit input, a 1-byte dropout mask and the r-wide h; fp32 only chunk by chunk). What the two phases hold was counted tensor by
+tensor at LLaMA-2-7B width (bench/width_memory.py --track: every tensor made and freed, by the module that
+made it) and is modelled per token (b = bytes of the compute dtype, d = dim, q = heads x head_dim, I =
+intermediate, r = rank, H = heads, m = 1 byte of dropout mask when dropout > 0, f = 1 + ratio / 4 for S²-Attn's
+segment shift, whose shifted half pads its last group, else 1; k = 1.5 copies of q, k and v kept by S²-Attn,
+1 by full attention, see attention_inputs_kept):
 
-    norms       b d                  the second RMSNorm's input (model._RMSNorm keeps its input, and the first
-                                     one's is the checkpointed layer input)
-    lora        (4 + m) x (d + q + d + I) + 7 x 4r
-                                     one fp32 dropped-out input (+ a 1-byte mask m when dropout > 0) for q/k/v
-                                     together, o, gate/up together and down (5d + q + 2d + I unshared), and the
-                                     r-wide fp32 input of every B
-    attention   4 x b q + 4 H        q, k, v as SDPA reads them (kv heads repeated for GQA) and its output, and
-                                     the fp32 log-sum-exp per head
-    mlp         3 x b I              gate output, silu(gate) and up output
-    backward    2 b d + 3 b I + 4 I  gradients at the MLP, the layer's widest point, incl. down's fp32 LoRA input
---mlp-chunk C: the I-wide terms (mlp, down's LoRA input, backward) exist for C tokens at a time, and the tiles
-keep the MLP's b d input. The fixed parts for LLaMA-2-7B equal REFERENCE §7's first-principles table;
-bench/width_memory.py checks the recompute terms at 7B width on CPU, bench/gpu_check.py the whole on a GPU.
+  kept through the layer's whole backward (per token of the micro-batch)
+    grad_in       b d              the gradient arriving at the layer's output (held for the residual)
+    input_copy    b d              offload only: the device copy of the layer's input the recompute makes
+    rope          2 b head_dim     the cos / sin tables, made once per step
+    attention     3 k b q + f (b q + 4 H)   SDPA's saved q, k, v (kv heads repeated): RoPE's outputs, whole,
+                                   kept by the unshifted half's views, + the shifted half's padded copies; its
+                                   outputs and fp32 log-sum-exp
+    attn_inputs   (b + m)(d + q) + 4 x 4r
+                                   the 16-bit input q/k/v share and o's input, their masks, the r-wide h of q,
+                                   k, v, o (full fine-tuning: the inputs only, for the weight gradients)
+    norm2_input   b d              the second RMSNorm's input (the first one's is the checkpoint)
+    mlp_input     b d + m d + 2 x 4r   gate/up's shared input, its mask, their h (tiles: the input for all
+                                   tokens, kept by the tiles' checkpoints; mask and h per tile)
+  the MLP of the layer (per token, or per tile token with --mlp-chunk C), at its widest moment:
+    mlp           5 b I            model._SwiGLU's backward: g and u (all it saves), the gradient of silu(g) * u,
+                                   dy * u and grad_g (then grad_u)
+    down_lora_backward  4 b I + m I + 4r + 2 fp32 chunks of LoRA's temporaries (8 MiB)
+                                   the same once W is freed, while LoRA's part is added chunk by chunk
+    mlp_dequant   4 b I + m I + one dequantised weight (I x d x b)   down's backward (lora._LoRALinearFn):
+                                   g, u, down's input and mask, and its input gradient grad_out @ W (LoRA's
+                                   part is added into it in place)
+  other moments (per token)
+    norm_backward 16 d + b d       the second RMSNorm's backward: four fp32 (tokens x d) temporaries and the
+                                   gradient of its output, with everything of the attention half still kept
+    tile_grads    (n - C) b d      tiles: the gradients of the tiles' inputs, joined only after the last tile
+                                   (then 2 b d while they are joined)
+    attn_backward 4 f b q + b q    SDPA's backward: dq, dk, dv and the gradient of its output in groups, the
+                                   output's gradient before, with the attention half kept
+  the loss phase (chunk c = --loss-chunk tokens, vocab V)
+    per token     2 b d + 4 d + 12 + rope   the last layer's output (the final norm keeps it), the normed
+                                   hidden states, the fp32 gradient the chunked loss keeps for backward, nll /
+                                   targets; backward: + 4 d + b d (its scaled copy and 16-bit cast)
+    per chunk     c V (4 + b) + c d b   the chunk's fp32 logits buffer and its 16-bit twin, (c x d) products
+  The final RMSNorm's backward (16 d fp32 temporaries + 2 b d) is counted with the loss phase.
+
+The checkpoints of layers already back-propagated are freed, so the layer peak is at the last layer. The
+fixed parts for LLaMA-2-7B equal REFERENCE §7's first-principles table; bench/width_memory.py measures the
+per-token parts at 7B width on CPU (within 10%), bench/gpu_check.py the whole on a GPU.
 """
 from __future__ import annotations
 
@@ -30,6 +60,8 @@ import re
 import demo
 import hf
 from model import ModelArgs
+
+from lora import LORA_CHUNK_ELEMENTS    # fp32 elements of each per-chunk temporary of LoRA's backward
 
 # Architectures a dry run uses when there is no --model (LLaMA-2 7B / 13B config.json values).
 PRESET_ARCHS = {"llama2-7b-8k": "llama2-7b", "llama2-7b-12k": "llama2-7b", "vicuna-13b-sft-8k": "llama2-13b"}
@@ -48,24 +80,88 @@ def linear_shapes(a: ModelArgs) -> dict:
             "down_proj": (a.intermediate_size, a.dim)}
 
 
+def attention_padding(attn: str = "s2", group_size_ratio: float = 0.25, s2_shift: str = "segment") -> float:
+    """f: tokens SDPA's outputs cover per token. S²-Attn's segment shift runs the shifted half on [0, g/2) and then
+    groups of g from g/2 on, the last one padded: T + g/2 tokens for half of the heads, 1 + ratio / 4 on average."""
+    return 1 + group_size_ratio / 4 if attn == "s2" and s2_shift == "segment" and group_size_ratio < 1 else 1.0
+
+
+def attention_inputs_kept(attn: str = "s2", group_size_ratio: float = 0.25, s2_shift: str = "segment") -> float:
+    """Copies of q (or k, v) that SDPA's saved inputs keep alive, per token (attention.py): full attention and
+    one group over everything read RoPE's q, k and v themselves (1); S²-Attn's unshifted half reads views of them,
+    which keep the whole tensors (1), and its shifted half a padded (segment) or rolled (roll) copy of its half
+    of the heads (0.5) -- none with shift "none"."""
+    if attn != "s2" or (s2_shift == "segment" and group_size_ratio >= 1) or s2_shift == "none":
+        return 1.0
+    return 1.5
+
+
 def recompute_per_token(a: ModelArgs, b: int, lora_r: int, dropout: bool, full_finetune: bool = False,
-                        share_inputs: bool = True) -> dict:
-    """Bytes per token of one layer's recompute (the table in the module docstring), I-wide and the rest."""
-    d, q, inter, m = a.dim, a.n_heads * a.head_dim, a.intermediate_size, int(dropout)
-    if full_finetune:   # no LoRA: each linear keeps its 16-bit input for the weight gradient (shared reads once)
-        lora_narrow, lora_wide = (2 * d + q) * b, inter * b
-    else:
-        lora_narrow = (4 + m) * ((2 * d if share_inputs else 5 * d) + q) + 7 * 4 * lora_r
-        lora_wide = (4 + m) * inter
-    return {"norms": b * d, "lora": lora_narrow, "attention": 4 * b * q + 4 * a.n_heads,
-            "backward_narrow": 2 * b * d, "mlp_wide": 3 * b * inter + lora_wide,
-            "backward_wide": 3 * b * inter + (0 if full_finetune else 4 * inter)}
+                        share_inputs: bool = True, attn: str = "s2", group_size_ratio: float = 0.25,
+                        s2_shift: str = "segment", offload: bool = False) -> dict:
+    """Bytes per token of what one layer's recompute and backward hold (the module docstring's table)."""
+    d, q, inter, hd = a.dim, a.n_heads * a.head_dim, a.intermediate_size, a.head_dim
+    m = 0 if full_finetune or not dropout else 1
+    r4 = 0 if full_finetune else 4 * lora_r
+    masks_qkv = m * d * (3 if not share_inputs else 1)           # unshared: each of q, k, v draws its own mask
+    masks_gu = m * d * (2 if not share_inputs else 1)
+    f, kept_qkv = attention_padding(attn, group_size_ratio, s2_shift), attention_inputs_kept(attn, group_size_ratio,
+                                                                                             s2_shift)
+    return {
+        "grad_in": b * d, "input_copy": b * d if offload else 0, "rope": 2 * b * hd,
+        "attention": round(3 * kept_qkv * b * q + f * (b * q + 4 * a.n_heads)),
+        "attn_inputs": b * (d + q) + masks_qkv + m * q + 4 * r4,
+        "norm2_input": b * d,
+        "mlp_input": b * d, "mlp_input_per_tile": masks_gu + 2 * r4,
+        "mlp": 5 * b * inter, "down_lora_backward": 4 * b * inter + m * inter + r4,
+        "mlp_dequant": 4 * b * inter + m * inter,
+        "norm_backward": 16 * d + b * d,
+        "tile_grads": b * d,
+        "attn_backward": round(4 * f * b * q) + b * q,
+    }
+
+
+def layer_bytes(per_token: dict, n: int, mlp_chunk: int, dequant: int, lora_chunk: int = 0) -> dict:
+    """One layer's recompute + backward at each of its widest moments (bytes), from recompute_per_token;
+    dequant: one dequantised NF4 weight, lora_chunk: LoRA's per-chunk fp32 temporaries (constants)."""
+    t = per_token
+    kept = t["grad_in"] + t["input_copy"] + t["rope"] + t["attention"] + t["attn_inputs"]
+    tiled = 0 < mlp_chunk < n
+    c = mlp_chunk if tiled else n                                  # tokens of the MLP at a time
+    mlp_kept = n * (kept + t["norm2_input"] + t["mlp_input"]) + c * t["mlp_input_per_tile"]
+    waiting = (n - c) * t["tile_grads"]                            # tiles' input gradients not yet joined
+    moments = {
+        "mlp_backward": mlp_kept + waiting + c * t["mlp"],
+        "down_lora_backward": mlp_kept + waiting + c * t["down_lora_backward"] + lora_chunk,
+        "mlp_dequant": mlp_kept + waiting + c * t["mlp_dequant"] + dequant,
+        "norm_backward": n * (kept + t["norm2_input"] + t["norm_backward"]),
+        "attn_backward": n * (kept + t["attn_backward"]),
+    }
+    if tiled:
+        moments["tile_grads_joined"] = mlp_kept - c * t["mlp_input_per_tile"] + 2 * n * t["tile_grads"]
+    return moments
+
+
+def loss_bytes(a: ModelArgs, n: int, b: int, loss_chunk: int, full_finetune: bool) -> dict:
+    """The loss phase at its widest moments (bytes): chunked lm_head + cross-entropy, then the final norm."""
+    d, v, c = a.dim, a.vocab_size, min(loss_chunk, n)
+    rope = 2 * b * a.head_dim
+    chunk = c * v * (4 + b) + c * d * b                            # fp32 logits buffer, 16-bit twin, (c x d) product
+    if full_finetune:   # trained head: forward keeps h and the lse; backward makes dW in fp32 and recomputes logits
+        forward = n * (2 * b * d + 4 + 8 + rope) + chunk
+        backward = n * (2 * b * d + b * d + rope) + d * v * 4 + c * v * (4 + b) + c * d * 4
+    else:               # frozen head: forward keeps d(nll)/dh in fp32; backward scales it and casts it
+        forward = n * (2 * b * d + 4 * d + 12 + rope) + chunk
+        backward = n * (b * d + 4 * d + 4 * d + b * d + rope)
+    final_norm = n * (b * d + b * d + 16 * d + rope)                # its input, its output's gradient, fp32 temps
+    return {"loss_forward": forward, "loss_backward": backward, "final_norm_backward": final_norm}
 
 
 def predict_peak_memory(args_model: ModelArgs, ctx: int, batch_size: int = 1, lora_r: int = 64, *,
                         quant: str = "nf4", dtype_bytes: int = 2, lora_dropout: float = 0.05,
                         loss_chunk: int = 1024, train_embed_norm: bool = False, full_finetune: bool = False,
-                        mlp_chunk: int = 0, offload: bool = False, share_inputs: bool = True) -> dict:
+                        mlp_chunk: int = 0, offload: bool = False, share_inputs: bool = True, attn: str = "s2",
+                        group_size_ratio: float = 0.25, s2_shift: str = "segment") -> dict:
     """Predicted peak device memory (bytes) of one training step, by part (see the module docstring)."""
     a, b = args_model, dtype_bytes
     n = batch_size * ctx                                     # tokens in one micro-batch
@@ -86,25 +182,24 @@ def predict_peak_memory(args_model: ModelArgs, ctx: int, batch_size: int = 1, lo
         trainable += (a.vocab_size * a.dim + (2 * a.n_layers + 1) * a.dim) * (b + 8)
     if full_finetune:                                        # every weight: 16-bit grad + two fp32 moments
         trainable = (linear_params + embed // b + norms // b) * (b + 8)
-    # each layer's input, the last layer's output (kept for the final norm) and the normed hidden states the
-    # chunked loss saves
-    checkpoints = (a.n_layers + 2) * n * a.dim * b
-    per_token = recompute_per_token(a, b, lora_r, lora_dropout > 0, full_finetune, share_inputs)
-    wide = per_token["mlp_wide"] + per_token["backward_wide"]
-    narrow = sum(v for k, v in per_token.items() if not k.endswith("wide"))
-    tiled = 0 < mlp_chunk < n
+    checkpoints = a.n_layers * n * a.dim * b                 # each layer's input (the last layer's output and the
+    #                                                          loss's tensors are counted in the loss phase)
+    per_token = recompute_per_token(a, b, lora_r, lora_dropout > 0, full_finetune, share_inputs, attn,
+                                    group_size_ratio, s2_shift, offload)
     dequant = max(i * o for i, o in shapes.values()) * b if quant == "nf4" else 0   # one weight rebuilt at a time
-    layer = n * narrow + (mlp_chunk * wide + n * a.dim * b if tiled else n * wide) + dequant
-    # loss chunk: 16-bit logits, their fp32 copy and softmax, fp32 dlogits and their 16-bit cast; the fp32
-    # nll and lse per token; the 16-bit grad of the hidden states
-    c = min(loss_chunk, n)
-    loss = c * a.vocab_size * (b + 4 + 4 + 4 + b) + n * (8 + a.dim * b)
+    lora_chunk = 0 if full_finetune else 2 * 4 * LORA_CHUNK_ELEMENTS     # two fp32 chunks in LoRA's backward
+    layer_moments = layer_bytes(per_token, n, mlp_chunk, dequant, lora_chunk)
+    loss_moments = loss_bytes(a, n, b, loss_chunk, full_finetune)
+    layer, loss = max(layer_moments.values()), max(loss_moments.values())
     parts = {"nf4_weights" if quant == "nf4" else "dense_weights": base, "embed_and_head": embed, "norms": norms,
              "trainable_grads_and_adam" if full_finetune else "lora_weights_grads_adam": trainable,
              "checkpointed_hidden_states": 0 if offload else checkpoints, "layer_recompute": layer,
              "loss_chunk": loss}
     parts["peak_bytes"] = sum(parts.values()) - layer - loss + max(layer, loss)
     parts.update(host_checkpoints=checkpoints if offload else 0, layer_recompute_per_token=per_token,
+                 layer_moments=layer_moments, loss_moments=loss_moments,
+                 layer_peak_moment=max(layer_moments, key=layer_moments.get),
+                 loss_peak_moment=max(loss_moments, key=loss_moments.get),
                  lora_params=lora_params, linear_params=linear_params)
     return parts
 
@@ -142,7 +237,8 @@ def dry_run(args) -> dict:
     b = 4 if args.dtype == "fp32" else 2
     options = dict(batch_size=args.batch_size, lora_r=args.lora_r, quant=args.quant, dtype_bytes=b,
                    lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
-                   full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations)
+                   full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
+                   attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift)
     p = predict_peak_memory(model_args, args.ctx, **options)
     gb = lambda x: f"{x / 1e9:8.2f} GB"                            # noqa: E731  (decimal GB, as REFERENCE §7)
     method = "full fine-tuning" if args.full_finetune else f"LoRA r={args.lora_r}"
@@ -157,9 +253,12 @@ def dry_run(args) -> dict:
             ("every weight: 16-bit grad + 2 fp32 AdamW moments" if args.full_finetune else
              f"LoRA {p['lora_params'] / 1e6:.0f}M params: fp32 weight + grad + 2 AdamW moments"
              + (" (+ embeddings, norms)" if args.train_embed_norm else ""), p[trainable]),
-            (f"checkpointed hidden states ({model_args.n_layers} layers + 2)", p["checkpointed_hidden_states"]),
-            ("one layer's recompute + backward working set", p["layer_recompute"]),
-            ("loss chunk (not alive at the same time as the recompute)", p["loss_chunk"])]
+            (f"checkpointed hidden states (the input of each of {model_args.n_layers} layers)",
+             p["checkpointed_hidden_states"]),
+            (f"one layer's recompute + backward (widest: {p['layer_peak_moment'].replace('_', ' ')})",
+             p["layer_recompute"]),
+            (f"loss phase, not alive with the recompute (widest: {p['loss_peak_moment'].replace('_', ' ')})",
+             p["loss_chunk"])]
     for label, value in rows:
         print(f"  {label:<72}{gb(value)}")
     print(f"  (recompute, bytes per token: {', '.join(f'{k} {v}' for k, v in p['layer_recompute_per_token'].items())})")

@@ -67,3 +67,122 @@ def machine() -> dict:
     import torch
     return {"cpu": model, "cpus": os.cpu_count(), "native_bf16": native_bf16(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+# --------------------------------------------------------------------------- dtypes, peak matmul, FLOPs
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def pick_dtype(requested: str, device: str = "cpu") -> tuple[str, str]:
+    """("bf16" | "fp16" | "fp32", why). "auto": bf16 on CUDA and on CPUs with native bf16, else fp32 (bf16 is
+    emulated there and ~30x slower, which would make every bf16 figure say more about the emulation)."""
+    if requested != "auto":
+        return requested, "asked for"
+    if str(device).startswith("cuda"):
+        return "bf16", "auto: CUDA"
+    if native_bf16():
+        return "bf16", "auto: this CPU has native bf16 (avx512_bf16 / amx_bf16)"
+    return "fp32", ("auto: this CPU has no native bf16 (no avx512_bf16 / amx_bf16), so fp32; "
+                    "pass --dtype bf16 to force it")
+
+
+def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 3, device: str = "cpu") -> dict:
+    """The machine's measured matmul peak, the denominator of every utilisation figure here: the best FLOP/s of
+    an n x n @ n x n product in that dtype with the current torch thread count, per wall second
+    ("flops_per_s") and per CPU second of this process ("flops_per_cpu_s": on a machine shared with other jobs
+    this one hardly depends on their load, as long as they leave the caches alone)."""
+    import time
+
+    import torch
+
+    dtype = getattr(torch, DTYPES[dtype_name])
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    torch.mm(a, b, out=out)                             # warm-up (MKL / oneDNN pick their kernels here)
+    wall = cpu = float("inf")
+    for _ in range(reps):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t, c = time.perf_counter(), time.process_time()
+        torch.mm(a, b, out=out)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        wall, cpu = min(wall, time.perf_counter() - t), min(cpu, time.process_time() - c)
+    return {"flops_per_s": 2 * n**3 / wall, "flops_per_cpu_s": 2 * n**3 / max(cpu, 1e-9)}
+
+
+def train_flops_per_token(*, dim: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                          vocab: int, lora_r: int, span: int) -> dict:
+    """FLOPs of one LongQLoRA training step per trained token, counting matmuls only (2 per multiply-add).
+
+    N = decoder linear parameters (q, k, v, o, gate, up, down of every layer), R = LoRA parameters
+    (r * (in + out) on each of them), H = vocab * dim (lm_head), A = attention forward = layers * 4 * (heads *
+    head_dim) * k with k = (span + 1) / 2 keys per query on average (causal inside a span of `span` tokens:
+    ctx for full attention, the group size ctx / 4 for S²-Attn):
+        forward     2N + 2R + 2H + A
+        recompute   2N + 2R + A            every decoder layer is checkpointed (ours and HF alike)
+        backward    2N + 4R + 2H + 2A      input gradients of the frozen base and head, LoRA input and weight
+                                           gradients, attention's dQ, dK, dV (the kernels' own recompute of the
+                                           scores inside flash attention's backward is not counted)
+        total       6N + 8R + 4H + 4A      ("executed": what both implementations compute)
+        model       4N + 6R + 4H + 3A      (without the recompute: the usual MFU numerator)
+    The frozen head costs 4H in both: HF computes the logits, then their gradient times W in backward; ours
+    computes both in the forward pass, chunk by chunk, and recomputes nothing."""
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    shapes = [(dim, q_out), (dim, kv_out), (dim, kv_out), (q_out, dim),
+              (dim, intermediate), (dim, intermediate), (intermediate, dim)]
+    n = layers * sum(i * o for i, o in shapes)
+    r = layers * lora_r * sum(i + o for i, o in shapes)
+    h = vocab * dim
+    a = layers * 4 * q_out * (span + 1) / 2
+    return {"executed": 6 * n + 8 * r + 4 * h + 4 * a, "model": 4 * n + 6 * r + 4 * h + 3 * a,
+            "decoder_linear_params": n, "lora_params": r, "head_params": h, "attention_forward": a, "span": span}
+
+
+def eval_flops_per_token(*, dim: int, intermediate: int, layers: int, heads: int, kv_heads: int, head_dim: int,
+                         vocab: int, ctx: int) -> float:
+    """Matmul FLOPs of one scoring forward per token (no LoRA): 2N + 2H + A, as in train_flops_per_token."""
+    f = train_flops_per_token(dim=dim, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
+                              head_dim=head_dim, vocab=vocab, lora_r=0, span=ctx)
+    return 2 * f["decoder_linear_params"] + 2 * f["head_params"] + f["attention_forward"]
+
+
+# --------------------------------------------------------------------------- running
+
+class Deadline:
+    """A wall-clock budget for a whole benchmark: what is left, and a reason to stop when it runs out."""
+
+    def __init__(self, seconds: float | None):
+        import time
+
+        self._clock = time.monotonic
+        self.seconds = seconds
+        self.end = None if not seconds else self._clock() + seconds
+
+    def left(self) -> float:
+        return float("inf") if self.end is None else self.end - self._clock()
+
+
+def write_json(path, obj) -> None:
+    """Write obj as indented JSON atomically (a reader never sees half a file)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def cli_main(main) -> None:
+    """sys.exit(main()), with the errors a user can fix (bad flags, missing files) as one line and exit 2."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

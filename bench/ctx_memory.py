@@ -17,7 +17,7 @@ S²-Attn or full attention. Measured: the process's peak resident set size (VmHW
 the step above the RSS before it (/proc/self/clear_refs resets the high-water mark). The children run with
 glibc's mmap threshold pinned to 64 KiB (MALLOC_MMAP_THRESHOLD_): every tensor of real size is mapped on
 its own and returned on free, so RSS follows live tensor bytes instead of the allocator's free lists (with
-glibc's default, dynamic threshold the default S²-Attn step read ~110 KiB per token instead of ~36: freed
+glibc's default, dynamic threshold the default S²-Attn step read ~110 KiB per token instead of ~36, with the code of then: freed
 activations stay resident in the heap). Fitted by least squares: a line (R^2) and a parabola (how much of the peak at the longest context
 the T^2 term makes), next to memory.predict_peak_memory's prediction for the same model and context (a
 device-memory model: compare the slopes).
@@ -43,6 +43,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import benchlib  # noqa: E402
 
 CACHE = ROOT / "bench" / "cache"          # default --cache-dir (git-ignored)
 DEFAULT_CTX = (1024, 2048, 4096, 8192, 16384)
@@ -233,7 +236,7 @@ def main(argv=None) -> int:
         for ctx in sorted(a.ctx):
             r = futures[(attn, ctx)].result()
             pred = memory.predict_peak_memory(margs, ctx, 1, 64, quant="nf4", dtype_bytes=2, lora_dropout=0.05,
-                                             loss_chunk=a.loss_chunk)
+                                             loss_chunk=a.loss_chunk, attn=attn)
             r["predicted_device_peak"] = pred["peak_bytes"]
             rows.append(r)
             print(f"  {attn:4s} ctx {ctx:6d}: peak RSS {mib(r['peak_rss'])} MiB, step peak above load "
@@ -267,20 +270,13 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t0
     print(f"{seconds:.0f} s in all")
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
         config = {k: getattr(a, k) for k in ("vocab", "dim", "intermediate", "layers", "heads", "trained_ctx",
                                               "loss_chunk", "threads", "seed")}
-        tmp.write_text(json.dumps({"results": results, "config": config, "seconds": seconds}, indent=2) + "\n")
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        benchlib.write_json(a.out, {"results": results, "config": config, "seconds": seconds,
+                                    "machine": benchlib.machine()})
+        print(f"wrote {a.out}")
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    benchlib.cli_main(main)

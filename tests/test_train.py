@@ -357,14 +357,17 @@ def test_dry_run_7b_12k_under_32gb(capsys):
     assert summary["nf4_weights"] / 1e9 == pytest.approx(3.34, abs=0.03)
     assert summary["embed_and_head"] / 1e9 == pytest.approx(0.52, abs=0.01)
     assert summary["lora_weights_grads_adam"] / 1e9 == pytest.approx(2.56, abs=0.01)
-    assert summary["checkpointed_hidden_states"] / 1e9 == pytest.approx(3.22 * 34 / 32, abs=0.02)
+    # one checkpoint per layer (the last layer's output and the loss's tensors belong to the loss phase)
+    assert summary["checkpointed_hidden_states"] / 1e9 == pytest.approx(3.22, abs=0.02)
 
 
 def test_predicted_memory_grows_linearly_with_ctx():
     args = ModelArgs(**memory.ARCHS["llama2-7b"])
-    peak = [memory.predict_peak_memory(args, ctx)["peak_bytes"] for ctx in (4096, 8192, 12288, 16384)]
+    # linear once per-token terms set the widest moment (at 4k one dequantised weight still decides it)
+    peak = [memory.predict_peak_memory(args, ctx)["peak_bytes"] for ctx in (8192, 12288, 16384, 20480)]
     steps = [b - a for a, b in zip(peak, peak[1:])]
     assert steps[0] > 0 and steps[0] == steps[1] == steps[2]
+    assert memory.predict_peak_memory(args, 4096)["peak_bytes"] > peak[0] - steps[0]
     assert memory.predict_peak_memory(args, 8192, batch_size=2)["peak_bytes"] == \
         memory.predict_peak_memory(args, 16384)["peak_bytes"]
     # full fine-tuning of the dense 7B: 16-bit weights + 16-bit grads + fp32 moments = 12 bytes per parameter
@@ -543,7 +546,7 @@ def test_dry_run_models_the_savings_and_the_budget(capsys):
     assert tiled["layer_recompute"] < plain["layer_recompute"] and tiled["peak_bytes"] <= 12e9
     long = train.main(["--preset", "llama2-7b-12k", "--dry-run", "--ctx", "65536", "--mlp-chunk", "1024",
                        "--offload-activations", "--budget", "32GB"])
-    assert long["checkpointed_hidden_states"] == 0 and long["host_checkpoints"] == 34 * 65536 * 4096 * 2
+    assert long["checkpointed_hidden_states"] == 0 and long["host_checkpoints"] == 32 * 65536 * 4096 * 2
     assert long["peak_bytes"] <= 30e9
     out = capsys.readouterr().out
     assert f"largest ctx that fits 32.0 GB with these settings: {long['largest_ctx']} tokens" in out
