@@ -1,4 +1,6 @@
-"""The paper's claim on a real GPU: LLaMA-2-7B, NF4 + LoRA, 8,192 and 12,288 tokens, one micro-batch.
+"""The paper's claim on a real GPU: LLaMA-2-7B, NF4 + LoRA, 8,192 and 12,288 tokens, one micro-batch; and the
+memory savings past it: 12,288 tokens with the MLP in tiles (--mlp-chunk 1024), 65,536 with tiles and the
+checkpointed hidden states offloaded to pinned host memory (--offload-activations).
 
 No weights are needed. The model is LLaMA-2-7B's geometry (dim 4096, intermediate 11008, 32 layers, 32
 heads, vocab 32000, trained context 4096) with random weights, built without ever holding a 16-bit copy
@@ -13,12 +15,16 @@ through train.py's own functions:
     or bf16; micro-batch 1 x ctx, --grad-accum micro-batches per step (the paper: 16; peak memory does not
     depend on it: LoRA gradients accumulate in place)
 
-For each (dtype, ctx): one warm-up step, then --steps timed steps. Printed beside each other:
+Cases (--cases CTX[:MLP_CHUNK[:offload]]; default 8192, 12288, 12288:1024 and 65536:1024:offload, the dry
+run's goals: 12k <= 12 GB with tiles, 64k <= 30 GB with tiles and offload). For each (dtype, case): one warm-up
+step, then --steps timed steps. Printed beside each other:
     peak allocated   torch.cuda.max_memory_allocated over the steps (torch's allocator only)
     + paged states   the paged AdamW moments (8 bytes per LoRA parameter) live in CUDA managed memory,
                      outside torch's allocator, so max_memory_allocated does not see them; added back
     reserved         torch.cuda.max_memory_reserved (allocator cache included)
-    predicted        memory.predict_peak_memory, what `train.py --dry-run` prints (peak_bytes=...)
+    predicted        memory.predict_peak_memory with the case's options, what `train.py --dry-run [--mlp-chunk
+                     C] [--offload-activations]` prints (peak_bytes=...); with offload also the host bytes
+                     predicted for the checkpoints beside the process's pinned host memory growth
     tokens/s         timed tokens / timed wall seconds
     MFU / HFU        model / hardware FLOPs per second over --peak-tflops (default 989: H100/H200 SXM
                      dense bf16 and fp16). FLOPs per token, with N = decoder linear params, R = LoRA params,
@@ -30,19 +36,20 @@ For each (dtype, ctx): one warm-up step, then --steps timed steps. Printed besid
                         + the chunked loss recomputing its logits in backward (2 V d)
                      At 8k with full attention this is ~50 GFLOP/token of hardware FLOPs (REFERENCE §7).
 
-    python bench/gpu_check.py                          # fp16 and bf16 at 8192 and 12288, < 8 min on an H100/H200
+    python bench/gpu_check.py                          # fp16 and bf16, the four cases, ~10 min on an H100/H200
     python bench/gpu_check.py --dtypes bf16 --ctx 8192 --steps 3
+    python bench/gpu_check.py --dtypes bf16 --cases 12288:1024 65536:1024:offload --steps 1
     python bench/gpu_check.py --cpu-smoke              # the same code path on a tiny model on the CPU
 
 It refuses to run (exit 2) without CUDA, except with --cpu-smoke, which runs dim 128, 2 layers, vocab 1024,
-trained context 256 at 512 and 768 tokens (PI factors 2 and 3, like 8k and 12k) on the CPU, where memory
-is the process's peak RSS (VmHWM) and the optimizer torch AdamW (what train.make_optimizer picks off CUDA).
+trained context 256 at 512 and 768 tokens (PI factors 2 and 3, like 8k and 12k), 768 in MLP tiles of 256 and
+1024 with tiles and offload, on the CPU, where memory is the process's peak RSS (VmHWM), offload only adds a
+host copy (there is no device to spare), and the optimizer is torch AdamW (what train.make_optimizer picks off
+CUDA).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,6 +64,27 @@ SMOKE = dict(vocab_size=1024, dim=128, intermediate_size=344, n_layers=2, n_head
 DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 V100_BYTES = 32 * 2**30          # the paper's card: a 32 GB V100 (32 GiB)
+DEFAULT_CASES = ("8192", "12288", "12288:1024", "65536:1024:offload")
+SMOKE_CASES = ("512", "768", "768:256", "1024:256:offload")
+
+
+def parse_case(text: str) -> dict:
+    """'CTX[:MLP_CHUNK[:offload]]' -> {"ctx", "mlp_chunk", "offload"}."""
+    parts = str(text).split(":")
+    try:
+        if not 1 <= len(parts) <= 3 or (len(parts) == 3 and parts[2] != "offload"):
+            raise ValueError
+        ctx, chunk = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CTX[:MLP_CHUNK[:offload]], e.g. 65536:1024:offload") from None
+    if ctx < 8 or chunk < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: ctx must be >= 8 and the MLP chunk >= 0")
+    return {"ctx": ctx, "mlp_chunk": chunk, "offload": len(parts) == 3}
+
+
+def case_name(case: dict) -> str:
+    return str(case["ctx"]) + (f" tiles {case['mlp_chunk']}" if case["mlp_chunk"] else "") + \
+        (" offload" if case["offload"] else "")
 
 
 # --------------------------------------------------------------------------- building the model
@@ -149,16 +177,26 @@ class Meter:
         return {"peak_allocated": hwm}
 
 
-def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict:
-    """Warm-up step + timed steps at `ctx` tokens with the paper's recipe; memory, speed, utilisation."""
+def host_pinned_bytes() -> int:
+    """This process's RSS: where pinned host memory (the offloaded checkpoints) shows."""
+    import benchlib
+
+    return benchlib.rss_bytes()
+
+
+def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dict:
+    """Warm-up step + timed steps of one case (ctx, MLP tiles, offload) with the paper's recipe; memory, speed,
+    utilisation."""
     import torch
 
     import memory
     import train
     from rope import linear_scaling, pi_factor
 
+    ctx = case["ctx"]
     factor = pi_factor(ctx, margs.max_position_embeddings)
     model.args.rope_scaling = linear_scaling(factor)
+    model.set_memory_savings(case["mlp_chunk"], case["offload"])
     for p in trainable:
         p.grad = None
     meter.reset()
@@ -174,6 +212,7 @@ def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict
             batches.append({"input_ids": tokens, "labels": tokens, "padding_mask": None})
         return train.train_step(model, batches, optimizer, scaler, max_grad_norm=0.3)
 
+    host_before = host_pinned_bytes()
     results = [step()]                            # warm-up: optimizer state, kernels, allocator
     meter.sync()
     t0 = time.perf_counter()
@@ -182,20 +221,25 @@ def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict
     meter.sync()
     seconds = time.perf_counter() - t0
     mem = meter.read()
+    host_growth = host_pinned_bytes() - host_before      # what the steps left resident on the host (pinned cache)
     tokens = args.steps * args.grad_accum * ctx
     n_lora = sum(p.numel() for p in trainable)
     flops = flops_per_token(margs, ctx, n_lora, args.attn, 0.25)
     tok_s = tokens / seconds
     pred = memory.predict_peak_memory(margs, ctx, 1, args.lora_r, quant="nf4", dtype_bytes=2,
-                                     lora_dropout=0.05, loss_chunk=args.loss_chunk)
+                                     lora_dropout=0.05, loss_chunk=args.loss_chunk, mlp_chunk=case["mlp_chunk"],
+                                     offload=case["offload"])
     paged = 8 * n_lora if "Paged" in optimizer_name else 0
     del optimizer
     return {
-        "dtype": str(dtype).replace("torch.", ""), "ctx": ctx, "pi_factor": factor, "attn": args.attn,
+        "dtype": str(dtype).replace("torch.", ""), "ctx": ctx, "mlp_chunk": case["mlp_chunk"],
+        "offload": case["offload"], "case": case_name(case), "pi_factor": factor, "attn": args.attn,
         "optimizer": optimizer_name, "grad_accum": args.grad_accum, "timed_steps": args.steps,
         "losses": [r["loss"] for r in results], "skipped": [r["skipped"] for r in results],
         "tokens_per_s": tok_s, "seconds": seconds, **mem, "paged_optimizer_state": paged,
         "peak_allocated_plus_paged": mem["peak_allocated"] + paged, "predicted_peak": pred["peak_bytes"],
+        "predicted_parts": {k: v for k, v in pred.items() if isinstance(v, int)},
+        "predicted_host_checkpoints": pred["host_checkpoints"], "host_rss_growth": host_growth,
         "model_tflops_per_token": flops["model"] / 1e12, "hardware_tflops_per_token": flops["hardware"] / 1e12,
         "mfu": tok_s * flops["model"] / (args.peak_tflops * 1e12),
         "hfu": tok_s * flops["hardware"] / (args.peak_tflops * 1e12),
@@ -207,7 +251,10 @@ def run_config(model, trainable, margs, ctx, dtype, args, device, meter) -> dict
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ctx", type=int, nargs="+", default=None, help="[8192 12288; --cpu-smoke: 512 768]")
+    p.add_argument("--ctx", type=int, nargs="+", default=None,
+                   help="plain cases at these contexts (no tiles, no offload), instead of --cases")
+    p.add_argument("--cases", type=parse_case, nargs="+", default=None,
+                   help=f"CTX[:MLP_CHUNK[:offload]] [{' '.join(DEFAULT_CASES)}; --cpu-smoke: {' '.join(SMOKE_CASES)}]")
     p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16"])
     p.add_argument("--steps", type=int, default=None,
                    help="timed optimizer steps per configuration, after one warm-up step [2; --cpu-smoke: 1]")
@@ -231,16 +278,20 @@ def main(argv=None) -> int:
     from model import ModelArgs
     import lora
 
+    if a.ctx is not None and a.cases is not None:
+        raise ValueError("give --ctx (plain cases) or --cases, not both")
     if a.cpu_smoke:
-        device, geometry, a.ctx = torch.device("cpu"), SMOKE, a.ctx or [512, 768]
+        device, geometry, defaults = torch.device("cpu"), SMOKE, SMOKE_CASES
         a.steps = 1 if a.steps is None else a.steps
         torch.set_num_threads(1)        # a code-path check: one thread is quickest on a busy shared machine
     else:
         if not torch.cuda.is_available():
             raise ValueError("bench/gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                              "use --cpu-smoke to exercise the code path on a tiny model on the CPU")
-        device, geometry, a.ctx = torch.device("cuda", 0), LLAMA2_7B, a.ctx or [8192, 12288]
+        device, geometry, defaults = torch.device("cuda", 0), LLAMA2_7B, DEFAULT_CASES
         a.steps = 2 if a.steps is None else a.steps
+    cases = ([parse_case(c) for c in a.ctx] if a.ctx is not None else a.cases or [parse_case(c) for c in defaults])
+    a.ctx = [c["ctx"] for c in cases]
     for name in ("steps", "grad_accum", "lora_r", "loss_chunk"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -265,58 +316,62 @@ def main(argv=None) -> int:
         resident = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         print(f"\n{dtype_name}: built NF4 model + LoRA in {time.perf_counter() - t0:.1f} s; "
               f"{resident / 1e9:.2f} GB of weights and adapters", flush=True)
-        for ctx in a.ctx:
+        for case in cases:
             try:
-                r = run_config(model, trainable, margs, ctx, dtype, a, device, meter)
+                r = run_config(model, trainable, margs, case, dtype, a, device, meter)
             except torch.cuda.OutOfMemoryError as e:
-                r = {"dtype": dtype_name, "ctx": ctx, "error": f"CUDA out of memory: {str(e).splitlines()[0]}"}
-                print(f"  ctx {ctx}: {r['error']}", flush=True)
+                r = {"dtype": dtype_name, "ctx": case["ctx"], "case": case_name(case),
+                     "error": f"CUDA out of memory: {str(e).splitlines()[0]}"}
+                print(f"  {case_name(case)}: {r['error']}", flush=True)
                 rows.append(r)
+                model.set_memory_savings(0, False)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             rows.append(r)
             gb = lambda x: f"{x / 1e9:.2f} GB"  # noqa: E731
             extra = (f", reserved {gb(r['peak_reserved'])}, device in use after the steps {gb(r['device_used_now'])}"
                      if "peak_reserved" in r else "")
-            print(f"  ctx {ctx:6d} (PI x{r['pi_factor']:g}): peak allocated {gb(r['peak_allocated'])}"
+            host = (f"; host: RSS grew {gb(r['host_rss_growth'])}, predicted offloaded checkpoints "
+                    f"{gb(r['predicted_host_checkpoints'])}" if r["offload"] else "")
+            print(f"  {r['case']:>24} (PI x{r['pi_factor']:g}): peak allocated {gb(r['peak_allocated'])}"
                   f" (+ paged AdamW states {gb(r['paged_optimizer_state'])} = {gb(r['peak_allocated_plus_paged'])})"
                   f"{extra}; predicted {gb(r['predicted_peak'])} "
                   f"(measured/predicted {r['peak_allocated_plus_paged'] / r['predicted_peak']:.2f}); "
                   f"{r['tokens_per_s']:.0f} tokens/s, MFU {100 * r['mfu']:.1f}%, HFU {100 * r['hfu']:.1f}% "
                   f"({r['model_tflops_per_token'] * 1e3:.1f} / {r['hardware_tflops_per_token'] * 1e3:.1f} GFLOP/token); "
-                  f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}"
+                  f"losses {' '.join(f'{x:.3f}' for x in r['losses'])}{host}"
                   + (f"; skipped (fp16 overflow) {sum(r['skipped'])}" if any(r["skipped"]) else ""), flush=True)
         del model, trainable
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     ok = [r for r in rows if "error" not in r]
-    print("\n| dtype | ctx | peak allocated + paged (GB) | predicted (GB) | fits 32 GiB V100 | tokens/s | MFU | HFU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| dtype | case | peak allocated + paged (GB) | predicted (GB) | measured / predicted | fits 32 GiB V100 "
+          "| tokens/s | MFU | HFU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['dtype']} | {r['ctx']} | {r['error']} | | | | | |")
+            print(f"| {r['dtype']} | {r['case']} | {r['error']} | | | | | | |")
             continue
-        print(f"| {r['dtype']} | {r['ctx']} | {r['peak_allocated_plus_paged'] / 1e9:.2f} | {r['predicted_peak'] / 1e9:.2f} | "
+        print(f"| {r['dtype']} | {r['case']} | {r['peak_allocated_plus_paged'] / 1e9:.2f} | {r['predicted_peak'] / 1e9:.2f} | "
+              f"{r['peak_allocated_plus_paged'] / r['predicted_peak']:.2f} | "
               f"{'yes' if r['peak_allocated_plus_paged'] < V100_BYTES else 'NO'} | {r['tokens_per_s']:.0f} | "
               f"{100 * r['mfu']:.1f}% | {100 * r['hfu']:.1f}% |")
     seconds = time.perf_counter() - t_start
     print(f"\n{seconds:.0f} s in all")
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"device": name, "cpu_smoke": a.cpu_smoke, "results": rows, "seconds": seconds,
-                                   "config": {k: getattr(a, k) for k in ("ctx", "dtypes", "steps", "grad_accum", "attn",
-                                                                         "lora_r", "lr", "loss_chunk", "peak_tflops",
-                                                                         "seed")}}, indent=2) + "\n")
-        os.replace(tmp, out)
-        print(f"wrote {out}")
+        import benchlib
+
+        config = {k: getattr(a, k) for k in ("ctx", "dtypes", "steps", "grad_accum", "attn", "lora_r", "lr",
+                                             "loss_chunk", "peak_tflops", "seed")}
+        benchlib.write_json(a.out, {"device": name, "cpu_smoke": a.cpu_smoke, "results": rows, "seconds": seconds,
+                                    "cases": cases, "config": config, "machine": benchlib.machine()})
+        print(f"wrote {a.out}")
     return 0 if len(ok) == len(rows) else 1
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    import benchlib
+
+    benchlib.cli_main(main)

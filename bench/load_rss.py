@@ -20,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import benchlib  # noqa: E402
 
 
 def write_checkpoint(path: Path, layers: int, dim: int, inter: int, vocab: int, shard_bytes: int = 500_000_000):
@@ -64,22 +66,14 @@ def write_checkpoint(path: Path, layers: int, dim: int, inter: int, vocab: int, 
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def peak_rss() -> int:
-    """VmHWM of this process. (ru_maxrss would not do: Linux carries it over from the parent across exec.)"""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def child(path: str, quantize: str):
     import torch
 
     import hf
 
-    base = peak_rss()
+    base = benchlib.peak_rss_bytes()
     model = hf.load_model(path, dtype=torch.bfloat16, quantize=None if quantize == "none" else quantize)
-    peak = peak_rss()
+    peak = benchlib.peak_rss_bytes()
     resident = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
     print(json.dumps({"peak_above_import": peak - base, "model_bytes": resident}))
 
@@ -91,6 +85,7 @@ def main():
     ap.add_argument("--intermediate", type=int, default=5504)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--modes", nargs="+", default=["none", "nf4"])
+    ap.add_argument("--out", help="write the figures and the machine (CPU model, native bf16) as JSON here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -99,6 +94,7 @@ def main():
         ckpt = Path(tmp) / "ckpt"
         disk = write_checkpoint(ckpt, a.layers, a.dim, a.intermediate, a.vocab)
         print(f"checkpoint: {disk / 1e9:.2f} GB on disk ({a.layers} layers, dim {a.dim})")
+        results = []
         for mode in a.modes:
             out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), mode], check=True,
                                  capture_output=True, text=True).stdout
@@ -106,6 +102,11 @@ def main():
             print(f"quantize={mode:5s} model in memory {r['model_bytes'] / 1e9:.2f} GB, peak RSS above import "
                   f"{r['peak_above_import'] / 1e9:.2f} GB = {r['peak_above_import'] / disk:.2f}x disk, "
                   f"{r['peak_above_import'] / r['model_bytes']:.2f}x the loaded model")
+            results.append({"quantize": mode, "disk_bytes": disk, **r})
+    if a.out:
+        benchlib.write_json(a.out, {"machine": benchlib.machine(), "config": {k: getattr(a, k) for k in (
+            "layers", "dim", "intermediate", "vocab")}, "results": results})
+        print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ Prints, for a 4096 x 4096 weight (and 4096 x 11008 with --big):
   to show the chunking: far below the 180 MB a full fp32 copy would take.
 Each figure is the median of a few repetitions; the two implementations alternate so machine load hits both.
 
-usage: python bench/nf4_bench.py [--big] [--tokens 512] [--reps 3] [--threads 1]
+usage: python bench/nf4_bench.py [--big] [--tokens 512] [--reps 3] [--threads 1] [--out nf4.json]
 Threads default to 1 for both libraries (OMP_NUM_THREADS): on a shared, oversubscribed machine multi-threaded
 timings of many small ops are dominated by waiting for descheduled threads, which says little about either
 implementation. Pass --threads N on a quiet machine.
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -27,7 +28,11 @@ if __name__ == "__main__":  # must be set before torch / bitsandbytes start thei
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchlib  # noqa: E402
 import quant  # noqa: E402
+
+RESULTS = []            # what --out writes: one dict per printed figure
 
 
 def timed(fn):
@@ -65,6 +70,8 @@ def bench_codec(out_f, in_f, reps):
     for name, t in (("quantize", q), ("dequantize", d)):
         print(f"{name:10s} {out_f}x{in_f}: ours {n / t['ours']:7.1f} Mparam/s  bnb {n / t['bnb']:7.1f} Mparam/s  "
               f"time ours/bnb {t['ours'] / t['bnb']:.2f}")
+        RESULTS.append({"what": name, "shape": [out_f, in_f], "ours_seconds": t["ours"], "bnb_seconds": t["bnb"],
+                        "time_ratio": t["ours"] / t["bnb"]})
 
 
 def bench_linear(out_f, in_f, tokens, reps):
@@ -83,34 +90,28 @@ def bench_linear(out_f, in_f, tokens, reps):
     t = alternate({"nf4": step(q), "dense": step(dense)}, reps)
     print(f"linear fwd+bwd {out_f}x{in_f}, {tokens} tokens, bf16: Linear4bit {t['nf4'] * 1e3:7.1f} ms  "
           f"nn.Linear {t['dense'] * 1e3:7.1f} ms  ratio {t['nf4'] / t['dense']:.2f}")
-
-
-def rss_mb(field):
-    """VmRSS (now) or VmHWM (peak since the last reset) of this process, from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise OSError(f"/proc/self/status has no {field}")
+    RESULTS.append({"what": "linear fwd+bwd bf16", "shape": [out_f, in_f], "tokens": tokens,
+                    "nf4_seconds": t["nf4"], "dense_seconds": t["dense"], "time_ratio": t["nf4"] / t["dense"]})
 
 
 def child_peak_rss(what):
     """Run in a fresh process: peak RSS growth (MB) of one quantize or dequantize of a 4096 x 11008 bf16 weight."""
     w = torch.randn(4096, 11008, dtype=torch.bfloat16)
     packed, state = quant.quantize_nf4(w)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak (VmHWM) to the current RSS
-    base = rss_mb("VmRSS")
+    benchlib.reset_peak_rss()
+    base = benchlib.rss_bytes()
     if what == "quantize":
         result = quant.quantize_nf4(w)
         result_mb = w.numel() * (0.5 + 1 / 64) / 1e6  # packed bytes + uint8 scales
     else:
         result = quant.dequantize_nf4(packed, state, torch.bfloat16)
         result_mb = w.numel() * 2 / 1e6
-    grown = rss_mb("VmHWM") - base
+    grown = (benchlib.peak_rss_bytes() - base) / 1e6
     del result
     print(f"peak RSS growth, {what} 4096x11008 bf16: {grown:6.1f} MB (the result itself is {result_mb:.1f} MB; "
           f"an fp32 copy of the weight would be {w.numel() * 4 / 1e6:.0f} MB)")
+    print(json.dumps({"what": f"peak RSS growth of {what}", "shape": [4096, 11008], "grown_mb": grown,
+                      "result_mb": result_mb}))
 
 
 def main():
@@ -119,19 +120,28 @@ def main():
     p.add_argument("--tokens", type=int, default=512)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for torch and bitsandbytes")
+    p.add_argument("--out", help="write the figures and the machine (CPU model, native bf16) as JSON here")
     p.add_argument("--child", choices=["quantize", "dequantize"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child_peak_rss(args.child)
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = benchlib.machine()
+    print(f"{machine['cpu']}, native bf16: {machine['native_bf16']}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     shapes = [(4096, 4096)] + ([(4096, 11008)] if args.big else [])
     for out_f, in_f in shapes:
         bench_codec(out_f, in_f, args.reps)
         bench_linear(out_f, in_f, args.tokens, args.reps)
     for what in ("quantize", "dequantize"):
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--child", what,
-                        "--threads", str(args.threads)], check=True)
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", what,
+                              "--threads", str(args.threads)], check=True, capture_output=True, text=True).stdout
+        lines = out.strip().splitlines()
+        print("\n".join(lines[:-1]))
+        RESULTS.append(json.loads(lines[-1]))
+    if args.out:
+        benchlib.write_json(args.out, {"machine": machine, "threads": torch.get_num_threads(), "results": RESULTS})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

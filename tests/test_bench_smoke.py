@@ -1,6 +1,7 @@
 """The benchmarks in bench/ run end to end on tiny models and report figures that make sense.
 
-bench/train_speed.py (ours vs HF + PEFT + bitsandbytes), bench/ctx_memory.py (peak RSS against ctx) and
+bench/train_speed.py (ours vs HF + PEFT + bitsandbytes, its deadline, its FLOP count and dtype choice),
+bench/ctx_memory.py (peak RSS against ctx) and
 bench/gpu_check.py --cpu-smoke (the 7B GPU check's code path on a tiny model) each run as the user would
 run them, in subprocesses, with their JSON output checked.
 """
@@ -69,21 +70,99 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert r["predicted_peak"] > 0 and 0 < r["mfu"] < r["hfu"]
 
 
-def test_train_speed_tiny(tmp_path):
+TINY = ("--vocab", 512, "--dim", 64, "--intermediate", 128, "--layers", 2, "--heads", 4, "--ctx", 128,
+        "--peak-size", 512)
+
+
+@pytest.fixture(scope="module")
+def speed_cache(tmp_path_factory):
+    """One cache of train_speed.py's random checkpoint for the tests below (writing it imports transformers)."""
+    return tmp_path_factory.mktemp("train_speed_cache")
+
+
+def test_train_speed_tiny(tmp_path, speed_cache):
+    import benchlib
+
     out = tmp_path / "speed.json"
-    proc = run("train_speed.py", "--vocab", 512, "--dim", 64, "--intermediate", 128, "--layers", 2, "--heads", 4,
-               "--ctx", 128, "--steps", 1, "--repeats", 1, "--cache-dir", tmp_path / "cache", "--out", out)
+    proc = run("train_speed.py", *TINY, "--steps", 1, "--repeats", 1, "--cache-dir", speed_cache, "--out", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
-    for key in ("ours_tokens_per_s", "hf_tokens_per_s", "ours_peak_bytes", "hf_peak_bytes"):
-        assert res[key] > 0
-    assert res["tokens_per_s_ratio"] == pytest.approx(res["ours_tokens_per_s"] / res["hf_tokens_per_s"])
-    assert res["peak_bytes_ratio"] == pytest.approx(res["ours_peak_bytes"] / res["hf_peak_bytes"])
-    ours, hf = res["runs"]
-    assert (ours["impl"], hf["impl"]) == ("ours", "hf")
-    # Same checkpoint, same tokens, LoRA B = 0: the first loss is the NF4 base's, computed by both in bf16.
-    assert ours["losses"][0] == pytest.approx(hf["losses"][0], abs=0.01)
-    assert ours["trainable_params"] == hf["trainable_params"] == 2 * 64 * (4 * (64 + 64) + 3 * (64 + 128))
+    assert res["complete"] and res["stopped"] is None
+    assert res["machine"]["cpu"] and res["machine"]["native_bf16"] == benchlib.native_bf16()
+    (entry,) = res["configs"]
+    # --dtype auto: bf16 only where the CPU computes it natively (or on CUDA), and the run says so.
+    assert entry["dtype"] == ("bf16" if benchlib.native_bf16() or torch.cuda.is_available() else "fp32")
+    assert f"dtype {entry['dtype']}: auto" in proc.stdout
+    runs = {r["impl"]: r for r in entry["runs"]}
+    assert [r["impl"] for r in entry["runs"]] == ["ours_s2", "ours_full", "hf_full"]
+    s = entry["summary"]
+    for a in ("ours_s2", "ours_full"):
+        ratio = s["comparisons"][f"{a}/hf_full"]
+        assert ratio["tokens_per_s"] == pytest.approx(runs[a]["tokens_per_s"] / runs["hf_full"]["tokens_per_s"])
+        assert ratio["peak_bytes"] == pytest.approx(runs[a]["peak_bytes"] / runs["hf_full"]["peak_bytes"])
+    for r in runs.values():
+        assert r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 and 0 < r["utilisation"] < 1
+        assert r["flops_per_s"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"])
+    # S²-Attn (groups of 128 / 4 tokens) does less attention work than full attention.
+    assert runs["ours_s2"]["flops_per_token"] < runs["ours_full"]["flops_per_token"]
+    # Same checkpoint, same tokens, LoRA B = 0: the first loss is the NF4 base's, computed by both alike.
+    assert runs["ours_full"]["losses"][0] == pytest.approx(runs["hf_full"]["losses"][0], abs=0.01)
+    lora = 2 * 64 * (4 * (64 + 64) + 3 * (64 + 128))
+    assert {r["trainable_params"] for r in runs.values()} == {lora}
+
+
+def test_train_speed_stops_at_the_deadline(tmp_path, speed_cache):
+    out = tmp_path / "speed.json"
+    proc = run("train_speed.py", *TINY, "--steps", 1, "--repeats", 1, "--deadline", 1, "--cache-dir", speed_cache,
+               "--out", out)
+    assert proc.returncode == 3, proc.stderr[-3000:]          # nothing to compare: says so, no traceback
+    assert "stopped early" in proc.stdout and "Traceback" not in proc.stderr
+    res = json.loads(out.read_text())
+    assert not res["complete"] and "deadline" in res["stopped"]
+
+
+def test_eval_speed_tiny(tmp_path):
+    import benchlib
+
+    out = tmp_path / "eval.json"
+    proc = run("eval_speed.py", "--shape", "small", "--vocab", 512, "--dim", 64, "--intermediate", 128, "--layers", 2,
+               "--heads", 4, "--seq-len", 64, "--windows", 1, "--reps", 1, "--dtypes", "fp32", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["machine"]["native_bf16"] == benchlib.native_bf16()
+    (row,) = res["results"]
+    assert row["dtype"] == "fp32" and row["ours_tokens_per_s"] > 0 and row["hf_tokens_per_s"] > 0
+    assert row["tokens_per_s_ratio"] == pytest.approx(row["ours_tokens_per_s"] / row["hf_tokens_per_s"])
+    assert row["ours_loss"] == pytest.approx(row["hf_loss"], rel=1e-4)
+    assert 0 < row["ours_utilisation"] < 1 and 0 < row["hf_utilisation"] < 1
+
+
+def test_pick_dtype_without_native_bf16(monkeypatch):
+    import benchlib
+
+    monkeypatch.setattr(benchlib, "native_bf16", lambda: False)
+    dtype, why = benchlib.pick_dtype("auto", "cpu")
+    assert dtype == "fp32" and "no native bf16" in why
+    assert benchlib.pick_dtype("bf16", "cpu")[0] == "bf16"                  # still there when asked for
+    monkeypatch.setattr(benchlib, "native_bf16", lambda: True)
+    assert benchlib.pick_dtype("auto", "cpu")[0] == "bf16"
+
+
+def test_train_flops_per_token_formula():
+    import benchlib
+
+    d, i, L, V, r, ctx = 2048, 5504, 4, 32000, 64, 4096
+    f = benchlib.train_flops_per_token(dim=d, intermediate=i, layers=L, heads=16, kv_heads=16, head_dim=128,
+                                       vocab=V, lora_r=r, span=ctx)
+    n = L * (4 * d * d + 3 * d * i)
+    lora = L * r * (4 * 2 * d + 3 * (d + i))
+    attn = L * 4 * d * (ctx + 1) / 2
+    assert f["decoder_linear_params"] == n and f["lora_params"] == lora
+    assert f["executed"] == pytest.approx(6 * n + 8 * lora + 4 * V * d + 4 * attn, rel=1e-12)
+    assert f["model"] == pytest.approx(4 * n + 6 * lora + 4 * V * d + 3 * attn, rel=1e-12)
+    s2 = benchlib.train_flops_per_token(dim=d, intermediate=i, layers=L, heads=16, kv_heads=16, head_dim=128,
+                                        vocab=V, lora_r=r, span=ctx // 4)
+    assert f["executed"] - s2["executed"] == pytest.approx(4 * L * 4 * d * (ctx - ctx // 4) / 2, rel=1e-12)
 
 
 def test_ctx_memory_grows_linearly(tmp_path):
