@@ -55,7 +55,7 @@ Variants (train.py flags in variant_flags):
 and the diagnosis of the S²-Attn transfer (--diagnose): longqlora with one setting changed (DIAGNOSIS).
 
     python bench/long_context.py --threads 1            # the committed run (tokenizer, corpus, base cached)
-    python bench/long_context.py --diagnose --threads 1 # the S²-Attn transfer experiments (4x budget)
+    python bench/long_context.py --diagnose --threads 1 # the S²-Attn transfer experiments (1x budget)
     python bench/long_context.py --smoke                # every stage on a tiny model, seconds (tests)
     python bench/long_context.py --table                # the markdown tables of an existing --out JSON
 
