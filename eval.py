@@ -106,8 +106,8 @@ import torch
 from tqdm import tqdm
 
 import atomic
-import data
 import download
+import sources
 from generate import generate, load_model, max_length
 from model import Transformer
 from rope import describe_scaling
@@ -140,7 +140,7 @@ def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
     def found(path, folder):
         if folder is None:
             return path.is_file()
-        return folder.is_dir() and any(f.is_file() and f.name.endswith(data.TEXT_SUFFIXES) for f in folder.rglob("*"))
+        return folder.is_dir() and any(f.is_file() and f.name.endswith(sources.TEXT_SUFFIXES) for f in folder.rglob("*"))
 
     for path, reader_split, folder in candidates:
         if found(path, folder):
@@ -151,11 +151,11 @@ def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
 
 def load_eval_tokens(path, split=None, tokenizer=None, vocab_size=None, bin_dtype=None, cache_dir=None,
                      max_tokens=None, progress=True) -> np.ndarray:
-    """The flat token stream of a source (data.tokenize_source: a `.bin` as it is, text tokenized once and
+    """The flat token stream of a source (sources.tokenize_source: a `.bin` as it is, text tokenized once and
     cached), every id checked against vocab_size; max_tokens keeps the first tokens only."""
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
-    corpus = data.tokenize_source(path, tokenizer, split=split, cache_dir=cache_dir, vocab_size=vocab_size,
+    corpus = sources.tokenize_source(path, tokenizer, split=split, cache_dir=cache_dir, vocab_size=vocab_size,
                                   progress=progress, dtype=bin_dtype)
     tokens = corpus.tokens[:corpus.n_tokens]
     return tokens if max_tokens is None else tokens[:max_tokens]
@@ -336,7 +336,7 @@ def resolve_source(args) -> tuple[Path, str | None, str, str | None]:
         path = Path(args.data_path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: --data-path not found")
-        split = (args.split or "validation") if data.is_pg19_layout(path) else None
+        split = (args.split or "validation") if sources.is_pg19_layout(path) else None
         return path, split, str(path), split
     split = args.split or ("validation" if args.dataset == "pg19" else "test")
     try:
@@ -365,7 +365,7 @@ def run(args) -> dict:
     show, perplexity = not args.no_progress, args.task == "perplexity"
     if perplexity:  # missing data fails before the model is loaded
         path, reader_split, dataset, split = resolve_source(args)
-    tokenizer = data.load_tokenizer(args.model) if not perplexity or path.suffix != ".bin" else None
+    tokenizer = sources.load_tokenizer(args.model) if not perplexity or path.suffix != ".bin" else None
     device = cli.device(args.device)
     model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
                                args.rope_factor, device)

@@ -68,6 +68,7 @@ if __name__ == "__main__":      # flags are parsed before torch loads (seconds):
 import torch
 
 import data
+import sources
 import hf
 import lora
 from model import KVCache
@@ -236,7 +237,7 @@ def main(argv=None) -> None:
         except UnicodeDecodeError as e:
             raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     device = cli.device(args.device)
-    tokenizer = data.load_tokenizer(args.model)
+    tokenizer = sources.load_tokenizer(args.model)
     model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
                                args.rope_factor, device)
     training = (getattr(model, "lora_config", None) or {}).get("training") or {}

@@ -198,6 +198,7 @@ from tqdm import tqdm
 import atomic
 import checkpoint
 import data
+import sources
 import demo
 import hf
 import lora
@@ -239,12 +240,12 @@ def build_dataset(args, model_args):
         bos = model_args.bos_token_id if isinstance(model_args.bos_token_id, int) else 1
         return demo.SyntheticDataset(model_args.vocab_size, args.ctx, 1_000_000, args.seed, bos_id=bos), pad_id
     path = Path(args.data)
-    tokenizer = data.load_tokenizer(args.model) if args.sft or path.suffix != ".bin" else None
+    tokenizer = sources.load_tokenizer(args.model) if args.sft or path.suffix != ".bin" else None
     pad_id = tokenizer.pad_id if tokenizer is not None else pad_id
     if args.sft:
         return data.SFTDataset(path, tokenizer, args.ctx, args.template), pad_id
-    split = args.split or ("train" if data.is_pg19_layout(path) else None)
-    corpus = data.tokenize_source(path, tokenizer, split=split, cache_dir=args.cache_dir,
+    split = args.split or ("train" if sources.is_pg19_layout(path) else None)
+    corpus = sources.tokenize_source(path, tokenizer, split=split, cache_dir=args.cache_dir,
                                   vocab_size=model_args.vocab_size)
     if args.layout == "truncate":
         return data.TruncatedDataset(corpus, args.ctx, pad_id), pad_id

@@ -148,22 +148,23 @@ def write_json(path: Path, obj) -> None:
 # adapted here only. Stable interfaces: train.py's flags (train.main) and eval.py's functions.
 
 import data as _data      # noqa: E402
+import sources as _sources  # noqa: E402
 import eval as _eval      # noqa: E402
 import mini_paper         # noqa: E402  (tokenizer training and pretraining are reused, not copied)
 import train as _train    # noqa: E402
 
 
 def load_tokenizer(path):
-    return _data.load_tokenizer(path)
+    return _sources.load_tokenizer(path)
 
 
 def data_fingerprint(data_dir: Path, split: str) -> str:
-    return _data.source_fingerprint(_data.source_files(data_dir, split), data_dir / split)
+    return _sources.source_fingerprint(_sources.source_files(data_dir, split), data_dir / split)
 
 
 def split_documents(data_dir: Path, split: str, tokenizer, cache_dir: Path) -> list[np.ndarray]:
     """The documents of a PG19-layout split as token arrays, without their leading BOS."""
-    corpus = _data.tokenize_source(data_dir, tokenizer, split=split, cache_dir=cache_dir, progress=False)
+    corpus = _sources.tokenize_source(data_dir, tokenizer, split=split, cache_dir=cache_dir, progress=False)
     skip = 1 if corpus.bos else 0
     return [np.asarray(corpus.document(i)[skip:], dtype=np.int64) for i in range(len(corpus))]
 

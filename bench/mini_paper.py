@@ -59,6 +59,7 @@ import torch  # noqa: E402
 import atomic  # noqa: E402
 import cli  # noqa: E402
 import data as data_lib  # noqa: E402
+import sources  # noqa: E402
 import eval as eval_lib  # noqa: E402
 import hf  # noqa: E402
 import train as train_lib  # noqa: E402
@@ -120,7 +121,7 @@ def train_tokenizer(data_dir: Path, vocab_size: int, out_dir: Path, max_files: i
 
     import sentencepiece as spm
 
-    docs = list(data_lib.iter_documents(data_dir, split="train"))[:max_files]
+    docs = list(sources.iter_documents(data_dir, split="train"))[:max_files]
     lines = [line for _, text in docs for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{data_dir}: the train split holds no text to train a tokenizer on")
@@ -153,8 +154,8 @@ def pretrain(cfg: dict, data_dir: Path, tokenizer_dir: Path, out_dir: Path, cach
     Standard small-model recipe: AdamW (betas 0.9/0.95, weight decay on matrices only), linear warmup then
     cosine decay, gradient clipping, fp32. The loss is model.chunked_cross_entropy, as in train.py."""
     p = cfg["pretrain"]
-    tokenizer = data_lib.Tokenizer(tokenizer_dir / "tokenizer.model")
-    corpus = data_lib.tokenize_source(data_dir, tokenizer, split="train", cache_dir=cache_dir / "tokens",
+    tokenizer = sources.Tokenizer(tokenizer_dir / "tokenizer.model")
+    corpus = sources.tokenize_source(data_dir, tokenizer, split="train", cache_dir=cache_dir / "tokens",
                                       progress=False)
     dataset = data_lib.PackedDataset(corpus, cfg["short_ctx"], tokenizer.eos_id)
     sampler = data_lib.ShuffledSampler(len(dataset), SEED)
@@ -322,7 +323,7 @@ def run(args) -> dict:
         raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(specs)}")
     torch.manual_seed(SEED)
     timings, t_start = {}, time.perf_counter()
-    data_key = data_lib.source_fingerprint(data_lib.source_files(data_dir, "train"), data_dir / "train")
+    data_key = sources.source_fingerprint(sources.source_files(data_dir, "train"), data_dir / "train")
 
     t = time.perf_counter()
     tok_dir = cache_dir / f"tokenizer-{config_key([cfg['tokenizer'], data_key])}"
@@ -360,7 +361,7 @@ def run(args) -> dict:
         log(f"train {name}: {timings[f'train {name}']:.1f} s")
 
     t = time.perf_counter()
-    tokenizer = data_lib.load_tokenizer(base_dir)
+    tokenizer = sources.load_tokenizer(base_dir)
     tokens = eval_lib.load_eval_tokens(data_dir, "validation", tokenizer, tokenizer.vocab_size,
                                        cache_dir=cache_dir / "tokens", max_tokens=cfg["eval"]["max_tokens"],
                                        progress=False)

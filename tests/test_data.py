@@ -13,6 +13,7 @@ import torch
 
 import cli
 import data
+import sources
 import demo
 from conftest import PG19_MINI, ROOT, TOKENIZER_VOCAB, sentencepiece_model
 
@@ -26,10 +27,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tok(model_dir):
-    return data.load_tokenizer(model_dir)
+    return sources.load_tokenizer(model_dir)
 
 
-class CountingTokenizer(data.Tokenizer):
+class CountingTokenizer(sources.Tokenizer):
     """Counts how many documents reach sentencepiece."""
 
     def __init__(self, path):
@@ -68,10 +69,10 @@ def test_tokenizer_ids_and_roundtrip(tok):
 
 def test_missing_tokenizer_names_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.model")):
-        data.load_tokenizer(tmp_path)
+        sources.load_tokenizer(tmp_path)
     write(tmp_path / "tokenizer.model", b"not a model")
     with pytest.raises(ValueError, match="tokenizer.model: not a sentencepiece model"):
-        data.load_tokenizer(tmp_path)
+        sources.load_tokenizer(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -87,25 +88,25 @@ def test_folder_source_recursive_sorted_all_formats(tmp_path):
         f.write('{"text": "three"}\n')
     write(src / "notes.md", "ignored")
     write(src / ".longqlora_cache" / "x.txt", "ignored: hidden")
-    docs = list(data.iter_documents(src))
+    docs = list(sources.iter_documents(src))
     assert docs == [("a/z.txt", "zed"), ("b.txt", "bee"), ("c.jsonl:1", "one"), ("c.jsonl:3", "two"),
                     ("d.jsonl.gz:1", "three")]
-    assert list(data.iter_documents(src / "c.jsonl")) == [("c.jsonl:1", "one"), ("c.jsonl:3", "two")]
-    assert list(data.iter_documents(src / "b.txt")) == [("b.txt", "bee")]
+    assert list(sources.iter_documents(src / "c.jsonl")) == [("c.jsonl:1", "one"), ("c.jsonl:3", "two")]
+    assert list(sources.iter_documents(src / "b.txt")) == [("b.txt", "bee")]
 
 
 def test_pg19_layout_needs_split():
-    names = [name for name, _ in data.iter_documents(PG19_MINI, split="validation")]
+    names = [name for name, _ in sources.iter_documents(PG19_MINI, split="validation")]
     assert names == sorted(p.name for p in (PG19_MINI / "validation").glob("*.txt")) and len(names) == 3
     with pytest.raises(ValueError, match="PG19-layout folder; choose a split"):
-        data.source_files(PG19_MINI)
+        sources.source_files(PG19_MINI)
     with pytest.raises(FileNotFoundError, match="valid: split folder not found"):
-        data.source_files(PG19_MINI, split="valid")
+        sources.source_files(PG19_MINI, split="valid")
 
 
 def test_utf8_bom_stripped(tmp_path):
     write(tmp_path / "bom.txt", b"\xef\xbb\xbfhello")
-    assert list(data.iter_documents(tmp_path / "bom.txt")) == [("bom.txt", "hello")]
+    assert list(sources.iter_documents(tmp_path / "bom.txt")) == [("bom.txt", "hello")]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def test_utf8_bom_stripped(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 
 def test_bin_uint16_uint32_and_text_give_same_tokens(tmp_path, tok):
-    corpus = data.tokenize_source(PG19_MINI, tok, split="validation", cache_dir=tmp_path / "cache", progress=False)
+    corpus = sources.tokenize_source(PG19_MINI, tok, split="validation", cache_dir=tmp_path / "cache", progress=False)
     assert corpus.tokens.dtype == np.uint16 and len(corpus) == 3
     # each document is BOS + the text's tokens
     first_text = (PG19_MINI / "validation" / corpus.names[0]).read_text(encoding="utf-8")
@@ -121,18 +122,18 @@ def test_bin_uint16_uint32_and_text_give_same_tokens(tmp_path, tok):
     flat = np.asarray(corpus.tokens)
     flat.astype(np.uint16).tofile(tmp_path / "pg19-validation.bin")
     flat.astype(np.uint32).tofile(tmp_path / "pg19-validation-u32.bin")
-    u16 = data.load_token_file(tmp_path / "pg19-validation.bin", vocab_size=tok.vocab_size)
-    u32 = data.load_token_file(tmp_path / "pg19-validation-u32.bin", vocab_size=tok.vocab_size, dtype="uint32")
+    u16 = sources.load_token_file(tmp_path / "pg19-validation.bin", vocab_size=tok.vocab_size)
+    u32 = sources.load_token_file(tmp_path / "pg19-validation-u32.bin", vocab_size=tok.vocab_size, dtype="uint32")
     assert u16.dtype == np.uint16 and u32.dtype == np.uint32
     np.testing.assert_array_equal(u16, flat)
     np.testing.assert_array_equal(u32, flat)
-    via_source = data.tokenize_source(tmp_path / "pg19-validation.bin", tok)
+    via_source = sources.tokenize_source(tmp_path / "pg19-validation.bin", tok)
     np.testing.assert_array_equal(via_source.tokens, flat)
     assert len(via_source) == 1 and not via_source.bos
     # dtype follows the vocabulary: a 100k vocabulary reads the same file as uint32
-    assert data.token_dtype(32000) == np.uint16 and data.token_dtype(65536) == np.uint16
-    assert data.token_dtype(65537) == np.uint32
-    np.testing.assert_array_equal(data.load_token_file(tmp_path / "pg19-validation-u32.bin", vocab_size=100_000), flat)
+    assert sources.token_dtype(32000) == np.uint16 and sources.token_dtype(65536) == np.uint16
+    assert sources.token_dtype(65537) == np.uint32
+    np.testing.assert_array_equal(sources.load_token_file(tmp_path / "pg19-validation-u32.bin", vocab_size=100_000), flat)
 
 
 def test_cache_reused_and_invalidated(tmp_path, model_dir):
@@ -141,7 +142,7 @@ def test_cache_reused_and_invalidated(tmp_path, model_dir):
     write(src / "a.txt", "It was the best of times.")
     write(src / "b.txt", "It was the worst of times.")
     cache = tmp_path / "cache"
-    first = data.tokenize_source(src, tok, cache_dir=cache, progress=False)
+    first = sources.tokenize_source(src, tok, cache_dir=cache, progress=False)
     assert tok.documents_encoded == 2
     bins = list(cache.glob("*.bin"))
     index = json.loads(next(cache.glob("*.json")).read_text())
@@ -150,14 +151,14 @@ def test_cache_reused_and_invalidated(tmp_path, model_dir):
     assert index["offsets"] == first.offsets.tolist() and index["names"] == ["a.txt", "b.txt"]
     mtime = bins[0].stat().st_mtime_ns
 
-    second = data.tokenize_source(src, tok, cache_dir=cache, progress=False)
+    second = sources.tokenize_source(src, tok, cache_dir=cache, progress=False)
     assert tok.documents_encoded == 2, "second run must read the cache"
     assert bins[0].stat().st_mtime_ns == mtime
     np.testing.assert_array_equal(second.tokens, first.tokens)
     assert second.path == bins[0]
 
     write(src / "b.txt", "It was the age of wisdom, it was the age of foolishness.")
-    third = data.tokenize_source(src, tok, cache_dir=cache, progress=False)
+    third = sources.tokenize_source(src, tok, cache_dir=cache, progress=False)
     assert tok.documents_encoded == 4, "a changed source is tokenized again"
     assert third.document(1).tolist() == tok.encode("It was the age of wisdom, it was the age of foolishness.")
     assert leftovers(cache) == []
@@ -167,11 +168,11 @@ def test_default_cache_dir_is_the_user_cache(tmp_path, tok, monkeypatch):
     monkeypatch.delenv("LONGQLORA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     src = write(tmp_path / "src" / "a.txt", "hello world")
-    corpus = data.tokenize_source(src.parent, tok, progress=False)
+    corpus = sources.tokenize_source(src.parent, tok, progress=False)
     assert corpus.path.parent == tmp_path / "xdg" / "longqlora"
     assert [p.name for p in src.parent.iterdir()] == ["a.txt"]       # nothing written beside the data
     monkeypatch.setenv("LONGQLORA_CACHE", str(tmp_path / "mine"))
-    assert data.tokenize_source(src, tok, progress=False).path.parent == tmp_path / "mine"
+    assert sources.tokenize_source(src, tok, progress=False).path.parent == tmp_path / "mine"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def test_default_cache_dir_is_the_user_cache(tmp_path, tok, monkeypatch):
 
 def small_corpus(docs):
     lengths = [len(d) for d in docs]
-    return data.TokenCorpus(np.concatenate(docs).astype(np.uint16), np.concatenate([[0], np.cumsum(lengths)]),
+    return sources.TokenCorpus(np.concatenate(docs).astype(np.uint16), np.concatenate([[0], np.cumsum(lengths)]),
                             [f"d{i}" for i in range(len(docs))], True)
 
 
@@ -206,7 +207,7 @@ def test_packing_layout_exact():
 
 
 def test_packing_real_corpus(tmp_path, tok):
-    corpus = data.tokenize_source(PG19_MINI, tok, split="validation", cache_dir=tmp_path, progress=False)
+    corpus = sources.tokenize_source(PG19_MINI, tok, split="validation", cache_dir=tmp_path, progress=False)
     ds = data.PackedDataset(corpus, ctx=4096, eos_id=tok.eos_id)
     assert len(ds) == (corpus.n_tokens + len(corpus) - 1) // 4096
     stream = np.concatenate([np.append(corpus.document(i), tok.eos_id) for i in range(len(corpus))])[:-1]
@@ -349,7 +350,7 @@ def test_sft_conversation_mask_and_template(tmp_path, tok, monkeypatch):
     path = write(tmp_path / "conv.jsonl", json.dumps(record) + "\n")
     encoded = []
     monkeypatch.setattr(tok, "encode", lambda text, bos=True, eos=False: encoded.append(text) or
-                        data.Tokenizer.encode(tok, text, bos, eos))
+                        sources.Tokenizer.encode(tok, text, bos, eos))
     ex = data.SFTDataset(path, tok, ctx=1024)[0]
     # the pieces are exactly FastChat's text between the implicit spaces and the "</s>" separators
     assert encoded == [data.SYSTEM + " USER: Who is Hamlet? ASSISTANT:", "The Prince of Denmark.",
@@ -476,13 +477,13 @@ def test_empty_sources(tmp_path, tok):
     cache = tmp_path / "cache"
     (tmp_path / "nothing").mkdir()
     with pytest.raises(ValueError, match="nothing: empty source: no .txt"):
-        data.tokenize_source(tmp_path / "nothing", tok, cache_dir=cache)
+        sources.tokenize_source(tmp_path / "nothing", tok, cache_dir=cache)
     write(tmp_path / "blank" / "a.txt", "")
     write(tmp_path / "blank" / "b.txt", "   \n")
     with pytest.raises(ValueError, match="blank: empty source: no text in 2 file"):
-        data.tokenize_source(tmp_path / "blank", tok, cache_dir=cache, progress=False)
+        sources.tokenize_source(tmp_path / "blank", tok, cache_dir=cache, progress=False)
     with pytest.raises(FileNotFoundError, match="missing: no such file"):
-        data.tokenize_source(tmp_path / "missing", tok, cache_dir=cache)
+        sources.tokenize_source(tmp_path / "missing", tok, cache_dir=cache)
     assert not cache.exists() or list(cache.iterdir()) == []
 
 
@@ -492,67 +493,67 @@ def test_non_utf8_counted_once(tmp_path, tok):
     write(src / "good.txt", "fine \ufffd already here")
     write(src / "lines.jsonl", b'{"text": "ok"}\n{"text": "x\xc3"}\n')
     with pytest.warns(UserWarning) as record:
-        corpus = data.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+        corpus = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
     messages = [str(w.message) for w in record if "UTF-8" in str(w.message)]
     assert messages == ["4 characters were not valid UTF-8 and were replaced by U+FFFD in: bad.txt, lines.jsonl"]
     assert len(corpus) == 4
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        data.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)  # cached: silent
+        sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)  # cached: silent
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path, tok):
     cache = tmp_path / "cache"
     path = write(tmp_path / "corpus.jsonl", '{"text": "good"}\n{"text": "fine"}\n{"text": broken\n')
     with pytest.raises(ValueError, match=r"corpus\.jsonl:3: malformed JSON"):
-        data.tokenize_source(path, tok, cache_dir=cache, progress=False)
+        sources.tokenize_source(path, tok, cache_dir=cache, progress=False)
     assert list(cache.iterdir()) == [], "nothing half-written"
     path = write(tmp_path / "notext.jsonl", '{"text": "good"}\n{"content": "x"}\n')
     with pytest.raises(ValueError, match=r"notext\.jsonl:2: expected a JSON object with a string field \"text\""):
-        data.tokenize_source(path, tok, cache_dir=cache, progress=False)
+        sources.tokenize_source(path, tok, cache_dir=cache, progress=False)
     path = write(tmp_path / "num.jsonl", '{"text": 5}\n')
     with pytest.raises(ValueError, match=r"num\.jsonl:1: .*string field"):
-        list(data.iter_documents(path))
+        list(sources.iter_documents(path))
     path = write(tmp_path / "bad.jsonl.gz", b"\x1f\x8b not gzip at all")
     with pytest.raises(ValueError, match=r"bad\.jsonl\.gz: corrupt gzip"):
-        list(data.iter_documents(path))
+        list(sources.iter_documents(path))
     assert list(cache.iterdir()) == []
 
 
 def test_bin_bad_inputs(tmp_path):
     odd = write(tmp_path / "odd.bin", b"\x01\x00\x02")
     with pytest.raises(ValueError, match=r"odd\.bin: size 3 bytes is not a multiple of 2 \(uint16"):
-        data.load_token_file(odd)
+        sources.load_token_file(odd)
     three = write(tmp_path / "six.bin", np.array([1, 2, 3], dtype=np.uint16).tobytes())
     with pytest.raises(ValueError, match=r"six\.bin: size 6 bytes is not a multiple of 4 \(uint32"):
-        data.load_token_file(three, dtype="uint32")
+        sources.load_token_file(three, dtype="uint32")
     big = write(tmp_path / "big.bin", np.array([1, 5, 511, 512, 9], dtype=np.uint16).tobytes())
     with pytest.raises(ValueError, match=r"big\.bin: token id 512 at position 3 is outside the model's vocabulary of 512"):
-        data.load_token_file(big, vocab_size=512)
+        sources.load_token_file(big, vocab_size=512)
     with pytest.raises(ValueError, match=r"big\.bin: token id 512 at position 3"):
-        data.tokenize_source(big, None, vocab_size=512)
-    assert data.load_token_file(big, vocab_size=513).tolist() == [1, 5, 511, 512, 9]
+        sources.tokenize_source(big, None, vocab_size=512)
+    assert sources.load_token_file(big, vocab_size=513).tolist() == [1, 5, 511, 512, 9]
     with pytest.raises(ValueError, match=r"empty\.bin: empty token file"):
-        data.load_token_file(write(tmp_path / "empty.bin", b""))
+        sources.load_token_file(write(tmp_path / "empty.bin", b""))
     with pytest.raises(ValueError, match="unsupported file type"):
-        data.source_files(write(tmp_path / "x.parquet", b"PAR1"))
+        sources.source_files(write(tmp_path / "x.parquet", b"PAR1"))
 
 
 def test_text_tokens_beyond_model_vocab(tmp_path, tok):
     src = write(tmp_path / "a.txt", "zebra quartz")
     with pytest.raises(ValueError, match=r"a\.txt: token id \d+ at position \d+ is outside the model's vocabulary of 10"):
-        data.tokenize_source(src, tok, cache_dir=tmp_path / "cache", vocab_size=10, progress=False)
+        sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", vocab_size=10, progress=False)
 
 
 def test_failure_mid_tokenization_leaves_nothing(tmp_path, model_dir):
-    class Exploding(data.Tokenizer):
+    class Exploding(sources.Tokenizer):
         def encode_batch(self, texts, bos=True, eos=False):
             raise KeyboardInterrupt
 
     src = write(tmp_path / "a.txt", "some text")
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
-        data.tokenize_source(src, Exploding(model_dir / "tokenizer.model"), cache_dir=cache, progress=False)
+        sources.tokenize_source(src, Exploding(model_dir / "tokenizer.model"), cache_dir=cache, progress=False)
     assert list(cache.iterdir()) == []
 
 

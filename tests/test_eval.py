@@ -11,7 +11,7 @@ import torch
 from conftest import PG19_MINI, ROOT, hf_model, make_hf_checkpoint
 
 import cli
-import data
+import sources
 import eval as ev
 
 N_TOKENS = 420
@@ -208,7 +208,7 @@ def text_source(tmp_path_factory):
 
 
 def test_bin_and_text_sources_agree(ckpt, text_source, tmp_path):
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     text_tokens = ev.load_eval_tokens(text_source, tokenizer=tok, vocab_size=512, cache_dir=tmp_path / "cache",
                                       progress=False)
     assert len(text_tokens) > 1000 and text_tokens[0] == tok.bos_id
@@ -255,7 +255,7 @@ def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
 @pytest.mark.parametrize("target", [180, 400, 1000])
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
 def test_passkey_prompt(ckpt, target, depth):
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     ids = ev.passkey_prompt(tok, target, depth, "48213")
     assert target - 4 <= len(ids) <= target
     assert ids[0] == tok.bos_id
@@ -272,7 +272,7 @@ def test_passkey_prompt(ckpt, target, depth):
 
 def test_passkey_prompt_too_short(ckpt):
     with pytest.raises(ValueError, match="too short"):
-        ev.passkey_prompt(data.load_tokenizer(ckpt), 20, 0.5, "12345")
+        ev.passkey_prompt(sources.load_tokenizer(ckpt), 20, 0.5, "12345")
 
 
 def test_passkey_scoring():
@@ -291,7 +291,7 @@ def test_passkey_scoring():
 
 def test_passkey_evaluation_runs_with_the_kv_cache(ckpt):
     model = load(ckpt, dtype=torch.float32)
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     r = ev.evaluate_passkey(model, tok, 192, trials=3, seed=5, progress=False)
     assert r["trials"] == 3 and len(r["records"]) == 3
     assert all(192 - ev.PASSKEY_NEW_TOKENS - 4 <= t["prompt_tokens"] <= 192 - ev.PASSKEY_NEW_TOKENS

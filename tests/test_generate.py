@@ -8,6 +8,7 @@ from conftest import hf_model, make_hf_checkpoint
 
 import cli
 import data
+import sources
 import generate as gen
 
 
@@ -43,7 +44,7 @@ def test_kv_cache_greedy_equals_full_recomputation(ckpt, factor):
 
 def test_greedy_equals_hf_generate(ckpt):
     model = gen.load_model(ckpt, dtype=torch.float32)[0]
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     p = prompt(seed=3)
     ours = gen.generate(model, tok, p, 30)
     ref = hf_model(ckpt).generate(torch.tensor([p]), max_new_tokens=30, do_sample=False)[0, len(p):].tolist()
@@ -82,7 +83,7 @@ def test_sampling_is_reproducible_with_a_seed(ckpt):
 
 
 def test_text_stream_concatenates_to_the_decoded_text(ckpt):
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     p = tok.encode("Once upon a time", bos=True)
     generated = tok.encode("there was a cafe named Zoë — 日本 — and it sold tea.", bos=False)
     stream = gen.TextStream(tok, p)
@@ -95,7 +96,7 @@ def test_text_stream_concatenates_to_the_decoded_text(ckpt):
 
 def test_chat_keeps_the_history(ckpt):
     model = gen.load_model(ckpt, dtype=torch.float32)[0]
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     args = types.SimpleNamespace(max_new_tokens=6, temperature=0.0, top_p=1.0, seed=None, template="vicuna")
     seen = []
     real = gen.generate
@@ -126,7 +127,7 @@ def test_cli_continuation_and_chat(ckpt, capsys, monkeypatch, tmp_path):
     out, err = capsys.readouterr()
     assert code == 0, err
     model = gen.load_model(ckpt, dtype=torch.float32)[0]
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     p = tok.encode("To be or not", bos=True)
     expected = gen.generate(model, tok, p, 8)
     stream = gen.TextStream(tok, p)
@@ -163,7 +164,7 @@ def test_chat_uses_the_template_the_adapter_was_trained_with(ckpt, tmp_path, mon
     seen = []
     real = gen.generate
     monkeypatch.setattr(gen, "generate", lambda m, t, ids, *a, **k: seen.append(list(ids)) or real(m, t, ids, *a, **k))
-    tok = data.load_tokenizer(ckpt)
+    tok = sources.load_tokenizer(ckpt)
     for extra, template in (([], "longqlora"), (["--template", "vicuna"], "vicuna")):
         assert cli.run(gen.main, ["--model", str(ckpt), "--adapter", str(tmp_path / "sft"), "--chat", "--prompt",
                                   "Who is Hamlet?", "--max-new-tokens", "2", "--dtype", "fp32", *extra]) == 0

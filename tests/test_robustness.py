@@ -312,11 +312,11 @@ def test_passkey_length_is_bounded_before_building_the_prompt(tiny):
 
 def test_generate_is_bounded_by_the_usable_context(tiny):
     """--max-new-tokens 1e8 neither allocates a cache for 1e8 positions nor runs past the model's 128 tokens."""
-    import data
+    import sources
     import generate as gen
 
     model, _ = gen.load_model(tiny["model"], dtype=torch.float32)
-    tok = data.load_tokenizer(tiny["model"])
+    tok = sources.load_tokenizer(tiny["model"])
     prompt = tok.encode("To be or not to be", bos=True)
     out = gen.generate(model, None, prompt, 100_000_000, limit=gen.max_length(model))
     assert len(prompt) + len(out) == 128
