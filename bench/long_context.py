@@ -757,11 +757,7 @@ def plot(results, passkey_rows, cfg, path: Path) -> bool:
     axes[-1].set_xlabel("prompt length (tokens)")
     axes[-1].grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    mini_paper.save_figure(fig, path, dpi=100)
     return True
 
 

@@ -293,12 +293,19 @@ def plot(results: list[dict], ctxs, short_ctx: int, path: Path, all_variants) ->
     ax.set_ylabel("perplexity, pg19-mini validation (same tokens)")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
+    save_figure(fig, path, dpi=110)
+    return True
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """fig as a PNG at path, atomically (a reader never sees half an image), then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
-    return True
 
 
 # --------------------------------------------------------------------------- driver

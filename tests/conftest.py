@@ -98,3 +98,25 @@ def read_json(path):
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     return make_hf_checkpoint(tmp_path / "tiny")
+
+
+def smoke_on_one_thread(main, *argv):
+    """A bench script's --smoke run in this process on one thread (a tiny model gains nothing from two, and loses
+    a lot on a busy machine), leaving torch's thread count as it was."""
+    threads = torch.get_num_threads()
+    try:
+        return main(["--smoke", "--threads", "1", *argv])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_pg19(tmp_path_factory):
+    """A PG19-layout folder with the first 20k characters of three train books and one validation book."""
+    root = tmp_path_factory.mktemp("pg19-tiny")
+    for split, names in (("train", sorted((PG19_MINI / "train").glob("*.txt"))[:3]),
+                         ("validation", sorted((PG19_MINI / "validation").glob("*.txt"))[:1])):
+        (root / split).mkdir()
+        for f in names:
+            (root / split / f.name).write_text(f.read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return root

@@ -13,9 +13,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from conftest import PG19_MINI, ROOT
+from conftest import ROOT, smoke_on_one_thread
 
 sys.path.insert(0, str(ROOT / "bench"))
 import long_context as lc  # noqa: E402
@@ -153,23 +152,7 @@ def test_control_reads_the_long_variants_tokens_step_by_step(tmp_path):
 
 
 def run_smoke(*argv):
-    threads = torch.get_num_threads()
-    try:
-        return lc.main(["--smoke", "--threads", "1", *argv])
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_pg19(tmp_path_factory):
-    """A PG19-layout folder with the first 20k characters of three train books and one validation book."""
-    root = tmp_path_factory.mktemp("pg19-tiny")
-    for split, names in (("train", sorted((PG19_MINI / "train").glob("*.txt"))[:3]),
-                         ("validation", sorted((PG19_MINI / "validation").glob("*.txt"))[:1])):
-        (root / split).mkdir()
-        for f in names:
-            (root / split / f.name).write_text(f.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    return root
+    return smoke_on_one_thread(lc.main, *argv)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PG19_MINI, ROOT
+from conftest import ROOT, smoke_on_one_thread
 
 sys.path.insert(0, str(ROOT / "bench"))
 import mini_paper  # noqa: E402
@@ -22,24 +22,7 @@ VARIANTS = ["base", "pi", "control", "longqlora", "longqlora_s2_eval", "lora_ful
 
 
 def run_smoke(*argv):
-    """mini_paper --smoke on one thread: a tiny model gains nothing from two, and loses a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    try:
-        return mini_paper.main(["--smoke", "--threads", "1", *argv])
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_pg19(tmp_path_factory):
-    """A PG19-layout folder with the first 20k characters of three train books and one validation book."""
-    root = tmp_path_factory.mktemp("pg19-tiny")
-    for split, names in (("train", sorted((PG19_MINI / "train").glob("*.txt"))[:3]),
-                         ("validation", sorted((PG19_MINI / "validation").glob("*.txt"))[:1])):
-        (root / split).mkdir()
-        for f in names:
-            (root / split / f.name).write_text(f.read_text(encoding="utf-8")[:20000], encoding="utf-8")
-    return root
+    return smoke_on_one_thread(mini_paper.main, *argv)
 
 
 @pytest.fixture(scope="module")
