@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cli
-import download
-from sources import TokenCorpus, Tokenizer, iter_jsonl, load_tokenizer, tokenize_source, warn_replaced
+from infra import cli
+from infra import download
+from infra.sources import TokenCorpus, Tokenizer, iter_jsonl, load_tokenizer, tokenize_source, warn_replaced
 
 IGNORE_INDEX = -100
 
@@ -264,7 +264,7 @@ def main(argv=None) -> None:
         return download.main(argv[1:])
     parser = cli.one_line_errors(argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0]))
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("download", help="download a public dataset (see python download.py --help)")
+    sub.add_parser("download", help="download a public dataset (see python -m infra.download --help)")
     tok = cli.one_line_errors(sub.add_parser("tokenize", help="tokenize a text source into the cache"))
     tok.add_argument("source")
     tok.add_argument("--model", required=True, help="model folder with tokenizer.model")

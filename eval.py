@@ -43,7 +43,7 @@ import sys
 import time
 from pathlib import Path
 
-import cli
+from infra import cli
 
 PROTOCOLS = ("longqlora", "longlora", "sliding")
 LONGLORA_STRIDE = 256
@@ -105,9 +105,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import atomic
-import download
-import sources
+from infra import atomic
+from infra import download
+from infra import sources
 from generate import generate, load_model, max_length
 from model import Transformer
 from rope import describe_scaling

@@ -28,7 +28,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import cli
+from infra import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +68,8 @@ if __name__ == "__main__":      # flags are parsed before torch loads (seconds):
 import torch
 
 import data
-import sources
-import hf
+from infra import sources
+from infra import hf
 import lora
 from model import KVCache
 from rope import describe_scaling, inference_scaling, usable_context

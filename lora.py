@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import cli
-import hf
+from infra import cli
+from infra import hf
 from quant import Linear4bit
 from rope import describe_scaling, inference_scaling
 

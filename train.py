@@ -36,7 +36,7 @@ import math
 import sys
 from pathlib import Path
 
-import cli
+from infra import cli
 
 # --------------------------------------------------------------------------- recipes and flags
 
@@ -195,14 +195,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import atomic
-import checkpoint
+from infra import atomic
+from infra import checkpoint
 import data
-import sources
-import demo
-import hf
+from infra import sources
+from infra import demo
+from infra import hf
 import lora
-import memory
+from infra import memory
 from model import DECODER_LINEARS
 from rope import linear_scaling, pi_factor
 

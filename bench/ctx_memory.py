@@ -91,7 +91,7 @@ def make_checkpoint(a) -> Path:
         return path
     import torch
 
-    import hf
+    from infra import hf
     from model import Transformer
 
     torch.manual_seed(a.seed)
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         raise ValueError(f"--dim {a.dim} is not a multiple of --heads {a.heads}")
     t0 = time.perf_counter()
     ckpt = make_checkpoint(a)
-    import memory
+    from infra import memory
 
     margs = model_args(a)
     passthrough = ["--vocab", str(a.vocab), "--dim", str(a.dim), "--intermediate", str(a.intermediate),

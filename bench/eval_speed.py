@@ -82,7 +82,7 @@ def main():
     args = p.parse_args()
     import torch
 
-    import hf
+    from infra import hf
     from transformers import LlamaForCausalLM
 
     if args.threads:

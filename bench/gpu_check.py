@@ -189,7 +189,7 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
     utilisation."""
     import torch
 
-    import memory
+    from infra import memory
     import train
     from rope import linear_scaling, pi_factor
 

@@ -69,7 +69,7 @@ def write_checkpoint(path: Path, layers: int, dim: int, inter: int, vocab: int, 
 def child(path: str, quantize: str):
     import torch
 
-    import hf
+    from infra import hf
 
     base = benchlib.peak_rss_bytes()
     model = hf.load_model(path, dtype=torch.bfloat16, quantize=None if quantize == "none" else quantize)

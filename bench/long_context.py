@@ -148,7 +148,7 @@ def write_json(path: Path, obj) -> None:
 # adapted here only. Stable interfaces: train.py's flags (train.main) and eval.py's functions.
 
 import data as _data      # noqa: E402
-import sources as _sources  # noqa: E402
+from infra import sources as _sources  # noqa: E402
 import eval as _eval      # noqa: E402
 import mini_paper         # noqa: E402  (tokenizer training and pretraining are reused, not copied)
 import train as _train    # noqa: E402
@@ -229,7 +229,7 @@ def passkey(model, tokenizer, seq_len: int, trials: int, seed: int) -> dict:
 
 
 def one_line_errors_main(main) -> int:
-    import cli
+    from infra import cli
     return cli.run(main)
 
 # =========================================================================== END OF PROJECT INTERNALS

@@ -56,12 +56,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-import atomic  # noqa: E402
-import cli  # noqa: E402
+from infra import atomic  # noqa: E402
+from infra import cli  # noqa: E402
 import data as data_lib  # noqa: E402
-import sources  # noqa: E402
+from infra import sources  # noqa: E402
 import eval as eval_lib  # noqa: E402
-import hf  # noqa: E402
+from infra import hf  # noqa: E402
 import train as train_lib  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 

@@ -95,7 +95,7 @@ def make_checkpoint(a) -> Path:
         return path
     import torch
 
-    import hf
+    from infra import hf
     from model import Transformer
 
     torch.manual_seed(a.seed)
@@ -116,7 +116,7 @@ def make_checkpoint(a) -> Path:
 
 def predict_step(margs, ctx: int, mlp_chunk: int, offload: bool = False) -> dict:
     """memory.predict_peak_memory's parts and what they say one first step adds above the loaded model."""
-    import memory
+    from infra import memory
 
     p = memory.predict_peak_memory(margs, ctx, 1, LORA["r"], quant="nf4", dtype_bytes=2, lora_dropout=LORA["dropout"],
                                    loss_chunk=1024, mlp_chunk=mlp_chunk, offload=offload)

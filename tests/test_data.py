@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from infra import cli
 import data
-import sources
-import demo
+from infra import sources
+from infra import demo
 from conftest import PG19_MINI, ROOT, TOKENIZER_VOCAB, sentencepiece_model
 
 

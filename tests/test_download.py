@@ -12,8 +12,8 @@ import urllib.parse
 
 import pytest
 
-import cli
-import download
+from infra import cli
+from infra import download
 
 BUCKET = "deepmind-gutenberg"
 PORTAL = b"<html><head><title>Hotel WiFi</title></head><body>Please log in to continue.</body></html>"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from conftest import PG19_MINI, ROOT, hf_model, make_hf_checkpoint
 
-import cli
-import sources
+from infra import cli
+from infra import sources
 import eval as ev
 
 N_TOKENS = 420
@@ -368,7 +368,7 @@ def test_cli_bin_with_ids_beyond_the_vocabulary(ckpt, tmp_path, capsys):
 
 
 def test_cli_adapter_for_another_model(ckpt, tmp_path, capsys):
-    import hf
+    from infra import hf
     import lora
 
     other = make_hf_checkpoint(tmp_path / "other", intermediate_size=96)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import hf_model, make_hf_checkpoint
 
-import cli
+from infra import cli
 import data
-import sources
+from infra import sources
 import generate as gen
 
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import hf_model, make_hf_checkpoint
-import hf
+from infra import hf
 from lora import (
     DEFAULT_TARGETS, LoRALinear, adapter_parameters, add_lora, load_adapter, merge_and_export, merge_lora_weights,
     merged_weight, save_adapter,
@@ -586,7 +586,7 @@ def test_merge_cli_carries_the_training_factor_round_trip_with_peft_and_transfor
     """train.py at ctx 256 on a 128-token model (PI factor 2) writes the factor into the adapter folder;
     `python lora.py merge` reads it, and the merged model, PEFT on the base with that factor, and our
     base + adapter all give the same logits."""
-    import cli
+    from infra import cli
     import generate
     import lora
     import train

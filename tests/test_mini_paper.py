@@ -65,7 +65,7 @@ def test_base_is_cached_and_loads_in_transformers(smoke, tiny_pg19):
     report, out = smoke
     from transformers import LlamaForCausalLM
 
-    import hf
+    from infra import hf
 
     base_dir = out / "cache" / report["config"]["base_dir"]
     ours = hf.load_model(base_dir, dtype=torch.float32)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import hf_model, make_hf_checkpoint
 
-import hf
+from infra import hf
 from model import KVCache, chunked_cross_entropy
 
 

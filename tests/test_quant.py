@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import hf
+from infra import hf
 import quant
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import cli
-import hf
+from infra import cli
+from infra import hf
 import train
 from conftest import PG19_MINI, ROOT, make_hf_checkpoint
 from test_train import ENV, common, rows, tree_digest
@@ -312,7 +312,7 @@ def test_passkey_length_is_bounded_before_building_the_prompt(tiny):
 
 def test_generate_is_bounded_by_the_usable_context(tiny):
     """--max-new-tokens 1e8 neither allocates a cache for 1e8 positions nor runs past the model's 128 tokens."""
-    import sources
+    from infra import sources
     import generate as gen
 
     model, _ = gen.load_model(tiny["model"], dtype=torch.float32)

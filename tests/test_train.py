@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import hf
-import memory
+from infra import hf
+from infra import memory
 import train
 from conftest import PG19_MINI, ROOT, make_hf_checkpoint
 from model import ModelArgs

@@ -46,7 +46,7 @@ def test_width_memory_smoke_prediction_matches_the_step(tmp_path):
 
 
 def test_memory_model_goals_and_offload_terms():
-    import memory
+    from infra import memory
     from model import ModelArgs
 
     a7, a13 = ModelArgs(**memory.ARCHS["llama2-7b"]), ModelArgs(**memory.ARCHS["llama2-13b"])

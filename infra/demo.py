@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import data
-import hf
+from infra import hf
 from model import ModelArgs, Transformer
 
 OUT = "out/demo"

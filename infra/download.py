@@ -28,7 +28,7 @@ portal's page; malformed items; unsafe object names, absolute or with `..` or ba
 then), OSError for the network and the disk.
 
 Command line:
-    python download.py pg19 --split validation --out data/pg19 [--base-url URL] [--bucket NAME]
+    python -m infra.download pg19 --split validation --out data/pg19 [--base-url URL] [--bucket NAME]
         [--timeout S] [--min-rate BYTES_PER_S] [--rate-window S] [--retries N] [--no-progress]
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-import cli
+from infra import cli
 
 PG19_SPLITS = ("train", "validation", "test")
 DEFAULT_BASE_URL = "https://storage.googleapis.com"
@@ -389,7 +389,7 @@ def download_pg19(split: str, out_dir, base_url: str = DEFAULT_BASE_URL, bucket:
 
 
 def main(argv=None) -> None:
-    p = cli.one_line_errors(argparse.ArgumentParser(prog="download.py", description=__doc__.split("\n")[0]))
+    p = cli.one_line_errors(argparse.ArgumentParser(prog="python -m infra.download", description=__doc__.split("\n")[0]))
     p.add_argument("dataset", help="pg19 (the only one)")
     p.add_argument("--split", default="validation", help="train | validation | test [validation]")
     p.add_argument("--out", default="data/pg19", help="output folder, PG19 layout [data/pg19]")

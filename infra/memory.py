@@ -57,8 +57,8 @@ from __future__ import annotations
 
 import re
 
-import demo
-import hf
+from infra import demo
+from infra import hf
 from model import ModelArgs
 
 from lora import LORA_CHUNK_ELEMENTS    # fp32 elements of each per-chunk temporary of LoRA's backward

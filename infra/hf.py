@@ -32,7 +32,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-import atomic
+from infra import atomic
 from model import DECODER_LINEARS, ModelArgs, Transformer
 from quant import Linear4bit, NF4State, check_state, dequantize_nf4
 from rope import normalize_rope_scaling

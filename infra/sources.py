@@ -32,7 +32,7 @@ import numpy as np
 import sentencepiece as spm
 from tqdm import tqdm
 
-import atomic
+from infra import atomic
 
 PG19_SPLITS = ("train", "validation", "test")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import atomic
-import hf
+from infra import atomic
+from infra import hf
 import lora
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
