@@ -85,7 +85,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pg19-mini"
+from infra import PG19_MINI  # noqa: E402
+DEFAULT_DATA = PG19_MINI    # the sample shipped in infra/pg19-mini: a fresh clone has everything it needs
 DEFAULT_CACHE = ROOT / "bench" / "cache"
 DEFAULT_OUT = ROOT / "bench" / "results" / "long_context.json"
 DIAGNOSIS_OUT = ROOT / "bench" / "results" / "long_context" / "diagnosis.json"

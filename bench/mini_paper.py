@@ -65,7 +65,8 @@ from infra import hf  # noqa: E402
 import train as train_lib  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "pg19-mini"
+from infra import PG19_MINI  # noqa: E402
+DEFAULT_DATA = PG19_MINI    # the sample shipped in infra/pg19-mini: a fresh clone has everything it needs
 DEFAULT_CACHE = ROOT / "bench" / "cache"
 DEFAULT_RESULTS = ROOT / "bench" / "results"
 SEED = 42

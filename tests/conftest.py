@@ -7,7 +7,6 @@ loads the directory with our own code.
 import glob
 import io
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PG19_MINI = Path(os.environ.get("PG19_MINI", ROOT.parent / "shared" / "data" / "pg19-mini"))
+from infra import PG19_MINI  # noqa: E402  (the sample shipped in the repository: nothing outside it is read)
 
 TOKENIZER_VOCAB = 512
 
