@@ -110,7 +110,7 @@ from infra import download
 from infra import sources
 from generate import generate, load_model, max_length
 from model import Transformer
-from rope import describe_scaling
+from infra.rope_scaling import describe_scaling
 
 
 # --------------------------------------------------------------------------- data

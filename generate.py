@@ -72,7 +72,7 @@ from infra import sources
 from infra import hf
 import lora
 from model import KVCache
-from rope import describe_scaling, inference_scaling, usable_context
+from infra.rope_scaling import describe_scaling, inference_scaling, usable_context
 
 
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from infra import cli
 from infra import hf
 from quant import Linear4bit
-from rope import describe_scaling, inference_scaling
+from infra.rope_scaling import describe_scaling, inference_scaling
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

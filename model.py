@@ -10,20 +10,22 @@ frozen weights are stored (NF4, quant.py). So this file is a plain LLaMA-2 / LLa
     logits = W_head · RMSNorm(h_L)
 
 with RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in fp32 as HF does, and the loss
-    loss = sum over t of -log softmax(logits_t)[labels_{t+1}]      (labels -100 ignored)
-computed chunk by chunk of tokens (chunked_cross_entropy), so the (T x vocab) logits never exist.
+    loss = sum over t of -log softmax(logits_t)[labels_{t+1}]      (labels -100 ignored).
+The modules below are these equations. ModelArgs.fused (the default) swaps in the autograd functions at the
+end of the file: the same forward bits, less kept for backward, and no (T x vocab) logits in the loss.
 
 What is fixed for a run is set once on the model, not passed to every call:
     model.set_attention("s2", group_size_ratio, shift)   S²-Attn for training ("full": inference, evaluation)
     model.gradient_checkpointing = True                  keep each layer's input only, recompute it in backward
     model.set_memory_savings(mlp_chunk, offload)         MLP in tiles of tokens; checkpoints in host memory
-    model.loss_chunk                                     tokens per lm_head + cross-entropy chunk
+    model.loss_chunk                                     tokens per lm_head + cross-entropy chunk (fused)
 Module names mirror the HF checkpoint minus its leading "model.", so checkpoint and PEFT keys map to ours
-by one rule (hf.py, which also does all loading and saving).
+by one rule (infra/hf.py, which also does all loading and saving).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import S2_SHIFTS, causal_attention, s2_attention
-from rope import apply_rope, normalize_rope_scaling, rope_cos_sin, rope_inv_freq
+from rope import apply_rope, pi_inv_freq, rope_cos_sin
 
 # The seven decoder linears: the ones QLoRA quantises and LoRA adapts.
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,10 +52,14 @@ class ModelArgs:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096  # the context the checkpoint was trained for
     tie_word_embeddings: bool = False
-    rope_scaling: dict | None = None    # normalised by rope.normalize_rope_scaling; None = plain RoPE
+    rope_scaling: dict | None = None    # None: plain RoPE; {"rope_type": "linear", "factor": s}: PI (rope.py)
     bos_token_id: int | None = 1
     eos_token_id: int | list | None = 2
     extra: dict = field(default_factory=dict, repr=False)  # config.json keys we do not use, written back on export
+    fused: bool = True                  # the autograd functions at the end of this file; False: the plain equations
+    # Another rope_scaling rule (dynamic NTK, YaRN, LLaMA-3.1) is not the method: infra.rope_scaling.rope_inv_freq,
+    # set by the loader (this file may not import infra); see Transformer.rope_tables.
+    rope_rule: Callable | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self.n_kv_heads = self.n_kv_heads or self.n_heads
@@ -63,53 +69,27 @@ class ModelArgs:
                              f"num_key_value_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs of dimensions)")
-        self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, fused: bool = True):
         super().__init__()
-        self.eps = eps
+        self.eps, self.fused = eps, fused
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return _RMSNorm.apply(x, self.weight, self.eps)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """w * (x * inv).to(x.dtype), inv = 1 / sqrt(mean(x^2) + eps), with fp32 statistics even for 16-bit x (the
-    mean of squares over 4096 values overflows fp16), as HF computes it. Saves only x, which a checkpointed
-    layer keeps anyway, instead of autograd's fp32 copy of it; backward recomputes inv:
-        dx = inv * (g - y * mean(g * y)),   y = x * inv,   g = w * dy,   dw = sum over tokens of dy * y."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-        y = _normalized(x, eps)[0].to(x.dtype)                 # a fresh tensor: scaled in place when it can be
-        return y.mul_(weight) if weight.dtype == y.dtype else weight * y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        y, inv = _normalized(x, ctx.eps)
-        g = (dy * weight).float()
-        dx = inv * (g - y * (g * y).mean(-1, keepdim=True)) if ctx.needs_input_grad[0] else None
-        dw = (dy * y.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return None if dx is None else dx.to(x.dtype), dw, None
-
-
-def _normalized(x, eps):
-    x32 = x.float()
-    inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x32 * inv if x32 is x else x32.mul_(inv)), inv     # in place over x.float()'s own copy
+        """w * x / sqrt(mean(x^2) + eps), the statistics in fp32 even for 16-bit x (the mean of squares over
+        4096 values overflows fp16), cast back before the weight, as HF computes it."""
+        if self.fused:
+            return _RMSNorm.apply(x, self.weight, self.eps)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.layer_idx, self.head_dim = layer_idx, args.head_dim
         self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -117,14 +97,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attend, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj,
+                                                                                       self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attend(q, k, v)                                   # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -133,7 +112,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.fused = args.fused
         self.chunk = 0      # > 0: in training, tokens per separately recomputed tile (see Transformer)
+
+    def swiglu(self, x):
+        """W_down · (silu(W_gate · x) * (W_up · x))."""
+        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(_SwiGLU.apply(g, u) if self.fused else F.silu(g) * u)
 
     def forward(self, x):
         if self.chunk and x.shape[1] > self.chunk and torch.is_grad_enabled() and self.training:
@@ -142,34 +127,13 @@ class MLP(nn.Module):
             return torch.cat([checkpoint(self.swiglu, t, use_reentrant=False) for t in x.split(self.chunk, 1)], 1)
         return self.swiglu(x)
 
-    def swiglu(self, x):
-        return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
-
-
-class _SwiGLU(torch.autograd.Function):
-    """silu(g) * u with the bits of F.silu(g) * u, forward and backward. Saves g and u only (autograd would also
-    keep silu(g), a third (tokens x intermediate) tensor) and recomputes silu(g) in backward; the forward
-    writes the product over silu(g) instead of allocating another such tensor."""
-
-    @staticmethod
-    def forward(ctx, g, u):
-        ctx.save_for_backward(g, u)
-        return F.silu(g).mul_(u)
-
-    @staticmethod
-    def backward(ctx, dy):
-        g, u = ctx.saved_tensors
-        grad_g = torch.ops.aten.silu_backward(dy * u, g) if ctx.needs_input_grad[0] else None
-        grad_u = F.silu(g).mul_(dy) if ctx.needs_input_grad[1] else None
-        return grad_g, grad_u
-
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps, args.fused)
         self.self_attn = Attention(args, layer_idx)
-        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps, args.fused)
         self.mlp = MLP(args)
 
     def forward(self, x, cos, sin, attend, cache=None):
@@ -190,17 +154,11 @@ class KVCache:
     def update(self, layer: int, k, v):
         end = self.length + k.shape[2]
         if end > self.k.shape[3]:
-            self._grow(max(end, 2 * self.k.shape[3]))
+            more = max(end, 2 * self.k.shape[3]) - self.k.shape[3]
+            self.k, self.v = F.pad(self.k, (0, 0, 0, more)), F.pad(self.v, (0, 0, 0, more))
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def _grow(self, capacity: int):
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = old.new_zeros(old.shape[:3] + (capacity, old.shape[4]))
-            new[:, :, :, :self.length] = old[:, :, :, :self.length]
-            setattr(self, name, new)
 
 
 class Transformer(nn.Module):
@@ -209,7 +167,7 @@ class Transformer(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = RMSNorm(args.dim, args.norm_eps, args.fused)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -238,10 +196,14 @@ class Transformer(nn.Module):
         self.attention, self.group_size_ratio, self.s2_shift = mode, group_size_ratio, shift
 
     def rope_tables(self, positions, dtype):
-        """cos/sin for `positions`; dynamic NTK depends on the longest position seen, so this is per call."""
-        a = self.args
-        inv_freq, attention_factor = rope_inv_freq(
-            a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings, seq_len=int(positions[-1]) + 1)
+        """cos/sin for `positions`: PI (rope.py), or args.rope_rule for another rope_scaling rule; per call, as
+        dynamic NTK depends on the longest position seen."""
+        a, scaling = self.args, self.args.rope_scaling
+        if scaling is None or scaling["rope_type"] == "linear":
+            inv_freq, attention_factor = pi_inv_freq(a.head_dim, float(a.rope_theta), (scaling or {}).get("factor", 1)), 1.0
+        else:
+            inv_freq, attention_factor = a.rope_rule(a.head_dim, a.rope_theta, scaling, a.max_position_embeddings,
+                                                     int(positions[-1]) + 1)
         return rope_cos_sin(inv_freq.to(positions.device), positions, attention_factor, dtype)
 
     def hidden_states(self, tokens, cache: KVCache | None = None, padding_mask=None):
@@ -270,9 +232,11 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(tokens, cache, padding_mask))
 
     def loss(self, tokens, labels, padding_mask=None, reduction: str = "sum"):
-        """Next-token cross-entropy: position t predicts labels[:, t + 1] (-100 ignored); see chunked_cross_entropy."""
+        """Next-token cross-entropy: position t predicts labels[:, t + 1] (-100 ignored); see cross_entropy."""
         hidden = self.hidden_states(tokens, padding_mask=padding_mask)
-        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, self.loss_chunk, reduction)
+        if self.args.fused:
+            return chunked_cross_entropy(hidden, self.lm_head.weight, labels, self.loss_chunk, reduction)
+        return cross_entropy(hidden, self.lm_head.weight, labels, reduction)
 
     def set_memory_savings(self, mlp_chunk: int = 0, offload_checkpoints: bool = False) -> None:
         """mlp_chunk > 0: the MLP of a recomputed layer in tiles of that many tokens; offload_checkpoints: the
@@ -293,6 +257,75 @@ class Transformer(nn.Module):
         return lambda q, k, v: causal_attention(q, k, v, key_padding_mask=padding_mask)
 
 
+def cross_entropy(hidden, head_weight, labels, reduction: str = "mean"):
+    """Next-token cross-entropy of the logits hidden @ head_weight.T, as HF computes it (16-bit logits, then fp32).
+    hidden (B, T, dim): final-norm hidden states; labels (B, T) aligned with the input ids (position t predicts
+    labels[:, t + 1]; -100 is ignored). reduction "mean" (over counted tokens), "sum", or "none" ((B, T - 1), 0
+    where ignored)."""
+    logits = (hidden[:, :-1] @ head_weight.t()).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="none")   # 0 where -100
+    return _reduce(nll, labels[:, 1:], reduction)
+
+
+def _reduce(nll, targets, reduction: str):
+    if reduction == "none":
+        return nll.view(targets.shape)
+    if reduction == "sum":
+        return nll.sum()
+    if reduction == "mean":
+        return nll.sum() / (targets != -100).sum().clamp(min=1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+# ------------------------------------------ The fused and memory-saving paths (ModelArgs.fused, set_memory_savings):
+# the computations above with less kept for backward; forward bits equal, gradients to rounding (tests/test_model.py).
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm saving only x, which a checkpointed layer keeps anyway, instead of autograd's fp32 copy of it;
+    backward recomputes inv = 1 / sqrt(mean(x^2) + eps):
+        dx = inv * (g - y * mean(g * y)),   y = x * inv,   g = w * dy,   dw = sum over tokens of dy * y."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        y = _normalized(x, eps)[0].to(x.dtype)                 # a fresh tensor: scaled in place when it can be
+        return y.mul_(weight) if weight.dtype == y.dtype else weight * y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        y, inv = _normalized(x, ctx.eps)
+        g = (dy * weight).float()
+        dx = inv * (g - y * (g * y).mean(-1, keepdim=True)) if ctx.needs_input_grad[0] else None
+        dw = (dy * y.to(x.dtype)).reshape(-1, dy.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return None if dx is None else dx.to(x.dtype), dw, None
+
+
+def _normalized(x, eps):
+    x32 = x.float()
+    inv = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * inv if x32 is x else x32.mul_(inv)), inv     # in place over x.float()'s own copy
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(g) * u with the bits of F.silu(g) * u, forward and backward. Saves g and u only (autograd would also
+    keep silu(g), a third (tokens x intermediate) tensor) and recomputes silu(g) in backward; the forward
+    writes the product over silu(g) instead of allocating another such tensor."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g).mul_(u)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, u = ctx.saved_tensors
+        grad_g = torch.ops.aten.silu_backward(dy * u, g) if ctx.needs_input_grad[0] else None
+        grad_u = F.silu(g).mul_(dy) if ctx.needs_input_grad[1] else None
+        return grad_g, grad_u
+
+
 def to_host(h):
     """A differentiable copy of h in host memory, pinned for a GPU so that the copy runs asynchronously; the
     device copy can then be freed."""
@@ -303,7 +336,13 @@ def run_on(layer, h, device, *args):
     return layer(h.to(device, non_blocking=True), *args)
 
 
-# --------------------------------------------------------------------------- the loss
+def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024, reduction: str = "mean"):
+    """cross_entropy (same arguments) in chunks of tokens: at no point do (B*T, V) fp32 logits exist."""
+    B, T, D = hidden.shape
+    targets = labels[:, 1:].reshape(-1)
+    nll = _ChunkedCE.apply(hidden[:, :-1].reshape(-1, D), head_weight, targets, chunk_size)
+    return _reduce(nll, labels[:, 1:], reduction)
+
 
 class _ChunkedCE(torch.autograd.Function):
     """Cross-entropy of h @ W^T, chunk by chunk of tokens, without ever keeping the (N, V) logits.
@@ -324,10 +363,9 @@ class _ChunkedCE(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h and not want_w else None
         lse = torch.empty_like(nll) if want_w else None
-        # Work buffers shared by every chunk: a fresh (chunk x vocab) tensor per chunk and per step of the softmax
-        # is a new allocation of ~100 MB, which on CPU the kernel maps in page by page; that cost more than the
-        # arithmetic. The chunk's logits are computed in h's dtype (as HF, then cast to fp32) and everything else
-        # happens in place in the fp32 buffer.
+        # Work buffers shared by every chunk rather than a fresh (chunk x vocab) allocation per chunk and per step
+        # of the softmax. The chunk's logits are computed in h's dtype (as HF, then cast to fp32) and everything
+        # else happens in place in the fp32 buffer.
         rows = min(chunk_size, n)
         logits32 = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=h.device)
         logits16 = None if h.dtype == torch.float32 else torch.empty(rows, weight.shape[0], dtype=h.dtype,
@@ -398,23 +436,3 @@ def _chunk_logits(h, weight, out32, out16):
 # A power of two applied before the 16-bit matmul and removed after it: softmax values near 1/V (~3e-5) would
 # otherwise land in fp16's subnormal range and lose precision. Exact for every dtype.
 _DLOGITS_SCALE = 1024.0
-
-
-def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024, reduction: str = "mean"):
-    """Next-token cross-entropy of `hidden @ head_weight.T` in chunks of tokens.
-
-    hidden (B, T, dim) are final-norm hidden states, labels (B, T) are aligned with the input ids (position t
-    predicts labels[:, t + 1]; -100 is ignored). reduction "mean" (over counted tokens), "sum", or "none"
-    (per-token nll of shape (B, T - 1), 0 where ignored). At no point do (B*T, V) fp32 logits exist.
-    """
-    B, T, D = hidden.shape
-    h = hidden[:, :-1].reshape(-1, D)
-    targets = labels[:, 1:].reshape(-1)
-    nll = _ChunkedCE.apply(h, head_weight, targets, chunk_size)
-    if reduction == "none":
-        return nll.view(B, T - 1)
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "mean":
-        return nll.sum() / (targets != -100).sum().clamp(min=1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

@@ -35,7 +35,7 @@ import torch.nn as nn
 from infra import atomic
 from model import DECODER_LINEARS, ModelArgs, Transformer
 from quant import Linear4bit, NF4State, check_state, dequantize_nf4
-from rope import normalize_rope_scaling
+from infra.rope_scaling import normalize_rope_scaling, rope_inv_freq
 
 # --------------------------------------------------------------------------- config.json
 
@@ -117,7 +117,7 @@ def config_to_args(cfg: dict) -> ModelArgs:
         norm_eps=_get(cfg, "rms_norm_eps", "float", 1e-6), rope_theta=theta,
         max_position_embeddings=_get(cfg, "max_position_embeddings", "int", 4096),
         tie_word_embeddings=_get(cfg, "tie_word_embeddings", "bool", False),
-        rope_scaling=normalize_rope_scaling(scaling),
+        rope_scaling=normalize_rope_scaling(scaling), rope_rule=rope_inv_freq,
         bos_token_id=cfg.get("bos_token_id", 1), eos_token_id=cfg.get("eos_token_id", 2),
         extra={k: v for k, v in cfg.items() if k not in known})
 

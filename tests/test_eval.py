@@ -83,7 +83,7 @@ def test_inference_rope_rule_is_the_same_at_every_length(ckpt, tokens, tmp_path)
     """--rope-factor > the adapter's longqlora.json > the checkpoint's config; an adapter with no record on a base
     with no scaling is an error, never a per-length guess."""
     import lora
-    from rope import inference_scaling
+    from infra.rope_scaling import inference_scaling
 
     pi = lambda f: {"factor": f, "rope_type": "linear"}                                      # noqa: E731
     assert inference_scaling(None, None) == (None, "the checkpoint's config.json")

@@ -7,7 +7,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from rope import apply_rope, normalize_rope_scaling, rope_cos_sin, rope_inv_freq
+from infra.rope_scaling import normalize_rope_scaling, rope_inv_freq
+from rope import apply_rope, rope_cos_sin
 
 MAX_POS = 128
 HEAD_DIMS = (16, 64, 128)
