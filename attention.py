@@ -1,28 +1,27 @@
-"""Causal attention for inference and Shifted Sparse Attention (S²-Attn, LongLoRA) for training.
+"""Causal attention for inference and Shifted Sparse Attention (S²-Attn, LongLoRA §3.2) for training.
 
-All tensors are (B, H, T, D). Scores are softmax(q k^T / sqrt(D)) over the keys a query may see,
-computed by torch's scaled_dot_product_attention (SDPA), so flash / memory-efficient kernels are used
-where the device has them. K/V may have fewer heads than Q (GQA): query head h reads kv head
-h // (H / Hkv), as in HF LLaMA.
+All tensors are (B, H, T, D). Scores are softmax(q k^T / sqrt(D)) over the keys a query may see, computed by
+torch's scaled_dot_product_attention (SDPA), so flash / memory-efficient kernels are used where the device has
+them. K/V may have fewer heads than Q (GQA): query head h reads kv head h // (H / Hkv), as in HF LLaMA.
 
-causal_attention: query i of Tq sits at absolute position Tk - Tq + i (bottom-right alignment: the
-last Tq of Tk tokens, as when decoding with a KV cache) and sees keys j <= Tk - Tq + i.
+causal_attention: query i of Tq sits at absolute position Tk - Tq + i (bottom-right alignment: the last Tq of
+Tk tokens, as when decoding with a KV cache) and sees keys j <= Tk - Tq + i.
 
-s2_attention (LongLoRA §3.2, used by LongQLoRA during fine-tuning only), group size g, shift s = g // 2:
+s2_attention (used by LongQLoRA during fine-tuning only), group size g, shift s = g // 2:
   * heads [0, H/2) attend causally inside the groups [0, g), [g, 2g), ...
-  * heads [H/2, H) attend causally inside groups shifted by s, so that information crosses the
-    boundaries of the first half's groups:
-      shift="segment": segments [0, s), [s, s+g), [s+g, s+2g), ..., the last one cut at T; no wrap-around
-                       (what LongLoRA's flash-attn path does).
-      shift="roll":    LongLoRA's pure-PyTorch path: roll q, k, v left by s, attend inside groups, roll the
-                       output back. The last group then holds the final tokens *followed by* the first s
-                       tokens, which see them (information flows backwards in time there), as in LongLoRA.
-      shift="none":    no shifted half: every head attends inside [0, g), [g, 2g), ... (LongLoRA's "short
-                       attention" ablation; information never crosses a group boundary).
+  * heads [H/2, H) do the same on the sequence shifted by s, i.e. inside [0, s), [s, s+g), [s+g, s+2g), ...,
+    the last one cut at T, no wrap-around (shift="segment", what LongLoRA's flash-attn path does), so that
+    information crosses the boundaries of the first half's groups; then the two halves are joined again.
   Cost O(T * g) time and memory: the sequence is cut into groups that become extra batch entries.
-  T not a multiple of g: the last group is shorter (in roll mode the sequence is padded to a multiple of g,
-  padded keys are never attended and padded query rows are dropped, and the roll is over the padded length).
-  g >= T in segment mode: one group covers everything, so there is nothing to shift: plain causal attention.
+  T not a multiple of g: the last group is shorter. g >= T: one group covers everything, so there is nothing
+  to shift: plain causal attention.
+Variants (shift=):
+  "roll":  LongLoRA's pure-PyTorch path: roll q, k, v left by s, attend inside groups, roll the output back.
+           The last group then holds the final tokens *followed by* the first s tokens, which see them
+           (information flows backwards in time there), as in LongLoRA. The sequence is padded to a multiple
+           of g (padded keys never attended, padded query rows dropped), the roll is over the padded length.
+  "none":  no shifted half: every head attends inside [0, g), [g, 2g), ... (LongLoRA's "short attention"
+           ablation; information never crosses a group boundary).
   Odd g: both shift directions use s = g // 2. (LongLoRA writes roll(-g // 2), which Python reads as
   -ceil(g / 2), but rolls back by g // 2; the two differ for odd g and would misalign the output by one
   token. LongLoRA only ever uses even g, where both readings agree.)
@@ -36,52 +35,8 @@ import torch.nn.functional as F
 S2_SHIFTS = ("segment", "roll", "none")
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D); kv head j serves query heads j*n_rep .. j*n_rep + n_rep-1."""
-    if n_rep == 1:
-        return x
-    b, h_kv, t, d = x.shape
-    return x[:, :, None].expand(b, h_kv, n_rep, t, d).reshape(b, h_kv * n_rep, t, d)
-
-
-def _match_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give k and v as many heads as q (GQA); the head counts must divide."""
-    n_heads, n_kv_heads = q.shape[1], k.shape[1]
-    if n_heads % n_kv_heads or k.shape[1] != v.shape[1]:
-        raise ValueError(f"attention: {n_heads} query heads cannot share {n_kv_heads} key / {v.shape[1]} value heads")
-    return repeat_kv(k, n_heads // n_kv_heads), repeat_kv(v, n_heads // n_kv_heads)
-
-
-def _check_padding_mask(key_padding_mask: torch.Tensor | None, batch: int, length: int) -> None:
-    if key_padding_mask is None:
-        return
-    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, length):
-        raise ValueError(
-            f"attention: key_padding_mask must be a bool tensor of shape ({batch}, {length}), "
-            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
-        )
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """SDPA with a boolean mask `allowed` (broadcastable to (B, H, Tq, Tk)); rows with no allowed key give 0.
-
-    A fully masked row would make the softmax 0/0 = NaN (and NaN gradients); we let such rows see
-    every key instead and zero their output, which also zeroes their gradient.
-    """
-    sees_something = allowed.any(dim=-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_something)
-    return out.masked_fill(~sees_something, 0.0)
-
-
-def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
-    """(Tq, Tk) bool, True where key j is visible to query i at position Tk - Tq + i (bottom-right aligned)."""
-    query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
-    return torch.arange(n_keys, device=device)[None, :] <= query_pos[:, None]
-
-
-def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
-) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Causal softmax attention. q (B, H, Tq, D), k/v (B, Hkv, Tk, D), Tq <= Tk. Returns (B, H, Tq, D)."""
     n_queries, n_keys = q.shape[2], k.shape[2]
     if n_queries > n_keys:
@@ -102,22 +57,33 @@ def causal_attention(
     return masked_attention(q, k, v, allowed)
 
 
-def _pad_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
-    """Zero-pad (B, H, T, D) at the end of the sequence axis to `length` (x itself when there is nothing to pad:
-    F.pad would copy it anyway, and SDPA would keep that copy for backward)."""
-    return x if length == x.shape[2] else F.pad(x, (0, 0, 0, length - x.shape[2]))
+def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group_size: int, shift: str = "segment",
+                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Shifted Sparse Attention. q (B, H, T, D), k/v (B, Hkv, T, D). Returns (B, H, T, D)."""
+    if shift not in S2_SHIFTS:
+        raise ValueError(f"s2_attention: shift must be 'segment', 'roll' or 'none', got {shift!r}")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"s2_attention: group_size must be a positive integer, got {group_size!r}")
+    batch, n_heads, length, _ = q.shape
+    if k.shape[2] != length:
+        raise ValueError(f"s2_attention: queries and keys must have the same length, got {length} and {k.shape[2]}")
+    _check_padding_mask(key_padding_mask, batch, length)
+    if shift != "roll" and group_size >= length:
+        return causal_attention(q, k, v, key_padding_mask)
 
-
-def _to_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B, H, n*g, D) -> (B*n, H, g, D): each group becomes its own batch entry."""
-    b, h, t, d = x.shape
-    return x.reshape(b, h, t // group_size, group_size, d).transpose(1, 2).reshape(-1, h, group_size, d)
-
-
-def _from_groups(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """(B*n, H, g, D) -> (B, H, n*g, D), inverse of _to_groups."""
-    bn, h, g, d = x.shape
-    return x.reshape(batch, bn // batch, h, g, d).transpose(1, 2).reshape(batch, h, -1, d)
+    # Repeat kv heads first so that splitting the heads in halves keeps every query head with its kv head.
+    k, v = _match_kv_heads(q, k, v)
+    if shift == "none":
+        return grouped_causal_attention(q, k, v, group_size, key_padding_mask)
+    half = n_heads // 2  # LongLoRA shifts heads [H // 2, H)
+    shifted_attention = _segment_shifted_attention if shift == "segment" else _roll_shifted_attention
+    outs = []
+    if half > 0:
+        outs.append(grouped_causal_attention(q[:, :half], k[:, :half], v[:, :half], group_size, key_padding_mask))
+    outs.append(shifted_attention(q[:, half:], k[:, half:], v[:, half:], group_size, key_padding_mask))
+    # Joined in (B, T, H, D) memory order, as SDPA lays out its own output: the caller's (B, T, H * D) view of
+    # it is then free instead of one more copy.
+    return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2)
 
 
 def grouped_causal_attention(
@@ -163,6 +129,8 @@ def _segment_shifted_attention(q, k, v, group_size, key_mask):
     return torch.cat(outs, dim=2)
 
 
+# --------------------------------------------------------------------------- the roll variant
+
 def _roll_shifted_attention(q, k, v, group_size, key_mask):
     """Shifted half, roll mode (LongLoRA): roll left by s, attend inside groups, roll back by s."""
     batch, _, length, _ = q.shape
@@ -178,37 +146,64 @@ def _roll_shifted_attention(q, k, v, group_size, key_mask):
     return torch.roll(out, shift, dims=2)[:, :, :length]
 
 
-def s2_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    group_size: int,
-    shift: str = "segment",
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Shifted Sparse Attention. q (B, H, T, D), k/v (B, Hkv, T, D). Returns (B, H, T, D)."""
-    if shift not in S2_SHIFTS:
-        raise ValueError(f"s2_attention: shift must be 'segment', 'roll' or 'none', got {shift!r}")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"s2_attention: group_size must be a positive integer, got {group_size!r}")
-    batch, n_heads, length, _ = q.shape
-    if k.shape[2] != length:
-        raise ValueError(f"s2_attention: queries and keys must have the same length, got {length} and {k.shape[2]}")
-    _check_padding_mask(key_padding_mask, batch, length)
-    if shift != "roll" and group_size >= length:
-        return causal_attention(q, k, v, key_padding_mask)
+# --------------------------------------------------------------------------- helpers
 
-    # Repeat kv heads first so that splitting the heads in halves keeps every query head with its kv head.
-    k, v = _match_kv_heads(q, k, v)
-    if shift == "none":
-        return grouped_causal_attention(q, k, v, group_size, key_padding_mask)
-    half = n_heads // 2  # LongLoRA shifts heads [H // 2, H)
-    shifted_attention = _segment_shifted_attention if shift == "segment" else _roll_shifted_attention
-    outs = []
-    if half > 0:
-        outs.append(grouped_causal_attention(q[:, :half], k[:, :half], v[:, :half], group_size, key_padding_mask))
-    outs.append(shifted_attention(q[:, half:], k[:, half:], v[:, half:], group_size, key_padding_mask))
-    # Joined in (B, T, H, D) memory order, as SDPA lays out its own output: the caller's (B, T, H * D) view of
-    # it is then free instead of one more copy.
-    return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2)
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D); kv head j serves query heads j*n_rep .. j*n_rep + n_rep-1."""
+    if n_rep == 1:
+        return x
+    b, h_kv, t, d = x.shape
+    return x[:, :, None].expand(b, h_kv, n_rep, t, d).reshape(b, h_kv * n_rep, t, d)
+
+
+def _match_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give k and v as many heads as q (GQA); the head counts must divide."""
+    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    if n_heads % n_kv_heads or k.shape[1] != v.shape[1]:
+        raise ValueError(f"attention: {n_heads} query heads cannot share {n_kv_heads} key / {v.shape[1]} value heads")
+    return repeat_kv(k, n_heads // n_kv_heads), repeat_kv(v, n_heads // n_kv_heads)
+
+
+def _check_padding_mask(key_padding_mask: torch.Tensor | None, batch: int, length: int) -> None:
+    if key_padding_mask is None:
+        return
+    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, length):
+        raise ValueError(
+            f"attention: key_padding_mask must be a bool tensor of shape ({batch}, {length}), "
+            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """SDPA with a boolean mask `allowed` (broadcastable to (B, H, Tq, Tk)); rows with no allowed key give 0.
+
+    A fully masked row would make the softmax 0/0 = NaN (and NaN gradients); we let such rows see
+    every key instead and zero their output, which also zeroes their gradient.
+    """
+    sees_something = allowed.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~sees_something)
+    return out.masked_fill(~sees_something, 0.0)
+
+
+def causal_mask(n_queries: int, n_keys: int, device=None) -> torch.Tensor:
+    """(Tq, Tk) bool, True where key j is visible to query i at position Tk - Tq + i (bottom-right aligned)."""
+    query_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
+    return torch.arange(n_keys, device=device)[None, :] <= query_pos[:, None]
+
+
+def _pad_sequence(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Zero-pad (B, H, T, D) at the end of the sequence axis to `length` (x itself when there is nothing to pad:
+    F.pad would copy it anyway, and SDPA would keep that copy for backward)."""
+    return x if length == x.shape[2] else F.pad(x, (0, 0, 0, length - x.shape[2]))
+
+
+def _to_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B, H, n*g, D) -> (B*n, H, g, D): each group becomes its own batch entry."""
+    b, h, t, d = x.shape
+    return x.reshape(b, h, t // group_size, group_size, d).transpose(1, 2).reshape(-1, h, group_size, d)
+
+
+def _from_groups(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B*n, H, g, D) -> (B, H, n*g, D), inverse of _to_groups."""
+    bn, h, g, d = x.shape
+    return x.reshape(batch, bn // batch, h, g, d).transpose(1, 2).reshape(batch, h, -1, d)

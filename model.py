@@ -1,18 +1,17 @@
 """The LLaMA decoder, top to bottom, and its next-token loss.
 
-LongQLoRA changes nothing in the architecture; it changes how positions are encoded (Position
-Interpolation, rope.py), how attention is computed during training (S²-Attn, attention.py) and how the
-frozen weights are stored (NF4, quant.py). So this file is a plain LLaMA-2 / LLaMA-3 / GQA decoder:
+LongQLoRA changes nothing in the architecture; it changes how positions are encoded (Position Interpolation,
+rope.py), how attention is computed during training (S²-Attn, attention.py) and how the frozen weights are
+stored (NF4, quant.py). So this file is a plain LLaMA-2 / LLaMA-3 / GQA decoder:
 
     h_0 = E[tokens]
     a_l = h_{l-1} + W_o · Attn(RoPE(W_q · n), RoPE(W_k · n), W_v · n)      n = RMSNorm(h_{l-1})
     h_l = a_l + W_down · (silu(W_gate · m) * (W_up · m))                   m = RMSNorm(a_l)
-    logits = W_head · RMSNorm(h_L)
+    logits = W_head · RMSNorm(h_L),    loss = sum over t of -log softmax(logits_t)[labels_{t+1}]  (-100 ignored)
 
-with RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), computed in fp32 as HF does, and the loss
-    loss = sum over t of -log softmax(logits_t)[labels_{t+1}]      (labels -100 ignored).
-The modules below are these equations. ModelArgs.fused (the default) swaps in the autograd functions at the
-end of the file: the same forward bits, less kept for backward, and no (T x vocab) logits in the loss.
+with RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), in fp32 as HF does. The modules below are these equations;
+ModelArgs.fused (the default) swaps in the autograd functions at the end of the file: less kept for backward,
+and no (T x vocab) logits in the loss.
 
 What is fixed for a run is set once on the model, not passed to every call:
     model.set_attention("s2", group_size_ratio, shift)   S²-Attn for training ("full": inference, evaluation)
@@ -57,8 +56,7 @@ class ModelArgs:
     eos_token_id: int | list | None = 2
     extra: dict = field(default_factory=dict, repr=False)  # config.json keys we do not use, written back on export
     fused: bool = True                  # the autograd functions at the end of this file; False: the plain equations
-    # Another rope_scaling rule (dynamic NTK, YaRN, LLaMA-3.1) is not the method: infra.rope_scaling.rope_inv_freq,
-    # set by the loader (this file may not import infra); see Transformer.rope_tables.
+    # rope_scaling rules other than PI are not the method: infra.rope_scaling.rope_inv_freq, set by the loader
     rope_rule: Callable | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -196,11 +194,12 @@ class Transformer(nn.Module):
         self.attention, self.group_size_ratio, self.s2_shift = mode, group_size_ratio, shift
 
     def rope_tables(self, positions, dtype):
-        """cos/sin for `positions`: PI (rope.py), or args.rope_rule for another rope_scaling rule; per call, as
-        dynamic NTK depends on the longest position seen."""
+        """cos/sin for `positions`: PI (rope.py), or args.rope_rule for another rope_scaling rule (this file may not
+        import infra); per call, as dynamic NTK depends on the longest position seen."""
         a, scaling = self.args, self.args.rope_scaling
         if scaling is None or scaling["rope_type"] == "linear":
-            inv_freq, attention_factor = pi_inv_freq(a.head_dim, float(a.rope_theta), (scaling or {}).get("factor", 1)), 1.0
+            pi = 1.0 if scaling is None else scaling["factor"]
+            inv_freq, attention_factor = pi_inv_freq(a.head_dim, float(a.rope_theta), pi), 1.0
         else:
             inv_freq, attention_factor = a.rope_rule(a.head_dim, a.rope_theta, scaling, a.max_position_embeddings,
                                                      int(positions[-1]) + 1)
@@ -216,9 +215,8 @@ class Transformer(nn.Module):
         attend = self._attend(T, padding_mask, cache)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                # Keep only each layer's input; recompute its inside in backward. LoRA dropout stays
-                # identical in the recompute because checkpoint() restores the RNG state. Offloaded, that
-                # input is a pinned host copy (what checkpoint keeps), brought back when the layer runs.
+                # Keep only each layer's input; recompute its inside in backward (checkpoint() restores the RNG:
+                # the same LoRA dropout). Offloaded, that input is a pinned host copy, brought back when needed.
                 kept = to_host(h) if self.offload_checkpoints else h
                 h = checkpoint(run_on, layer, kept, h.device, cos, sin, attend, use_reentrant=False)
             else:
@@ -263,11 +261,11 @@ def cross_entropy(hidden, head_weight, labels, reduction: str = "mean"):
     labels[:, t + 1]; -100 is ignored). reduction "mean" (over counted tokens), "sum", or "none" ((B, T - 1), 0
     where ignored)."""
     logits = (hidden[:, :-1] @ head_weight.t()).float()
-    nll = F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="none")   # 0 where -100
-    return _reduce(nll, labels[:, 1:], reduction)
+    return _reduce(F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="none"), labels, reduction)
 
 
-def _reduce(nll, targets, reduction: str):
+def _reduce(nll, labels, reduction: str):
+    targets = labels[:, 1:]
     if reduction == "none":
         return nll.view(targets.shape)
     if reduction == "sum":
@@ -278,7 +276,8 @@ def _reduce(nll, targets, reduction: str):
 
 
 # ------------------------------------------ The fused and memory-saving paths (ModelArgs.fused, set_memory_savings):
-# the computations above with less kept for backward; forward bits equal, gradients to rounding (tests/test_model.py).
+# the computations above with less kept for backward. RMSNorm and SwiGLU give the plain modules' forward bits; the
+# chunked loss and the gradients agree with the plain path to rounding (tests/test_model.py).
 
 class _RMSNorm(torch.autograd.Function):
     """RMSNorm saving only x, which a checkpointed layer keeps anyway, instead of autograd's fp32 copy of it;
@@ -337,11 +336,9 @@ def run_on(layer, h, device, *args):
 
 
 def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024, reduction: str = "mean"):
-    """cross_entropy (same arguments) in chunks of tokens: at no point do (B*T, V) fp32 logits exist."""
-    B, T, D = hidden.shape
-    targets = labels[:, 1:].reshape(-1)
-    nll = _ChunkedCE.apply(hidden[:, :-1].reshape(-1, D), head_weight, targets, chunk_size)
-    return _reduce(nll, labels[:, 1:], reduction)
+    """cross_entropy, chunk_size tokens at a time: at no point do (B*T, V) fp32 logits exist."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return _reduce(_ChunkedCE.apply(h, head_weight, labels[:, 1:].reshape(-1), chunk_size), labels, reduction)
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -357,23 +354,21 @@ class _ChunkedCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):
-        n = h.shape[0]
-        nll = torch.empty(n, dtype=torch.float32, device=h.device)
-        valid = targets != -100
+        n, valid = h.shape[0], targets != -100
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h and not want_w else None
+        nll = torch.empty(n, dtype=torch.float32, device=h.device)
         lse = torch.empty_like(nll) if want_w else None
-        # Work buffers shared by every chunk rather than a fresh (chunk x vocab) allocation per chunk and per step
-        # of the softmax. The chunk's logits are computed in h's dtype (as HF, then cast to fp32) and everything
-        # else happens in place in the fp32 buffer.
-        rows = min(chunk_size, n)
-        logits32 = torch.empty(rows, weight.shape[0], dtype=torch.float32, device=h.device)
-        logits16 = None if h.dtype == torch.float32 else torch.empty(rows, weight.shape[0], dtype=h.dtype,
-                                                                      device=h.device)
+        dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h and not want_w else None
+        # Work buffers shared by every chunk, not a fresh (chunk x vocab) tensor per chunk and softmax step. The
+        # logits are computed in h's dtype (as HF, then cast to fp32); all else happens in place in the fp32 one.
+        buf32 = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32, device=h.device)
+        buf16 = None if h.dtype == torch.float32 else torch.empty_like(buf32, dtype=h.dtype)
         for s in range(0, n, chunk_size):
-            e = min(s + chunk_size, n)
-            t = targets[s:e].clamp(min=0)
-            logits = _chunk_logits(h[s:e], weight, logits32[:e - s], None if logits16 is None else logits16[:e - s])
+            e, t = min(s + chunk_size, n), targets[s:s + chunk_size].clamp(min=0)
+            if buf16 is None:
+                logits = torch.mm(h[s:e], weight.t(), out=buf32[:e - s])
+            else:
+                logits = buf32[:e - s].copy_(torch.mm(h[s:e], weight.t(), out=buf16[:e - s]))
             # nll = lse - logit of the target, lse = max + log(sum(exp(logits - max))); logits become exp(. - max).
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             peak = logits.amax(1, keepdim=True)
@@ -386,15 +381,11 @@ class _ChunkedCE(torch.autograd.Function):
                 # softmax - onehot (0 for ignored tokens), times _DLOGITS_SCALE, then @ W in the 16-bit dtype.
                 weight_row = valid[s:e] * _DLOGITS_SCALE
                 logits.mul_((weight_row / total)[:, None]).scatter_add_(1, t[:, None], -weight_row[:, None])
-                probs = logits if logits16 is None else logits16[:e - s].copy_(logits)
+                probs = logits if buf16 is None else buf16[:e - s].copy_(logits)
                 dnll_dh[s:e] = probs @ weight
                 dnll_dh[s:e].div_(_DLOGITS_SCALE)
-        del logits32, logits16
         ctx.chunk_size, ctx.h_dtype = chunk_size, h.dtype
-        if want_w:
-            ctx.save_for_backward(h, weight, targets, lse)
-        else:
-            ctx.save_for_backward(dnll_dh)
+        ctx.save_for_backward(*((h, weight, targets, lse) if want_w else (dnll_dh,)))
         return nll
 
     @staticmethod
@@ -405,32 +396,17 @@ class _ChunkedCE(torch.autograd.Function):
         h, weight, targets, lse = ctx.saved_tensors
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        valid = targets != -100
         for s in range(0, h.shape[0], ctx.chunk_size):
-            e = min(s + ctx.chunk_size, h.shape[0])
-            t = targets[s:e].clamp(min=0)
-            probs = _softmax_minus_onehot((h[s:e] @ weight.t()).float(), lse[s:e], t, valid[s:e])
-            probs.mul_(grad_nll[s:e, None])
+            e, t = min(s + ctx.chunk_size, h.shape[0]), targets[s:s + ctx.chunk_size]
+            # d(nll)/d(logits) = exp(logits - lse) - onehot, rows of ignored tokens zero, times the incoming grad
+            probs = (h[s:e] @ weight.t()).float().sub_(lse[s:e, None]).exp_()
+            probs.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(probs[:, :1]))
+            probs.mul_((t != -100)[:, None]).mul_(grad_nll[s:e, None])
             if grad_h is not None:
                 grad_h[s:e] = (probs.to(weight.dtype) @ weight).to(h.dtype)
             grad_w += probs.t() @ h[s:e].float()
-            del probs
+            del probs                                         # before the next chunk's logits are allocated
         return grad_h, grad_w.to(weight.dtype), None, None
-
-
-def _softmax_minus_onehot(logits, lse, targets, valid):
-    """d(nll)/d(logits) in place over `logits` (rows of ignored tokens are zero)."""
-    probs = logits.sub_(lse[:, None]).exp_()
-    probs.scatter_add_(1, targets[:, None], -torch.ones_like(probs[:, :1]))
-    return probs.mul_(valid[:, None])
-
-
-def _chunk_logits(h, weight, out32, out16):
-    """h @ W^T into the fp32 buffer `out32`; for 16-bit h computed in h's dtype into `out16` and cast, as
-    (h @ W^T).float() does."""
-    if out16 is None:
-        return torch.mm(h, weight.t(), out=out32)
-    return out32.copy_(torch.mm(h, weight.t(), out=out16))
 
 
 # A power of two applied before the 16-bit matmul and removed after it: softmax values near 1/V (~3e-5) would
