@@ -1,4 +1,5 @@
 """model.py + hf.py against HF transformers' LlamaForCausalLM (fp32 logit parity), KV cache, loss, loading errors."""
+import dataclasses
 import json
 import shutil
 
@@ -7,7 +8,7 @@ import torch
 from conftest import hf_model, make_hf_checkpoint
 
 from infra import hf
-from model import KVCache, chunked_cross_entropy
+from model import MLP, KVCache, ModelArgs, RMSNorm, Transformer, chunked_cross_entropy, cross_entropy
 
 
 def rel_err(ours, ref):
@@ -112,6 +113,91 @@ def test_return_hidden_and_chunked_loss(tmp_path):
     per_token = chunked_cross_entropy(hidden, model.lm_head.weight, labels, chunk_size=16, reduction="none")
     assert per_token.shape == (2, 49) and (per_token[0, 9:19] == 0).all()
     assert abs(per_token.sum().item() / (labels[:, 1:] != -100).sum().item() - ref.item()) < 1e-5
+
+
+def plain_twin(model):
+    """The same weights with ModelArgs.fused=False: the plain equations instead of the autograd functions."""
+    plain = Transformer(dataclasses.replace(model.args, fused=False)).to(model.lm_head.weight.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.train(model.training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_model_equals_plain_equations(tmp_path, dtype):
+    """ModelArgs.fused (the default) changes no forward bit of the logits; the chunked loss and every gradient
+    agree with the plain path (plain RMSNorm, F.silu(g) * u, cross_entropy over the full logits) to rounding."""
+    path = make_hf_checkpoint(tmp_path / "fused")
+    fused = hf.load_model(path, dtype=dtype).train()
+    plain = plain_twin(fused)
+    assert fused.args.fused and not plain.args.fused and not plain.norm.fused and not plain.layers[0].mlp.fused
+    ids = tokens(40)
+    labels = ids.clone()
+    labels[1, :7] = -100
+    with torch.no_grad():
+        assert torch.equal(fused(ids), plain(ids))
+    fused.loss_chunk = 16
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    results = []
+    for model in (fused, plain):
+        loss = model.loss(ids, labels, reduction="mean")
+        results.append((loss.detach(), torch.autograd.grad(loss, list(model.parameters()))))
+    (loss_f, grads_f), (loss_p, grads_p) = results
+    torch.testing.assert_close(loss_f, loss_p, **tol)
+    for a, b in zip(grads_f, grads_p):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_rmsnorm_and_swiglu_equal_plain_modules(dtype):
+    """RMSNorm: same forward bits, gradients to 1 ulp-ish, only x and w saved. MLP: bit-identical forward and
+    backward, fused or plain (the fused node saves g and u only)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    dy = torch.randn(3, 5, 64, dtype=dtype)
+    norms = [RMSNorm(64, 1e-6, fused).to(dtype) for fused in (True, False)]
+    outs = []
+    for norm in norms:
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 1.5, 64))
+        xi = x.clone().requires_grad_(True)
+        y = norm(xi)
+        y.backward(dy)
+        outs.append((y.detach(), xi.grad, norm.weight.grad))
+    assert torch.equal(outs[0][0], outs[1][0])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        torch.testing.assert_close(a, b, **tol)
+
+    args = ModelArgs(vocab_size=8, dim=64, intermediate_size=96, n_layers=1, n_heads=4)
+    mlps = [MLP(dataclasses.replace(args, fused=fused)).to(dtype) for fused in (True, False)]
+    mlps[1].load_state_dict(mlps[0].state_dict())
+    outs = []
+    for mlp in mlps:
+        xi = x.clone().requires_grad_(True)
+        y = mlp(xi)
+        y.backward(dy)
+        outs.append([y.detach(), xi.grad] + [p.grad for p in mlp.parameters()])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_plain_cross_entropy_is_the_equation():
+    """cross_entropy: -log softmax(h_t W^T)[labels_{t+1}], -100 ignored; chunked_cross_entropy agrees."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 9, 16), torch.randn(30, 16)
+    labels = torch.randint(0, 30, (2, 9))
+    labels[0, 3:6] = -100
+    logits = hidden[:, :-1] @ weight.t()
+    nll = -torch.log_softmax(logits, -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    nll = nll * (labels[:, 1:] != -100)
+    torch.testing.assert_close(cross_entropy(hidden, weight, labels, "none"), nll)
+    torch.testing.assert_close(cross_entropy(hidden, weight, labels, "sum"), nll.sum())
+    torch.testing.assert_close(cross_entropy(hidden, weight, labels), nll.sum() / (labels[:, 1:] != -100).sum())
+    for reduction in ("none", "sum", "mean"):
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, labels, 5, reduction),
+                                   cross_entropy(hidden, weight, labels, reduction))
+    with pytest.raises(ValueError, match="reduction must be"):
+        cross_entropy(hidden, weight, labels, "max")
 
 
 def test_gradient_checkpointing_same_gradients(tmp_path):
