@@ -56,7 +56,8 @@ class ModelArgs:
     eos_token_id: int | list | None = 2
     extra: dict = field(default_factory=dict, repr=False)  # config.json keys we do not use, written back on export
     fused: bool = True                  # the autograd functions at the end of this file; False: the plain equations
-    # rope_scaling rules other than PI are not the method: infra.rope_scaling.rope_inv_freq, set by the loader
+    # rope_scaling (normalised by infra.rope_scaling) names a rule other than PI: infra.rope_scaling.rope_inv_freq,
+    # set by the loader (this file may not import infra), computes its tables (Transformer.rope_tables).
     rope_rule: Callable | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -194,8 +195,8 @@ class Transformer(nn.Module):
         self.attention, self.group_size_ratio, self.s2_shift = mode, group_size_ratio, shift
 
     def rope_tables(self, positions, dtype):
-        """cos/sin for `positions`: PI (rope.py), or args.rope_rule for another rope_scaling rule (this file may not
-        import infra); per call, as dynamic NTK depends on the longest position seen."""
+        """cos/sin for `positions`: PI (rope.py), or args.rope_rule for another rope_scaling rule; per call, as
+        dynamic NTK depends on the longest position seen."""
         a, scaling = self.args, self.args.rope_scaling
         if scaling is None or scaling["rope_type"] == "linear":
             pi = 1.0 if scaling is None else scaling["factor"]
