@@ -8,7 +8,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from infra.rope_scaling import normalize_rope_scaling, rope_inv_freq
-from rope import apply_rope, rope_cos_sin
+from rope import apply_rope, linear_scaling, pi_factor, pi_inv_freq, rope_cos_sin
 
 MAX_POS = 128
 HEAD_DIMS = (16, 64, 128)
@@ -55,6 +55,19 @@ def test_default_inv_freq_matches_hf(head_dim, theta):
         ours, factor = rope_inv_freq(head_dim, theta, scaling, MAX_POS)
         assert_float32_equal(ours, ref)
         assert factor == ref_factor == 1.0
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0, 3])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_pi_inv_freq_is_hf_default_and_linear(head_dim, factor):
+    """model.py computes plain RoPE and PI with rope.pi_inv_freq directly: HF's default and linear bits."""
+    scaling = linear_scaling(factor)
+    config = hf_config(head_dim, 10000.0, scaling)
+    ref, _ = (LlamaRotaryEmbedding.compute_default_rope_parameters(config) if scaling is None
+              else ROPE_INIT_FUNCTIONS["linear"](config, "cpu"))
+    assert_float32_equal(pi_inv_freq(head_dim, 10000.0, factor), ref)
+    assert pi_factor(8192, 4096) == 2.0 and pi_factor(4096, 4096) == pi_factor(100, 4096) == 1.0
+    assert pi_factor(8193, 4096) == 3.0
 
 
 @pytest.mark.parametrize("theta", THETAS)
