@@ -70,7 +70,7 @@ import torch
 import data
 from infra import sources
 from infra import hf
-import lora
+from infra.adapter import load_adapter
 from model import KVCache
 from rope import describe_scaling, inference_scaling, usable_context
 
@@ -84,7 +84,7 @@ def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32
     model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else "nf4")
     training = None
     if adapter is not None:
-        lora.load_adapter(model, adapter)
+        load_adapter(model, adapter)
         training = model.lora_config["training"]
     model.args.rope_scaling, source = inference_scaling(rope_factor, model.args.rope_scaling, adapter, training)
     return model.requires_grad_(False).eval(), source

@@ -1,0 +1,97 @@
+"""Merge a LoRA adapter into its 16-bit base model and write a dense HF checkpoint:
+
+    python -m infra.merge --base DIR --adapter ADAPTER --out MERGED [--rope-factor F]
+
+Every targeted weight becomes W' = W + (alpha / r) B A (lora.merged_weight), LoRA+ embeddings and norms replace
+the base's, and config.json gets the RoPE scaling the adapter was trained with, so the merged folder loads in
+transformers or our scripts without the adapter. An NF4-trained adapter is merged into the original 16-bit
+weights of the base checkpoint, never into the 4-bit copy.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from infra import cli
+
+
+def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None = None,
+                     max_shard_bytes: int = 2 * 1024**3) -> tuple[Path, dict | None, str]:
+    """Merge an adapter into the 16-bit weights of `base_dir` and write a full HF checkpoint to `out_dir`.
+    Returns (out_dir, the RoPE scaling written into its config.json, where that scaling came from).
+
+    Tensors are read, merged and written one at a time (peak memory: one shard plus one tensor). The RoPE
+    scaling is the one eval.py would use (rope.inference_scaling): --rope-factor, else the adapter's recorded
+    training scaling, else the base's; an adapter whose scaling is unknown needs rope_factor."""
+    # imported here, not at the top: they load torch, and `python -m infra.merge --help` should answer at once
+    from infra import adapter, hf
+    from lora import lora_pairs, merged_weight
+    from rope import inference_scaling
+
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    config, lora, extra, training = adapter.read_adapter(adapter_dir)
+    base_config = hf.load_config(base_dir)
+    if base_config.get("quantization_config"):
+        raise ValueError(f"{base_dir / 'config.json'}: the base is quantised; merging needs the original 16-bit "
+                         "weights")
+    base_args = hf.read_config(base_dir)
+    scaling, source = inference_scaling(rope_factor, base_args.rope_scaling, adapter_dir, training)
+    base_args.rope_scaling = scaling
+    out_config = {**base_config, **hf.config_json(base_args)}
+    out_config.pop("rope_parameters", None)   # transformers 5 form; we write the portable top-level one
+    files = hf.checkpoint_files(base_dir)
+    pairs = lora_pairs(lora)
+    replaced = {hf.hf_key(k): v for k, v in extra.items()}
+    for key in [*pairs, *replaced]:
+        if key not in files:
+            raise ValueError(f"{adapter_dir}: adapter has weights for {key}, which {base_dir} lacks")
+    scale = config["lora_alpha"] / config["r"]
+
+    def tensors():
+        for name, t, file in hf.read_tensors(files):
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name in replaced:
+                if replaced[name].shape != t.shape:
+                    raise ValueError(f"{adapter_dir}: {name} has shape {tuple(replaced[name].shape)}, "
+                                     f"{file} has {tuple(t.shape)}")
+                t = replaced[name].to(t.dtype)
+            if name in pairs:
+                try:
+                    t = merged_weight(t, *pairs[name], scale)
+                except ValueError as e:
+                    raise ValueError(f"{adapter_dir / adapter.ADAPTER_WEIGHTS}: {name}: {e} (an adapter for a "
+                                     "different model?)") from None
+            yield name, t
+
+    out = hf.save_checkpoint(tensors(), out_config, out_dir, max_shard_bytes, copy_from=base_dir)
+    return out, scaling, source
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = cli.one_line_errors(argparse.ArgumentParser(
+        prog="python -m infra.merge", formatter_class=cli.DefaultsHelp,
+        description="Merge a LoRA adapter into its 16-bit base and write a dense HF checkpoint."))
+    p.add_argument("--base", required=True, help="HF LLaMA folder the adapter was trained on (16-bit weights)")
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")
+    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--rope-factor", type=float, default=None,
+                   help="linear PI factor written into config.json; default: the adapter's longqlora.json, "
+                        "else the base config's")
+    args = p.parse_args(argv)
+    if args.rope_factor is not None:
+        cli.check_range("--rope-factor", args.rope_factor, 1)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from infra.hf import hf_rope_scaling   # after parsing: loads torch
+    from rope import describe_scaling
+    out, scaling, source = merge_and_export(args.base, args.adapter, args.out, args.rope_factor)
+    print(f"wrote {out}: {args.adapter} merged into {args.base}; rope_scaling {hf_rope_scaling(scaling)} "
+          f"(RoPE factor {describe_scaling(scaling)}, from {source})")
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli.run(main))
