@@ -15,10 +15,24 @@ from pathlib import Path
 from infra import cli
 
 
+def check_out(out_dir, inputs, overwrite: bool) -> None:
+    """Refuse an --out whose replacement would destroy something: an input folder or one holding an input, and
+    the current folder or one holding it, always; a training run or any other non-empty folder unless overwrite."""
+    out = Path(out_dir).resolve()
+    folders = [*((Path(d).resolve(), f"the input {d}") for d in inputs), (Path.cwd().resolve(), "the current folder")]
+    for folder, what in folders:
+        if out == folder or out in folder.parents:
+            raise ValueError(f"--out {out_dir}: is {what} or holds it; the merged model needs a folder of its own")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        run = " (it holds a training run: train_config.json)" if (out / "train_config.json").exists() else ""
+        raise ValueError(f"--out {out_dir}: exists and is not empty{run}; pass --overwrite to replace it")
+
+
 def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None = None,
-                     max_shard_bytes: int = 2 * 1024**3) -> tuple[Path, dict | None, str]:
-    """Merge an adapter into the 16-bit weights of `base_dir` and write a full HF checkpoint to `out_dir`.
-    Returns (out_dir, the RoPE scaling written into its config.json, where that scaling came from).
+                     max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> tuple[Path, dict | None, str]:
+    """Merge an adapter into the 16-bit weights of `base_dir` and write a full HF checkpoint to `out_dir`, which
+    check_out allows (a new or empty folder; a non-empty one with overwrite). Returns (out_dir, the RoPE scaling
+    written into its config.json, where that scaling came from).
 
     Tensors are read, merged and written one at a time (peak memory: one shard plus one tensor). The RoPE
     scaling is the one eval.py would use (rope.inference_scaling): --rope-factor, else the adapter's recorded
@@ -29,6 +43,7 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
     from rope import inference_scaling
 
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    check_out(out_dir, (base_dir, adapter_dir), overwrite)
     config, lora, extra, training = adapter.read_adapter(adapter_dir)
     base_config = hf.load_config(base_dir)
     if base_config.get("quantization_config"):
@@ -74,7 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Merge a LoRA adapter into its 16-bit base and write a dense HF checkpoint."))
     p.add_argument("--base", required=True, help="HF LLaMA folder the adapter was trained on (16-bit weights)")
     p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder")
-    p.add_argument("--out", required=True, help="output folder (replaced atomically)")
+    p.add_argument("--out", required=True,
+                   help="output folder, new or empty (never an input folder or the current folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
     p.add_argument("--rope-factor", type=float, default=None,
                    help="linear PI factor written into config.json; default: the adapter's longqlora.json, "
                         "else the base config's")
@@ -88,7 +105,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from infra.hf import hf_rope_scaling   # after parsing: loads torch
     from rope import describe_scaling
-    out, scaling, source = merge_and_export(args.base, args.adapter, args.out, args.rope_factor)
+    out, scaling, source = merge_and_export(args.base, args.adapter, args.out, args.rope_factor, overwrite=args.overwrite)
     print(f"wrote {out}: {args.adapter} merged into {args.base}; rope_scaling {hf_rope_scaling(scaling)} "
           f"(RoPE factor {describe_scaling(scaling)}, from {source})")
 

@@ -408,8 +408,9 @@ def test_peft_adapter_loads_in_ours_with_same_logits(ckpt, tokens, tmp_path, wit
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(hf_model(ckpt), LoraConfig(r=8, lora_alpha=16, target_modules=list(DECODER_LINEARS),
-                                                           lora_dropout=0.05, task_type="CAUSAL_LM"))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(DECODER_LINEARS), lora_dropout=0.05,
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(hf_model(ckpt), config)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -691,3 +692,55 @@ def test_merge_help_answers_before_torch_is_imported():
     p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert p.stdout.strip().endswith("NO TORCH"), p.stdout[-500:] + p.stderr[-500:]
     assert "--base" in p.stdout and "--rope-factor" in p.stdout and "(default: None)" not in p.stdout
+
+
+# --------------------------------------------------------------------------- what a merge may overwrite
+
+def tree_state(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_merge_never_replaces_an_input_the_current_folder_or_unasked_a_non_empty_one(ckpt, saved_adapter, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """--out: the base, the adapter or a folder holding either, and the current folder (or one above it), are
+    refused even with --overwrite; a training run or any non-empty folder only without it. Nothing is touched."""
+    import shutil
+    from infra import cli, merge
+
+    work = tmp_path / "work"
+    base, run, other_run, full = work / "base", work / "run", work / "other_run", work / "full"
+    shutil.copytree(ckpt, base)
+    shutil.copytree(saved_adapter, run / "adapter")
+    (run / "train_config.json").write_text("{}")
+    other_run.mkdir()
+    (other_run / "train_config.json").write_text("{}")
+    full.mkdir()
+    (full / "notes.txt").write_text("keep me")
+    (work / "empty").mkdir()
+    (work / "here").mkdir()
+    monkeypatch.chdir(work / "here")
+    before = tree_state(work)
+
+    def merge_cli(out, *flags):
+        capsys.readouterr()
+        code = cli.run(merge.main, ["--base", str(base), "--adapter", str(run / "adapter"), "--out", str(out),
+                                    "--rope-factor", "1", *flags])
+        return code, capsys.readouterr().err
+
+    always = {base: "input", run / "adapter": "input", run: "input", work: "input", ".": "current folder",
+              str(run / ".."): "input"}
+    for out, message in always.items():
+        for flags in ((), ("--overwrite",)):
+            code, err = merge_cli(out, *flags)
+            assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --out {out}") and message in err, \
+                (out, flags, err)
+    code, err = merge_cli(other_run)
+    assert code == 2 and "train_config.json" in err and "--overwrite" in err
+    code, err = merge_cli(full)
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    assert tree_state(work) == before                                  # every refusal before anything changed
+    assert merge_cli(work / "empty")[0] == 0 and (work / "empty" / "config.json").is_file()
+    for out in (other_run, full):
+        assert merge_cli(out, "--overwrite")[0] == 0
+        assert (out / "config.json").is_file() and not (out / "train_config.json").exists()
+    assert tree_state(base) == {k[len("base/"):]: v for k, v in before.items() if k.startswith("base/")}
