@@ -54,6 +54,11 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
     base_args.rope_scaling = scaling
     out_config = {**base_config, **hf.config_json(base_args)}
     out_config.pop("rope_parameters", None)   # transformers 5 form; we write the portable top-level one
+    # eval.py and generate.py read the tokenizer from the model folder; some tools save it with the adapter
+    tokenizer_dir = next((d for d in (base_dir, adapter_dir) if (d / "tokenizer.model").is_file()), None)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(f"{base_dir / 'tokenizer.model'}: not found (nor in {adapter_dir}); eval.py and "
+                                "generate.py need it beside the merged weights: copy it from the original model")
     files = hf.checkpoint_files(base_dir)
     pairs = lora_pairs(lora)
     replaced = {hf.hf_key(k): v for k, v in extra.items()}
@@ -79,7 +84,7 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
                                      "different model?)") from None
             yield name, t
 
-    out = hf.save_checkpoint(tensors(), out_config, out_dir, max_shard_bytes, copy_from=base_dir)
+    out = hf.save_checkpoint(tensors(), out_config, out_dir, max_shard_bytes, copy_from=tokenizer_dir)
     return out, scaling, source
 
 

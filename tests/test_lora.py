@@ -744,3 +744,20 @@ def test_merge_never_replaces_an_input_the_current_folder_or_unasked_a_non_empty
         assert merge_cli(out, "--overwrite")[0] == 0
         assert (out / "config.json").is_file() and not (out / "train_config.json").exists()
     assert tree_state(base) == {k[len("base/"):]: v for k, v in before.items() if k.startswith("base/")}
+
+
+def test_merge_needs_the_tokenizer_our_scripts_need(ckpt, saved_adapter, tmp_path):
+    """eval.py and generate.py read tokenizer.model from the model folder: a base without it is refused before
+    anything is written, unless the adapter folder holds one, which is copied."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(ckpt, base)
+    (base / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match=r"base/tokenizer.model: not found.*eval.py and generate.py"):
+        merge_and_export(base, saved_adapter, tmp_path / "merged", rope_factor=1)
+    assert not (tmp_path / "merged").exists()
+    adapter = shutil.copytree(saved_adapter, tmp_path / "adapter")
+    shutil.copy(ckpt / "tokenizer.model", adapter / "tokenizer.model")
+    out, _, _ = merge_and_export(base, adapter, tmp_path / "merged", rope_factor=1)
+    assert (out / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
