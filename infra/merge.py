@@ -38,6 +38,8 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
     scaling is the one eval.py would use (rope.inference_scaling): --rope-factor, else the adapter's recorded
     training scaling, else the base's; an adapter whose scaling is unknown needs rope_factor."""
     # imported here, not at the top: they load torch, and `python -m infra.merge --help` should answer at once
+    import torch
+
     from infra import adapter, hf
     from lora import lora_pairs, merged_weight
     from rope import inference_scaling
@@ -71,6 +73,8 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
         for name, t, file in hf.read_tensors(files):
             if name.endswith("rotary_emb.inv_freq"):
                 continue
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{file}: {name} holds NaN or inf values (a damaged base checkpoint?)")
             if name in replaced:
                 if replaced[name].shape != t.shape:
                     raise ValueError(f"{adapter_dir}: {name} has shape {tuple(replaced[name].shape)}, "

@@ -761,3 +761,18 @@ def test_merge_needs_the_tokenizer_our_scripts_need(ckpt, saved_adapter, tmp_pat
     shutil.copy(ckpt / "tokenizer.model", adapter / "tokenizer.model")
     out, _, _ = merge_and_export(base, adapter, tmp_path / "merged", rope_factor=1)
     assert (out / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"])
+def test_merge_refuses_a_base_weight_with_nan(ckpt, saved_adapter, tmp_path, name):
+    """A NaN in the base (a LoRA target or not) is named, not written into the merged model."""
+    import shutil
+
+    base = shutil.copytree(ckpt, tmp_path / "base")
+    file = next(f for f in base.glob("*.safetensors") if name in load_file(f))
+    tensors = load_file(file)
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{file.name}: {name} holds NaN or inf"):
+        merge_and_export(base, saved_adapter, tmp_path / "merged", rope_factor=1)
+    assert not (tmp_path / "merged").exists()
