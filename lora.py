@@ -44,7 +44,7 @@ class LoRALinear(nn.Module):
         # PEFT's initialisation (nn.Linear's default): uniform(-1/sqrt(in), 1/sqrt(in)).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fused, self.input = fused, shared_input or SharedInput(readers=1)
+        self.fused, self.input = fused, shared_input or SharedInput(readers=1)   # input: the fused path's mask
         self.train(base.training)   # a wrapped eval-mode model stays in eval mode (no dropout)
 
     def forward(self, x):
@@ -56,7 +56,8 @@ class LoRALinear(nn.Module):
         return y + F.linear(h, self.lora_B).to(y.dtype)
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, fused={self.fused}, input shared by {self.input.readers}"
+        path = f"fused, input shared by {self.input.readers}" if self.fused else "plain"
+        return f"r={self.r}, alpha={self.alpha}, {path}"
 
 
 # Decoder linears that read the same tensor: RMSNorm(h) feeds q, k, v; RMSNorm(a) feeds gate and up.
@@ -164,8 +165,7 @@ class SharedInput:
         if self.x is not x:
             self.x, self.value, self.reads = x, (None, None), 0
             if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
-                # bernoulli_ draws the same values into a bool tensor as into F.dropout's fp32 noise (same RNG
-                # use), and F.dropout's noise holds 1 / (1 - p) computed this way in fp32: the same bits.
+                # bernoulli_ into bool draws what F.dropout draws into its fp32 noise, 1 / (1 - p) as it does
                 keep = torch.empty(x.shape, dtype=torch.bool, device=x.device).bernoulli_(1 - dropout.p)
                 self.value = keep, torch.ones((), dtype=torch.float32, device=x.device).div_(1 - dropout.p)
         value, self.reads = self.value, self.reads + 1
