@@ -70,7 +70,7 @@ import torch
 import data
 from infra import sources
 from infra import hf
-import lora
+from infra.adapter import load_adapter
 from model import KVCache
 from infra.rope_scaling import describe_scaling, inference_scaling, usable_context
 
@@ -78,13 +78,13 @@ from infra.rope_scaling import describe_scaling, inference_scaling, usable_conte
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):
     """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's
     frozen base) and with a PEFT LoRA adapter on top (unmerged: its fp32 update is added in every forward, as
-    in training), its RoPE scaling set by rope.inference_scaling."""
+    in training), its RoPE scaling set by infra.rope_scaling.inference_scaling."""
     if quant not in ("none", "nf4"):
         raise ValueError(f"--quant must be 'none' or 'nf4', got {quant!r}")
     model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else "nf4")
     training = None
     if adapter is not None:
-        lora.load_adapter(model, adapter)
+        load_adapter(model, adapter)
         training = model.lora_config["training"]
     model.args.rope_scaling, source = inference_scaling(rope_factor, model.args.rope_scaling, adapter, training)
     return model.requires_grad_(False).eval(), source

@@ -30,7 +30,7 @@ import torch
 
 from infra import atomic
 from infra import hf
-import lora
+from infra.adapter import load_adapter, save_adapter
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
@@ -157,7 +157,7 @@ def save_weights(model, folder: Path, full_finetune: bool, base_model, training:
     if full_finetune:
         hf.save_model(model, folder / "model", copy_from=base_model)
     else:
-        lora.save_adapter(model, folder / "adapter", base_model_name_or_path=base_model, training=training)
+        save_adapter(model, folder / "adapter", base_model_name_or_path=base_model, training=training)
 
 
 def restore(ckpt: Path, model, full_finetune: bool, optimizer, scheduler, scaler, sampler, rank: int) -> None:
@@ -170,7 +170,7 @@ def restore(ckpt: Path, model, full_finetune: bool, optimizer, scheduler, scaler
     if full_finetune:
         hf.load_state(model, ckpt / "model")
     else:
-        lora.load_adapter(model, ckpt / "adapter")
+        load_adapter(model, ckpt / "adapter")
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])

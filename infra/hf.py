@@ -1,4 +1,5 @@
-"""The file formats users already have: HF LLaMA checkpoints, bitsandbytes NF4 tensors, PEFT LoRA adapters.
+"""The file formats users already have: HF LLaMA checkpoints and bitsandbytes NF4 tensors (PEFT adapters:
+infra/adapter.py).
 
 None of this is the method; it is what lets the method run on real checkpoints (REFERENCE §5):
 
@@ -8,9 +9,6 @@ None of this is the method; it is what lets the method run on real checkpoints (
   *.index.json, *.bin      ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
   HF keys                  <-> our module names model.<our name>, except lm_head.weight (hf_key, our_key)
   *-bnb-4bit checkpoints   ->  NF4State         nf4_state_from_tensors (bitsandbytes' serialised QuantState)
-  PEFT adapter folders     <-> LoRA tensors     read_adapter, write_adapter; base_model.model.model.<name>.lora_A
-                                                .weight, plus `longqlora.json`: the RoPE scaling and context the
-                                                adapter was trained with (PEFT ignores the extra file)
   HF model folders         <-  tensors          save_checkpoint (sharded, atomic), save_model
 
 load_model builds the Transformer on the `meta` device and materialises it tensor by tensor from the shards
@@ -504,119 +502,3 @@ def save_model(model: Transformer, out_dir, max_shard_bytes: int = 2 * 1024**3, 
         state.pop("lm_head.weight", None)
     return save_checkpoint(((hf_key(k), v) for k, v in state.items()), config_json(model.args), out_dir,
                            max_shard_bytes, copy_from)
-
-
-# --------------------------------------------------------------------------- PEFT adapters
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"  # .bin: older PEFT
-TRAINABLE_PARAMS, TRAINABLE_PARAMS_BIN = "trainable_params.safetensors", "trainable_params.bin"  # LoRA+ (LongLoRA)
-TRAINING_INFO = "longqlora.json"      # how the adapter was trained: its RoPE scaling and context
-# PEFT wraps the HF model twice (PeftModel.base_model = LoraModel, LoraModel.model = LlamaForCausalLM)
-PEFT_PREFIX = "base_model.model."
-_PEFT_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)(\.default)?\.weight$")
-
-
-def peft_key(key: str) -> str:
-    """`layers.0.self_attn.q_proj.lora_A` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`."""
-    return PEFT_PREFIX + hf_key(key) + ".weight"
-
-
-def lora_key_from_peft(key: str) -> str | None:
-    """Inverse of peft_key (PEFT's optional `.default` adapter name accepted); None for a non-LoRA key."""
-    m = _PEFT_LORA_KEY.match(key)
-    return None if m is None else our_key(m["module"]) + "." + m["which"]
-
-
-def write_adapter(out_dir, r: int, alpha: float, dropout: float, targets, tensors: dict, *,
-                  base_model_name_or_path=None, training: dict | None = None) -> Path:
-    """A PEFT adapter folder, atomically. tensors: {our key: tensor}, lora_A/lora_B go to adapter_model.safetensors,
-    anything else (LoRA+ embeddings and norms) to trainable_params.safetensors with HF names, as LongLoRA does.
-    training (rope_scaling, ctx, ...) goes to longqlora.json."""
-    lora = {peft_key(k): v.float().contiguous().cpu() for k, v in tensors.items() if k.endswith(("lora_A", "lora_B"))}
-    extra = {hf_key(k): v.contiguous().cpu() for k, v in tensors.items() if not k.endswith(("lora_A", "lora_B"))}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-              "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path)}
-
-    def write(tmp: Path):
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        safetensors.torch.save_file(lora, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if extra:
-            safetensors.torch.save_file(extra, str(tmp / TRAINABLE_PARAMS), metadata={"format": "pt"})
-        if training is not None:
-            (tmp / TRAINING_INFO).write_text(json.dumps(training, indent=2) + "\n")
-
-    return atomic.write_dir(out_dir, write)
-
-
-def read_adapter(adapter_dir):
-    """(config, lora, extra, training) of an adapter folder written by us, PEFT or LongLoRA, all checked:
-    lora {our key: tensor} of lora_A (r, in) / lora_B (out, r), extra {our key: tensor} of LoRA+ embeddings and
-    norms ({} without), training the longqlora.json dict or None (an adapter trained elsewhere)."""
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise FileNotFoundError(f"{adapter_dir}: adapter directory not found")
-    config_file = adapter_dir / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing (not a PEFT adapter directory?)")
-    config = load_json(config_file)
-    _check_lora_config(config, config_file)
-    weights = _first_file(adapter_dir, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN)
-    if weights is None:
-        raise FileNotFoundError(f"{adapter_dir / ADAPTER_WEIGHTS}: missing (nor is there {ADAPTER_WEIGHTS_BIN})")
-    lora = {}
-    for key, t in read_tensor_file(weights).items():
-        ours = lora_key_from_peft(key)
-        if ours is None:
-            raise ValueError(f"{weights}: unexpected tensor {key} (only LoRA A/B weights are supported)")
-        rank = t.shape[0] if ours.endswith("lora_A") else t.shape[-1]
-        if t.dim() != 2 or rank != config["r"]:
-            raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, i.e. rank {rank}, but {config_file} "
-                             f"says r={config['r']}")
-        lora[ours] = t
-    if not lora:
-        raise ValueError(f"{weights}: holds no LoRA weights")
-    if isinstance(config["target_modules"], str):   # a PEFT regex: the tensors say which modules it matched
-        config["target_modules"] = sorted({k.rsplit(".", 2)[-2] for k in lora})
-    extra_file = _first_file(adapter_dir, TRAINABLE_PARAMS, TRAINABLE_PARAMS_BIN)
-    extra = {} if extra_file is None else {
-        our_key(k.removeprefix(PEFT_PREFIX)): t for k, t in read_tensor_file(extra_file).items()}
-    for file, group, key in ((weights, lora, peft_key), (extra_file, extra, hf_key)):
-        bad = next((k for k, t in group.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-        if bad is not None:
-            raise ValueError(f"{file}: {key(bad)} holds NaN or inf values (saved from a diverged run?)")
-    training = load_json(adapter_dir / TRAINING_INFO) if (adapter_dir / TRAINING_INFO).is_file() else None
-    if training is not None:
-        try:
-            training["rope_scaling"] = normalize_rope_scaling(training.get("rope_scaling"))
-        except ValueError as e:
-            raise ValueError(f"{adapter_dir / TRAINING_INFO}: {e}") from None
-    return config, lora, extra, training
-
-
-def _first_file(folder: Path, *names) -> Path | None:
-    return next((folder / n for n in names if (folder / n).is_file()), None)
-
-
-def _check_lora_config(config: dict, config_file: Path) -> None:
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
-    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout") or 0.0
-    if type(r) is not int or r <= 0:
-        raise ValueError(f"{config_file}: r must be a positive integer, got {r!r}")
-    if type(alpha) not in (int, float) or not math.isfinite(alpha):
-        raise ValueError(f"{config_file}: lora_alpha must be a finite number, got {alpha!r}")
-    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
-        raise ValueError(f"{config_file}: lora_dropout must be in [0, 1), got {dropout!r}")
-    targets = config.get("target_modules")
-    if not (isinstance(targets, str) or isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
-        raise ValueError(f"{config_file}: target_modules must be a list of module names, got {targets!r}")
-    # PEFT options that change the computation; refusing beats silently computing something else
-    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
-                "layers_to_transform"):
-        if config.get(key):
-            raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{config_file}: bias={config['bias']!r} is not supported (only 'none')")

@@ -83,6 +83,7 @@ def test_inference_rope_rule_is_the_same_at_every_length(ckpt, tokens, tmp_path)
     """--rope-factor > the adapter's longqlora.json > the checkpoint's config; an adapter with no record on a base
     with no scaling is an error, never a per-length guess."""
     import lora
+    from infra.adapter import save_adapter
     from infra.rope_scaling import inference_scaling
 
     pi = lambda f: {"factor": f, "rope_type": "linear"}                                      # noqa: E731
@@ -98,8 +99,8 @@ def test_inference_rope_rule_is_the_same_at_every_length(ckpt, tokens, tmp_path)
     # through the loader: an adapter saved by train.py carries its factor, used at every length
     model = load(ckpt)
     lora.add_lora(model, r=4, alpha=8, dropout=0.0)
-    lora.save_adapter(model, tmp_path / "with", training={"rope_scaling": pi(2.0), "ctx": 256})
-    lora.save_adapter(model, tmp_path / "without")
+    save_adapter(model, tmp_path / "with", training={"rope_scaling": pi(2.0), "ctx": 256})
+    save_adapter(model, tmp_path / "without")
     loaded, source = ev.load_model(ckpt, adapter=tmp_path / "with", dtype=torch.float32)
     assert loaded.args.rope_scaling == pi(2.0) and source == str(tmp_path / "with" / "longqlora.json")
     ours = ev.evaluate_perplexity(loaded, tokens, 64, "longlora", stride=16, progress=False)
@@ -121,6 +122,8 @@ def test_batch_size_does_not_change_the_result(ckpt, tokens):
 
 def test_adapter_equals_merged_model(ckpt, tokens, tmp_path):
     import lora
+    from infra.adapter import save_adapter
+    from infra.merge import merge_and_export
 
     model = load(ckpt, dtype=torch.float32)
     lora.add_lora(model, r=4, alpha=8, dropout=0.0)
@@ -129,8 +132,8 @@ def test_adapter_equals_merged_model(ckpt, tokens, tmp_path):
         for m in model.modules():
             if isinstance(m, lora.LoRALinear):
                 m.lora_B.normal_(0, 0.2)
-    lora.save_adapter(model, tmp_path / "adapter", training={"rope_scaling": None, "ctx": 128})
-    merged, _, _ = lora.merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged")
+    save_adapter(model, tmp_path / "adapter", training={"rope_scaling": None, "ctx": 128})
+    merged, _, _ = merge_and_export(ckpt, tmp_path / "adapter", tmp_path / "merged")
 
     base = ev.evaluate_perplexity(load(ckpt, dtype=torch.float32), tokens, 64, "sliding", progress=False)
     with_adapter = load(ckpt, adapter=tmp_path / "adapter", dtype=torch.float32)
@@ -370,11 +373,12 @@ def test_cli_bin_with_ids_beyond_the_vocabulary(ckpt, tmp_path, capsys):
 def test_cli_adapter_for_another_model(ckpt, tmp_path, capsys):
     from infra import hf
     import lora
+    from infra.adapter import save_adapter
 
     other = make_hf_checkpoint(tmp_path / "other", intermediate_size=96)
     model = hf.load_model(other, dtype=torch.float32)
     lora.add_lora(model, r=4, alpha=8)
-    lora.save_adapter(model, tmp_path / "adapter")
+    save_adapter(model, tmp_path / "adapter")
     (np.arange(1000, dtype=np.uint16) % 512).tofile(tmp_path / "ok.bin")
     capsys.readouterr()                                   # drop the checkpoint writer's progress bar
     code, _, err = run_cli(capsys, "--model", ckpt, "--adapter", tmp_path / "adapter", "--data-path",

@@ -157,10 +157,11 @@ def test_cli_errors(ckpt, tmp_path, capsys):
 
 def test_chat_uses_the_template_the_adapter_was_trained_with(ckpt, tmp_path, monkeypatch, capsys):
     import lora
+    from infra.adapter import save_adapter
 
     model, _ = gen.load_model(ckpt, dtype=torch.float32)
     lora.add_lora(model, r=4, alpha=8)
-    lora.save_adapter(model, tmp_path / "sft", training={"rope_scaling": None, "ctx": 128, "template": "longqlora"})
+    save_adapter(model, tmp_path / "sft", training={"rope_scaling": None, "ctx": 128, "template": "longqlora"})
     seen = []
     real = gen.generate
     monkeypatch.setattr(gen, "generate", lambda m, t, ids, *a, **k: seen.append(list(ids)) or real(m, t, ids, *a, **k))

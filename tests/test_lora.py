@@ -1,4 +1,5 @@
-"""LoRA (lora.py): the layer, add_lora, merge, and interoperability with PEFT and HF transformers.
+"""LoRA (lora.py, infra/adapter.py, infra/merge.py): the layer's plain and fused paths, add_lora, merge, and
+interoperability with PEFT and HF transformers.
 
 References: PEFT (`get_peft_model`, `PeftModel.from_pretrained`) and transformers' LlamaForCausalLM, used
 only here. Parity tests run in fp32 with non-zero lora_B so the adapter actually changes the logits.
@@ -14,11 +15,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import hf_model, make_hf_checkpoint
 from infra import hf
-from lora import (
-    DEFAULT_TARGETS, LoRALinear, adapter_parameters, add_lora, load_adapter, merge_and_export, merge_lora_weights,
-    merged_weight, save_adapter,
-)
-from model import ModelArgs, Transformer
+from infra.adapter import load_adapter, save_adapter
+from infra.merge import merge_and_export
+from lora import LoRALinear, SharedInput, adapter_parameters, add_lora, merge_lora_weights, merged_weight
+from model import DECODER_LINEARS, ModelArgs, Transformer
 
 N_LAYERS = 2
 
@@ -59,10 +59,14 @@ def load_ours(path, **kw):
 
 # --------------------------------------------------------------------------- the layer
 
-def test_lora_linear_init_and_forward_formula():
+FUSED = pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+
+
+@FUSED
+def test_lora_linear_init_and_forward_formula(fused):
     torch.manual_seed(0)
     base = nn.Linear(20, 12, bias=True)
-    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
+    layer = LoRALinear(base, r=4, alpha=8, dropout=0.0, fused=fused)
     assert layer.lora_A.shape == (4, 20) and layer.lora_B.shape == (12, 4)
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32
     assert torch.count_nonzero(layer.lora_B) == 0
@@ -93,9 +97,10 @@ def test_merged_weight_equals_the_lora_layer(dtype, tol):
         merged_weight(base.weight.detach().T, layer.lora_A, layer.lora_B, 1.0)
 
 
-def test_lora_path_is_fp32_and_output_keeps_base_dtype():
+@FUSED
+def test_lora_path_is_fp32_and_output_keeps_base_dtype(fused):
     torch.manual_seed(0)
-    layer = LoRALinear(nn.Linear(16, 16, bias=False).to(torch.bfloat16), r=4, alpha=16, dropout=0.0)
+    layer = LoRALinear(nn.Linear(16, 16, bias=False).to(torch.bfloat16), r=4, alpha=16, dropout=0.0, fused=fused)
     randomize_lora_b(layer)
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     y = layer(x)
@@ -106,10 +111,11 @@ def test_lora_path_is_fp32_and_output_keeps_base_dtype():
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad is not None
 
 
-def test_dropout_applies_only_to_lora_input():
+@FUSED
+def test_dropout_applies_only_to_lora_input(fused):
     torch.manual_seed(0)
     base = nn.Linear(32, 16, bias=False)
-    layer = LoRALinear(base, r=4, alpha=4, dropout=0.5)
+    layer = LoRALinear(base, r=4, alpha=4, dropout=0.5, fused=fused)
     x = torch.randn(8, 32)
     layer.train()
     assert torch.equal(layer(x), base(x))            # B = 0: dropout never touches the base path
@@ -124,11 +130,12 @@ def test_dropout_applies_only_to_lora_input():
     torch.testing.assert_close(layer(x), base(x) + x @ layer.lora_A.T @ layer.lora_B.T, rtol=1e-5, atol=1e-6)
 
 
-def test_lora_over_linear4bit_is_dequantized_base_plus_lora():
+@FUSED
+def test_lora_over_linear4bit_is_dequantized_base_plus_lora(fused):
     quant = pytest.importorskip("quant")
     torch.manual_seed(0)
     q = quant.Linear4bit.from_weight(torch.randn(48, 64), compute_dtype=torch.float32)
-    layer = LoRALinear(q, r=8, alpha=16, dropout=0.0)
+    layer = LoRALinear(q, r=8, alpha=16, dropout=0.0, fused=fused)
     randomize_lora_b(layer)
     x = torch.randn(3, 64, requires_grad=True)
     y = layer(x)
@@ -162,8 +169,9 @@ def grads_of(fn, x, layer):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fused_lora_node_has_autograds_bits_in_one_chunk(kind, dtype, p):
-    """lora._LoRALinearFn (base + LoRA as one node, the dropped-out input rebuilt from a 1-byte mask) against
-    autograd over the same formula: the same dropout draws and the same bits, forward and every gradient."""
+    """The fused path, lora._LoRALinearFn (base + LoRA as one node, the dropped-out input rebuilt from a 1-byte
+    mask), against the plain path and autograd over the same formula: the same dropout draws and the same bits,
+    forward and every gradient."""
     import quant
     torch.manual_seed(0)
     if kind == "nf4":
@@ -175,14 +183,16 @@ def test_fused_lora_node_has_autograds_bits_in_one_chunk(kind, dtype, p):
     layer.train()
     x = torch.randn(3, 5, 40, dtype=dtype)
 
-    def fused(inp):
+    def run(inp):
         torch.manual_seed(11)
         return layer(inp)
 
-    ours = grads_of(fused, x, layer)
+    ours = grads_of(run, x, layer)
+    layer.fused = False
+    plain = grads_of(run, x, layer)
     ref = grads_of(lambda inp: autograd_lora(base, layer, inp, p, 11), x, layer)
-    for a, b in zip(ours, ref):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b, c in zip(ours, plain, ref):
+        assert a.dtype == b.dtype == c.dtype and torch.equal(a, b) and torch.equal(b, c)
 
 
 def test_fused_lora_node_in_many_chunks_matches_autograd(monkeypatch):
@@ -197,18 +207,21 @@ def test_fused_lora_node_in_many_chunks_matches_autograd(monkeypatch):
     layer.train()
     x = torch.randn(4, 9, 40)
 
-    def fused(inp):
+    def run(inp):
         torch.manual_seed(3)
         return layer(inp)
 
-    ours = grads_of(fused, x, layer)
+    ours = grads_of(run, x, layer)
+    layer.fused = False
+    plain = grads_of(run, x, layer)
     ref = grads_of(lambda inp: autograd_lora(base, layer, inp, 0.2, 3), x, layer)
-    for a, b in zip(ours, ref):
+    for a, b, c in zip(ours, plain, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(b, c)
 
 
 def test_lora_over_a_trained_base_updates_in_place_with_autograds_bits():
-    """A base autograd differentiates itself (not frozen): lora._LoRAUpdate adds the update into its output."""
+    """A base autograd differentiates itself (not frozen) takes the plain path, even with fused=True."""
     torch.manual_seed(0)
     base = nn.Linear(16, 12)
     layer = LoRALinear(base, r=4, alpha=8, dropout=0.0)
@@ -224,6 +237,46 @@ def test_lora_over_a_trained_base_updates_in_place_with_autograds_bits():
     assert torch.equal(w_grad, base.weight.grad)
 
 
+def test_shared_input_draws_one_dropout_mask_per_group():
+    shared = SharedInput(readers=3)
+    x = torch.randn(4, 8)
+    dropout = nn.Dropout(0.5).train()
+    a, b, c = shared.mask(x, dropout), shared.mask(x, dropout), shared.mask(x, dropout)
+    assert a is b is c and shared.value is None                 # let go after the last reader
+    assert not torch.equal(shared.mask(x, dropout)[0], a[0])    # a new forward draws a new mask
+
+
+def test_add_lora_shares_dropout_masks_only_on_the_fused_path():
+    model = Transformer(tiny_args())
+    add_lora(model, r=4, dropout=0.1)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert attn.q_proj.input is attn.k_proj.input is attn.v_proj.input and attn.q_proj.input.readers == 3
+    assert mlp.gate_proj.input is mlp.up_proj.input is not mlp.down_proj.input
+    assert attn.o_proj.input is not attn.q_proj.input and attn.o_proj.input.readers == 1
+    plain = Transformer(tiny_args())
+    add_lora(plain, r=4, dropout=0.1, fused=False)
+    assert not any(m.fused for m in plain.modules() if isinstance(m, LoRALinear))
+    assert plain.layers[0].self_attn.q_proj.input is not plain.layers[0].self_attn.k_proj.input
+
+
+def test_fused_and_plain_models_agree():
+    """A whole model: the same forward bits; the gradients to fp32 rounding, because autograd sums the input
+    gradients of siblings (q, k, v read one x) in another order than the fused nodes, which add base + LoRA first."""
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = Transformer(tiny_args())
+        trainable = add_lora(model, r=4, alpha=8, dropout=0.0, fused=fused)
+        randomize_lora_b(model)
+        out = model(torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1)))
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad for p in trainable]))
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    assert torch.equal(fused_out, plain_out)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 # --------------------------------------------------------------------------- add_lora
 
 def test_add_lora_wraps_targets_and_freezes_the_rest():
@@ -231,13 +284,13 @@ def test_add_lora_wraps_targets_and_freezes_the_rest():
     model = Transformer(tiny_args())
     params = add_lora(model, r=4, alpha=8, dropout=0.05)
     lora_names = [n for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
-    assert len(lora_names) == 2 * len(DEFAULT_TARGETS) * N_LAYERS
+    assert len(lora_names) == 2 * len(DECODER_LINEARS) * N_LAYERS
     assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if n in lora_names}
     assert len(params) == len(lora_names)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(lora_names)
     assert isinstance(model.layers[1].mlp.down_proj, LoRALinear)
     assert isinstance(model.lm_head, nn.Linear)      # never adapted
-    assert model.lora_config == dict(r=4, alpha=8, dropout=0.05, targets=DEFAULT_TARGETS, train_embed_norm=False,
+    assert model.lora_config == dict(r=4, alpha=8, dropout=0.05, targets=DECODER_LINEARS, train_embed_norm=False,
                                      training=None)
     loss = model(torch.randint(0, 97, (1, 8))).square().mean()
     loss.backward()
@@ -299,7 +352,7 @@ def test_save_adapter_writes_peft_format(tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["bias"] == "none"
     assert (cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"]) == (4, 8, 0.05)
-    assert cfg["target_modules"] == sorted(DEFAULT_TARGETS)
+    assert cfg["target_modules"] == sorted(DECODER_LINEARS)
     assert cfg["base_model_name_or_path"] == "meta-llama/Llama-2-7b-hf"
     sd = load_file(out / "adapter_model.safetensors")
     assert len(sd) == 2 * 7 * N_LAYERS
@@ -355,8 +408,9 @@ def test_peft_adapter_loads_in_ours_with_same_logits(ckpt, tokens, tmp_path, wit
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    peft_model = get_peft_model(hf_model(ckpt), LoraConfig(r=8, lora_alpha=16, target_modules=list(DEFAULT_TARGETS),
-                                                           lora_dropout=0.05, task_type="CAUSAL_LM"))
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(DECODER_LINEARS), lora_dropout=0.05,
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(hf_model(ckpt), config)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
             if "lora_B" in n:
@@ -368,7 +422,7 @@ def test_peft_adapter_loads_in_ours_with_same_logits(ckpt, tokens, tmp_path, wit
         save_file({k.replace(".weight", ".default.weight"): v for k, v in sd.items()}, f)
     ours = load_adapter(load_ours(ckpt), tmp_path / "adapter").eval()
     assert ours.lora_config["r"] == 8 and ours.lora_config["alpha"] == 16
-    assert set(ours.lora_config["targets"]) == set(DEFAULT_TARGETS)
+    assert set(ours.lora_config["targets"]) == set(DECODER_LINEARS)
     with torch.no_grad():
         ref = peft_model.eval()(tokens).logits
         got = ours(tokens)
@@ -584,11 +638,10 @@ def test_export_refuses_quantized_base(ckpt, saved_adapter, tmp_path):
 
 def test_merge_cli_carries_the_training_factor_round_trip_with_peft_and_transformers(ckpt, tmp_path, capsys):
     """train.py at ctx 256 on a 128-token model (PI factor 2) writes the factor into the adapter folder;
-    `python lora.py merge` reads it, and the merged model, PEFT on the base with that factor, and our
+    `python -m infra.merge` reads it, and the merged model, PEFT on the base with that factor, and our
     base + adapter all give the same logits."""
-    from infra import cli
+    from infra import cli, merge
     import generate
-    import lora
     import train
     from conftest import PG19_MINI
     from peft import PeftModel
@@ -601,8 +654,8 @@ def test_merge_cli_carries_the_training_factor_round_trip_with_peft_and_transfor
     info = json.loads((out / "adapter" / "longqlora.json").read_text())
     assert info["rope_scaling"] == {"factor": 2.0, "rope_type": "linear"} and info["ctx"] == 256
     capsys.readouterr()
-    assert cli.run(lora.main, ["merge", "--base", str(ckpt), "--adapter", str(out / "adapter"),
-                               "--out", str(tmp_path / "merged")]) == 0
+    assert cli.run(merge.main, ["--base", str(ckpt), "--adapter", str(out / "adapter"),
+                                "--out", str(tmp_path / "merged")]) == 0
     printed = capsys.readouterr().out
     assert "rope_scaling {'type': 'linear', 'factor': 2.0}" in printed and "longqlora.json" in printed
     tokens = torch.randint(0, 512, (1, 200), generator=torch.Generator().manual_seed(3))
@@ -617,7 +670,109 @@ def test_merge_cli_carries_the_training_factor_round_trip_with_peft_and_transfor
     assert rel_err(base, peft) > 1e-4                  # the adapter did change the model
     # no record and no --rope-factor: refused, nothing written
     (out / "adapter" / "longqlora.json").unlink()
-    assert cli.run(lora.main, ["merge", "--base", str(ckpt), "--adapter", str(out / "adapter"),
-                               "--out", str(tmp_path / "again")]) == 2
+    assert cli.run(merge.main, ["--base", str(ckpt), "--adapter", str(out / "adapter"),
+                                "--out", str(tmp_path / "again")]) == 2
     assert "the RoPE scaling this adapter was trained with is unknown" in capsys.readouterr().err
     assert not (tmp_path / "again").exists()
+
+
+def test_merge_help_answers_before_torch_is_imported():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import runpy, sys\n"
+            "sys.argv = ['infra.merge', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('infra.merge', run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('TORCH LOADED' if 'torch' in sys.modules else 'NO TORCH')\n")
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip().endswith("NO TORCH"), p.stdout[-500:] + p.stderr[-500:]
+    assert "--base" in p.stdout and "--rope-factor" in p.stdout and "(default: None)" not in p.stdout
+
+
+# --------------------------------------------------------------------------- what a merge may overwrite
+
+def tree_state(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_merge_never_replaces_an_input_the_current_folder_or_unasked_a_non_empty_one(ckpt, saved_adapter, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """--out: the base, the adapter or a folder holding either, and the current folder (or one above it), are
+    refused even with --overwrite; a training run or any non-empty folder only without it. Nothing is touched."""
+    import shutil
+    from infra import cli, merge
+
+    work = tmp_path / "work"
+    base, run, other_run, full = work / "base", work / "run", work / "other_run", work / "full"
+    shutil.copytree(ckpt, base)
+    shutil.copytree(saved_adapter, run / "adapter")
+    (run / "train_config.json").write_text("{}")
+    other_run.mkdir()
+    (other_run / "train_config.json").write_text("{}")
+    full.mkdir()
+    (full / "notes.txt").write_text("keep me")
+    (work / "empty").mkdir()
+    (work / "here").mkdir()
+    monkeypatch.chdir(work / "here")
+    before = tree_state(work)
+
+    def merge_cli(out, *flags):
+        capsys.readouterr()
+        code = cli.run(merge.main, ["--base", str(base), "--adapter", str(run / "adapter"), "--out", str(out),
+                                    "--rope-factor", "1", *flags])
+        return code, capsys.readouterr().err
+
+    always = {base: "input", run / "adapter": "input", run: "input", work: "input", ".": "current folder",
+              str(run / ".."): "input"}
+    for out, message in always.items():
+        for flags in ((), ("--overwrite",)):
+            code, err = merge_cli(out, *flags)
+            assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: --out {out}") and message in err, \
+                (out, flags, err)
+    code, err = merge_cli(other_run)
+    assert code == 2 and "train_config.json" in err and "--overwrite" in err
+    code, err = merge_cli(full)
+    assert code == 2 and "not empty" in err and "--overwrite" in err
+    assert tree_state(work) == before                                  # every refusal before anything changed
+    assert merge_cli(work / "empty")[0] == 0 and (work / "empty" / "config.json").is_file()
+    for out in (other_run, full):
+        assert merge_cli(out, "--overwrite")[0] == 0
+        assert (out / "config.json").is_file() and not (out / "train_config.json").exists()
+    assert tree_state(base) == {k[len("base/"):]: v for k, v in before.items() if k.startswith("base/")}
+
+
+def test_merge_needs_the_tokenizer_our_scripts_need(ckpt, saved_adapter, tmp_path):
+    """eval.py and generate.py read tokenizer.model from the model folder: a base without it is refused before
+    anything is written, unless the adapter folder holds one, which is copied."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(ckpt, base)
+    (base / "tokenizer.model").unlink()
+    with pytest.raises(FileNotFoundError, match=r"base/tokenizer.model: not found.*eval.py and generate.py"):
+        merge_and_export(base, saved_adapter, tmp_path / "merged", rope_factor=1)
+    assert not (tmp_path / "merged").exists()
+    adapter = shutil.copytree(saved_adapter, tmp_path / "adapter")
+    shutil.copy(ckpt / "tokenizer.model", adapter / "tokenizer.model")
+    out, _, _ = merge_and_export(base, adapter, tmp_path / "merged", rope_factor=1)
+    assert (out / "tokenizer.model").read_bytes() == (ckpt / "tokenizer.model").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"])
+def test_merge_refuses_a_base_weight_with_nan(ckpt, saved_adapter, tmp_path, name):
+    """A NaN in the base (a LoRA target or not) is named, not written into the merged model."""
+    import shutil
+
+    base = shutil.copytree(ckpt, tmp_path / "base")
+    file = next(f for f in base.glob("*.safetensors") if name in load_file(f))
+    tensors = load_file(file)
+    tensors[name].view(-1)[3] = float("nan")
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{file.name}: {name} holds NaN or inf"):
+        merge_and_export(base, saved_adapter, tmp_path / "merged", rope_factor=1)
+    assert not (tmp_path / "merged").exists()
