@@ -263,6 +263,12 @@ def write_json(path, obj, indent: int = 2) -> None:
     os.replace(tmp, path)
 
 
+def markdown_table(head: list, rows: list[list]) -> list[str]:
+    """The lines of a markdown table: the first column (names) left-aligned, the figures right-aligned."""
+    return ["| " + " | ".join(map(str, head)) + " |", "|---|" + "---:|" * (len(head) - 1),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
 def save_figure(fig, path: Path, dpi: int) -> None:
     """fig as a PNG at path, atomically (a reader never sees half an image), then closed."""
     import matplotlib.pyplot as plt

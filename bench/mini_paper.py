@@ -109,12 +109,9 @@ def evaluate_variant(model, tokens, cfg: dict) -> list[dict]:
 # --------------------------------------------------------------------------- report
 
 def markdown_table(results: list[dict], ctxs) -> str:
-    names = list(dict.fromkeys(r["variant"] for r in results))
     ppl = {(r["variant"], r["eval_ctx"]): r["ppl"] for r in results}
-    lines = ["| variant | " + " | ".join(str(c) for c in ctxs) + " |", "|---|" + "---:|" * len(ctxs)]
-    for n in names:
-        lines.append(f"| {n} | " + " | ".join(f"{ppl[(n, c)]:.2f}" for c in ctxs) + " |")
-    return "\n".join(lines)
+    return "\n".join(benchlib.markdown_table(["variant", *ctxs], [[n] + [f"{ppl[(n, c)]:.2f}" for c in ctxs] for n in
+                                                                   dict.fromkeys(r["variant"] for r in results)]))
 
 
 def plot(results: list[dict], ctxs, short_ctx: int, path: Path, all_variants) -> bool:
