@@ -82,7 +82,7 @@ DEFAULT_RUNS = {"1x": ["control", "longqlora", "lora_full_attn", "longqlora_nosh
 UNTRAINED = ["base", "pi"]
 
 
-# --------------------------------------------------------------------------- 2. variants
+# --------------------------------------------------------------------------- variants
 
 def variant_flags(cfg: dict, corpus: Path) -> dict[str, dict]:
     """name -> {train: train.py flags (None: untrained), eval: {rope_factor, quant, attn}}. Flags not given are
@@ -159,7 +159,7 @@ def answerable_fractions(cfg: dict, corpus: Path, facts: Facts, ratios=(1 / 8, 1
     return out
 
 
-# --------------------------------------------------------------------------- 3. evaluation
+# --------------------------------------------------------------------------- evaluation
 
 def band_masks(cfg: dict, probes: dict) -> dict[str, np.ndarray]:
     """band name -> bool (P, long_ctx) over probe positions: which targets a band scores (see the docstring)."""

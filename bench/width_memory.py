@@ -8,15 +8,15 @@ intermediate 11008, 32 heads, vocab 32000, trained context 4096) and there are o
 at 32k tokens fits in the RAM of a small machine.
 
 Each configuration runs in a fresh process (a clean RSS high-water mark), as train.py would run it: the
-random bf16 checkpoint (written once by hf.save_model, cached in --cache-dir) loaded by train.build_model
+random bf16 checkpoint (benchlib.random_checkpoint, cached in --cache-dir) loaded by train.build_model
 (NF4 double-quantized decoder linears quantised as read, PI factor ceil(ctx / 4096), LoRA r=64 alpha 16
 dropout 0.05 on all seven linears, S²-Attn 1/4 with the shifted half, every layer checkpointed, loss in
 chunks of 1024 tokens, --mlp-chunk as given), torch AdamW, bf16 compute, and one train.train_step.
 Measured: the peak RSS during the step above the RSS of the loaded model (VmHWM reset by /proc/self/clear_refs
 once the model and optimizer exist). The children run with glibc's mmap threshold pinned to 64 KiB
-(benchlib.PINNED_MMAP, as ctx_memory.py) so that a freed tensor leaves RSS at once. Baseline: the prediction.
+(benchlib.PINNED_MMAP, as ctx_memory.py) so that a freed tensor leaves RSS at once. No data: random tokens.
 
-Predicted: what memory.predict_peak_memory says this step adds above the loaded weights. In a first step
+Baseline, the prediction: what memory.predict_peak_memory says this step adds above the loaded weights. In a first step
 the AdamW moments do not exist yet during backward (torch creates them in optimizer.step, after every
 activation is freed), and a layer's backward holds the inputs of the layers below it and the LoRA grads of
 the layers above it, so the step's peak is
@@ -27,9 +27,9 @@ the layers above it, so the step's peak is
         LoRA grads + 2 AdamW moments)                             (4 + 8 bytes per LoRA parameter)
 
 (with 2 layers the last layer's backward holds one more layer input, the first one's the last layer's 20 MB of
-LoRA grads: the larger wins). --repredict FILE recomputes the predictions of a results JSON with the
-memory.py there is now, the measurements as they were.
-(on a GPU from the second step on the moments are there all the time: the dry run's peak counts them).
+LoRA grads: the larger wins; on a GPU, from the second step on, the moments are there all the time: the dry
+run's peak counts them). --repredict FILE recomputes the predictions of a results JSON with the memory.py
+there is now, the measurements as they were.
 --offload-activations is a no-op on the CPU (train.build_model turns it on for CUDA only: the "host" copy
 would be a second copy in the same memory), so the host memory of an offloaded run is the one measured
 here; bench/gpu_check.py measures the device side.
@@ -43,8 +43,7 @@ are not tensors), a few % of the measured step at 1k-4k tokens and less beyond. 
 --warmup-tokens tokens before the reset keeps the first use of libtorch's backward code (~15 MiB of code
 pages) out of the figure.
 
-    python bench/width_memory.py --threads 1 --out bench/results/width_memory.json   # the committed run: 4k, 12k
-                                                                            # (+/- --mlp-chunk), 32k
+    python bench/width_memory.py --threads 1 --out bench/results/width_memory.json  # committed: 4k, 12k +/- tiles, 32k
     python bench/width_memory.py --runs 4096:0 --track                      # one configuration, with counts
     python bench/width_memory.py --smoke --out /tmp/w.json                  # tiny width, seconds
 """
