@@ -36,6 +36,10 @@ step, then --steps timed steps. Printed beside each other:
                         + the chunked loss recomputing its logits in backward (2 V d)
                      At 8k with full attention this is ~50 GFLOP/token of hardware FLOPs (REFERENCE §7).
 
+Baselines: the dry run's prediction and the paper's card (does the step fit a 32 GiB V100?). No data: random
+weights and tokens. No committed JSON yet (no GPU so far); the first run to commit is the first command below,
+with --out bench/results/gpu_check.json.
+
     python bench/gpu_check.py                          # fp16 and bf16, the four cases, ~10 min on an H100/H200
     python bench/gpu_check.py --dtypes bf16 --ctx 8192 --steps 3
     python bench/gpu_check.py --dtypes bf16 --cases 12288:1024 65536:1024:offload --steps 1
