@@ -1,13 +1,26 @@
-"""What every benchmark here measures the same way: memory of this process, CPU time, and the machine.
+"""The harness every benchmark here shares: what it measures the same way (memory of this process, CPU time,
+the machine, the matmul peak and FLOPs per token), how it runs (fresh child processes, a deadline, random
+checkpoints cached by their shape) and how it reports (atomic JSON and figures, one-line errors).
 
 Speed is only ever reported as a ratio against a baseline measured in the same run (machines here are shared
 and noisy); each result JSON carries `machine()` so that a figure says which CPU and dtype it came from.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / "cache"          # default --cache-dir of every benchmark (git-ignored)
+sys.path.insert(0, str(ROOT))             # the project's modules, for every script that imports this one
 
 
 def rss_bytes() -> int:
@@ -92,8 +105,6 @@ def matmul_peak(dtype_name: str, n: int = 2048, reps: int = 3, device: str = "cp
     an n x n @ n x n product in that dtype with the current torch thread count, per wall second
     ("flops_per_s") and per CPU second of this process ("flops_per_cpu_s": on a machine shared with other jobs
     this one hardly depends on their load, as long as they leave the caches alone)."""
-    import time
-
     import torch
 
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -151,38 +162,141 @@ def eval_flops_per_token(*, dim: int, intermediate: int, layers: int, heads: int
 
 # --------------------------------------------------------------------------- running
 
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def set_threads(n: int | None) -> None:
+    """torch's thread count (None: torch's choice). One is fastest on a machine other jobs share."""
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"--threads must be at least 1, got {n}")
+        import torch
+        torch.set_num_threads(n)
+
+
 class Deadline:
     """A wall-clock budget for a whole benchmark: what is left, and a reason to stop when it runs out."""
 
     def __init__(self, seconds: float | None):
-        import time
-
-        self._clock = time.monotonic
         self.seconds = seconds
-        self.end = None if not seconds else self._clock() + seconds
+        self.end = None if not seconds else time.monotonic() + seconds
 
     def left(self) -> float:
-        return float("inf") if self.end is None else self.end - self._clock()
+        return float("inf") if self.end is None else self.end - time.monotonic()
 
 
-def write_json(path, obj) -> None:
-    """Write obj as indented JSON atomically (a reader never sees half a file)."""
-    import json
-    from pathlib import Path
+# glibc serves allocations below its mmap threshold from the heap and keeps freed heap memory resident; the
+# threshold also grows (up to 32 MiB) as large blocks are freed, so RSS depends on the history of frees, not
+# on what is alive. A fixed 64 KiB threshold maps every tensor of real size on its own and unmaps it on free,
+# so a child's peak RSS follows its peak of live tensor bytes.
+PINNED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
+
+def run_child(cmd: list[str], timeout: float | None = None, env: dict | None = None):
+    """Run a child process that prints its result as JSON on its last line: (that dict, the finished process).
+    A failed child raises RuntimeError with its stderr's tail; a timeout kills it (subprocess.TimeoutExpired)."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {})))
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[2:])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc
+
+
+def cached_dir(path: Path, write) -> Path:
+    """path, unless it already holds a config.json: write(tmp) fills a fresh folder beside it, renamed into
+    place when complete (a crashed writer leaves no half checkpoint in the cache)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    write(tmp / "ckpt")
+    os.replace(tmp / "ckpt", path)
+    os.rmdir(tmp)
+    return path
+
+
+def random_checkpoint(path: Path, margs, seed: int) -> Path:
+    """A random LLaMA of ModelArgs margs in HF format (hf.save_model, bf16), cached at path. Built in bf16
+    directly: no fp32 copy of the model (the same weights as building in fp32 and casting)."""
+    def write(tmp):
+        import torch
+
+        from infra import hf
+        from model import Transformer
+
+        torch.manual_seed(seed)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = Transformer(margs)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        hf.save_model(model, tmp)
+    return cached_dir(path, write)
+
+
+def random_hf_checkpoint(path: Path, config: dict, seed: int) -> Path:
+    """A random transformers LlamaForCausalLM(LlamaConfig(**config)) saved in bf16 by save_pretrained, cached
+    at path: the baselines' own writer, so HF reads a checkpoint exactly as its users' are written."""
+    def write(tmp):
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16).save_pretrained(tmp)
+    return cached_dir(path, write)
+
+
+def config_key(obj) -> str:
+    """12 hex digits naming a cache entry by everything that defines it."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- reporting
+
+def write_json(path, obj, indent: int = 2) -> None:
+    """Write obj as indented JSON atomically (a reader never sees half a file); numpy scalars as floats."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=indent, default=float) + "\n")
     os.replace(tmp, path)
+
+
+def markdown_table(head: list, rows: list[list]) -> list[str]:
+    """The lines of a markdown table: the first column (names) left-aligned, the figures right-aligned."""
+    return ["| " + " | ".join(map(str, head)) + " |", "|---|" + "---:|" * (len(head) - 1),
+            *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """fig as a PNG at path, atomically (a reader never sees half an image), then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f"{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=dpi)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None where matplotlib is not installed (the figures
+    are optional: every number is in the JSON)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
 def cli_main(main) -> None:
     """sys.exit(main()), with the errors a user can fix (bad flags, missing files) as one line and exit 2."""
-    import sys
-
     try:
-        sys.exit(main())
+        result = main()
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    sys.exit(result if isinstance(result, int) else 0)

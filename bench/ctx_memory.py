@@ -10,69 +10,37 @@ groups of T/4), and the chunked loss keeps a (chunk x vocab) working set whateve
 where c T is one decoder layer's recompute + backward. Below the context where c T overtakes the loss
 chunk the curve is flatter, so the fits are given over all contexts and over ctx >= --fit-from.
 
-Each context length runs in a fresh process (so one run's freed memory does not hide the next run's
-peak): load a small random LLaMA (NF4 + LoRA r=64 on the seven projections, train.build_model), then one
-optimizer step through train.train_step (gradient checkpointing, chunked loss, AdamW, bf16 compute) with
-S²-Attn or full attention. Measured: the process's peak resident set size (VmHWM) and the peak during
-the step above the RSS before it (/proc/self/clear_refs resets the high-water mark). The children run with
-glibc's mmap threshold pinned to 64 KiB (MALLOC_MMAP_THRESHOLD_): every tensor of real size is mapped on
-its own and returned on free, so RSS follows live tensor bytes instead of the allocator's free lists (with
-glibc's default, dynamic threshold the default S²-Attn step read ~110 KiB per token instead of ~36, with the code of then: freed
-activations stay resident in the heap). Fitted by least squares: a line (R^2) and a parabola (how much of the peak at the longest context
-the T^2 term makes), next to memory.predict_peak_memory's prediction for the same model and context (a
-device-memory model: compare the slopes).
+Measured against two baselines: a straight line (a least-squares line's R^2, and how much of the peak at the
+longest context a parabola's T^2 term makes) and memory.predict_peak_memory, the dry run's prediction for the
+same model and context (a device-memory model: compare the slopes). Each context length runs in a fresh
+process (one run's freed memory cannot hide the next one's peak): a small random LLaMA (benchlib's cached
+checkpoint) loaded by train.build_model with NF4 + LoRA r=64 on the seven projections, then one optimizer step
+through train.train_step (gradient checkpointing, chunked loss, AdamW, bf16 compute) with S²-Attn or full
+attention. Measured: the process's peak resident set size (VmHWM) and the peak during the step above the RSS
+before it (/proc/self/clear_refs resets the high-water mark), with glibc's mmap threshold pinned
+(benchlib.PINNED_MMAP: with glibc's dynamic threshold the S²-Attn step read ~110 KiB per token instead of ~36,
+freed activations staying resident in the heap).
 
 The model is LLaMA-shaped but small (dim 256, 4 layers, vocab 8000) and the loss chunk 256 tokens: at dim
 256 a (1024 x 32000) loss chunk would outweigh one layer's recompute at 16k tokens, while at LLaMA-2-7B
 scale (dim 4096) one layer's recompute at 8k is ~3x the loss chunk; these sizes keep that proportion.
+No data: random tokens.
 
-    python bench/ctx_memory.py                             # 1k..16k, S²-Attn and full attention
-    python bench/ctx_memory.py --ctx 1024 4096 --attn s2 --out bench/results/ctx_memory.json
+    python bench/ctx_memory.py --out bench/results/ctx_memory.json     # the committed run: 1k..16k, s2 and full
+    python bench/ctx_memory.py --ctx 1024 4096 --attn s2
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import benchlib
 
-import benchlib  # noqa: E402
-
-CACHE = ROOT / "bench" / "cache"          # default --cache-dir (git-ignored)
 DEFAULT_CTX = (1024, 2048, 4096, 8192, 16384)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    """VmHWM: peak resident set size since start or the last reset_peak_rss(). Not ru_maxrss, which Linux
-    carries over from the parent across fork + exec (a child would read at least its parent's RSS)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("/proc/self/status has no VmHWM line (Linux only)")
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def model_args(a):
@@ -84,24 +52,8 @@ def model_args(a):
 
 def make_checkpoint(a) -> Path:
     """A random LLaMA in HF format written by hf.save_model, cached in --cache-dir."""
-    cache = Path(a.cache_dir)
-    path = cache / (f"ctx_memory-v{a.vocab}-d{a.dim}-i{a.intermediate}-l{a.layers}-h{a.heads}"
-                    f"-p{a.trained_ctx}-s{a.seed}")
-    if (path / "config.json").is_file():
-        return path
-    import torch
-
-    from infra import hf
-    from model import Transformer
-
-    torch.manual_seed(a.seed)
-    model = Transformer(model_args(a)).to(torch.bfloat16)
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=cache))
-    hf.save_model(model, tmp / "ckpt")
-    os.replace(tmp / "ckpt", path)
-    os.rmdir(tmp)
-    return path
+    return benchlib.random_checkpoint(Path(a.cache_dir) / (f"ctx_memory-v{a.vocab}-d{a.dim}-i{a.intermediate}-l{a.layers}"
+                                                         f"-h{a.heads}-p{a.trained_ctx}-s{a.seed}"), model_args(a), a.seed)
 
 
 def child(ckpt: Path, ctx: int, attn: str, a) -> dict:
@@ -111,7 +63,7 @@ def child(ckpt: Path, ctx: int, attn: str, a) -> dict:
     import train
 
     torch.set_num_threads(a.threads)
-    rss_import = rss_bytes()
+    rss_import = benchlib.rss_bytes()
     torch.manual_seed(a.seed)
     flags = train.parse_args(["--model", str(ckpt), "--ctx", str(ctx), "--attn", attn, "--quant", "nf4",
                               "--lora-r", "64", "--lora-alpha", "16", "--lora-dropout", "0.05",
@@ -119,14 +71,14 @@ def child(ckpt: Path, ctx: int, attn: str, a) -> dict:
     model, trainable, factor = train.build_model(flags, torch.bfloat16)
     optimizer = train.make_optimizer(trainable, 2e-4, 0.0, torch.device("cpu"))
     tokens = torch.randint(3, a.vocab, (1, ctx), generator=torch.Generator().manual_seed(a.seed))
-    rss_loaded = rss_bytes()
-    peak_load = peak_rss_bytes()
-    resettable = reset_peak_rss()
+    rss_loaded = benchlib.rss_bytes()
+    peak_load = benchlib.peak_rss_bytes()
+    resettable = benchlib.reset_peak_rss()
     t0 = time.perf_counter()
     r = train.train_step(model, [{"input_ids": tokens, "labels": tokens, "padding_mask": None}], optimizer,
                          torch.amp.GradScaler("cpu", enabled=False), max_grad_norm=0.3)
     seconds = time.perf_counter() - t0
-    step_peak = peak_rss_bytes()
+    step_peak = benchlib.peak_rss_bytes()
     return {"ctx": ctx, "attn": attn, "pi_factor": factor, "loss": r["loss"], "seconds": seconds,
             "peak_rss": max(peak_load, step_peak), "rss_after_import": rss_import, "rss_after_load": rss_loaded,
             "step_peak_above_load": step_peak - rss_loaded if resettable else None}
@@ -164,16 +116,8 @@ def analyse(rows, key):
 # --------------------------------------------------------------------------- the parent
 
 def run_child(ckpt, ctx, attn, argv, timeout):
-    cmd = [sys.executable, __file__, *argv, "--child", str(ckpt), str(ctx), attn]
-    # glibc serves allocations below its mmap threshold from the heap and keeps freed heap memory resident;
-    # the threshold also grows (up to 32 MiB) as large blocks are freed. RSS then depends on the history of
-    # frees, not on what is alive. A fixed 64 KiB threshold maps every tensor of real size on its own and
-    # unmaps it on free, so the peak RSS follows the peak of live tensor bytes.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ctx {ctx} {attn} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return benchlib.run_child([sys.executable, __file__, *argv, "--child", str(ckpt), str(ctx), attn], timeout,
+                              benchlib.PINNED_MMAP)[0]
 
 
 def mib(x) -> str:
@@ -200,7 +144,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=900, help="seconds per process")
     p.add_argument("--out", help="write the results JSON here")
-    p.add_argument("--cache-dir", default=str(CACHE), help="where the random checkpoint is written and reused")
+    p.add_argument("--cache-dir", default=str(benchlib.CACHE), help="where the random checkpoint is written and reused")
     p.add_argument("--child", nargs=3, metavar=("CKPT", "CTX", "ATTN"), help=argparse.SUPPRESS)
     return p
 

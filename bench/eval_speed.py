@@ -13,22 +13,19 @@ second and per CPU second (CPU time hardly depends on what else runs on a shared
 Shapes (--shape): small (dim 256, 4 layers, seq 1024: the lm_head and loss weigh as much as the decoder), d2048
 (dim 2048, intermediate 5504, 4 layers, 16 heads, seq 4096: decoder-dominated, as a 7B is).
 
+No data: random tokens.
+
+    python bench/eval_speed.py --shape d2048 --out bench/results/eval_speed.json    # the committed run
     python bench/eval_speed.py --shape small               # ~1 minute
-    python bench/eval_speed.py --shape d2048 --out bench/results/eval_speed.json
     python bench/eval_speed.py --dtypes fp32 --windows 8 --seq-len 2048
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-import benchlib  # noqa: E402
+import benchlib
 
 SHAPES = {
     "small": dict(dim=256, intermediate=688, layers=4, heads=4, seq_len=1024),
@@ -37,15 +34,10 @@ SHAPES = {
 }
 
 
-def write_checkpoint(path: Path, vocab: int, c: dict) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=c["dim"], intermediate_size=c["intermediate"],
-                      num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["heads"],
-                      max_position_embeddings=max(4096, c["seq_len"]), rms_norm_eps=1e-6)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+def hf_config(vocab: int, c: dict) -> dict:
+    return dict(vocab_size=vocab, hidden_size=c["dim"], intermediate_size=c["intermediate"],
+                num_hidden_layers=c["layers"], num_attention_heads=c["heads"], num_key_value_heads=c["heads"],
+                max_position_embeddings=max(4096, c["seq_len"]), rms_norm_eps=1e-6)
 
 
 def ours_loss(model, window):
@@ -101,11 +93,11 @@ def main():
     tokens = args.windows * c["seq_len"]
     rows, t_start = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        write_checkpoint(Path(tmp), args.vocab, c)
+        ckpt = benchlib.random_hf_checkpoint(Path(tmp) / "ckpt", hf_config(args.vocab, c), seed=0)
         for name in args.dtypes:
             dtype = getattr(torch, benchlib.DTYPES[name])
-            ours = hf.load_model(tmp, dtype=dtype)
-            ref = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").eval()
+            ours = hf.load_model(ckpt, dtype=dtype)
+            ref = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").eval()
             n_params = sum(t.numel() for t in ours.parameters())
             ours_loss(ours, windows[0]), hf_loss(ref, windows[0])         # warm-up
             best = {"ours": [float("inf")] * 2, "hf": [float("inf")] * 2}     # (wall, CPU) seconds

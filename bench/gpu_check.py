@@ -36,6 +36,10 @@ step, then --steps timed steps. Printed beside each other:
                         + the chunked loss recomputing its logits in backward (2 V d)
                      At 8k with full attention this is ~50 GFLOP/token of hardware FLOPs (REFERENCE §7).
 
+Baselines: the dry run's prediction and the paper's card (does the step fit a 32 GiB V100?). No data: random
+weights and tokens. No committed JSON yet (no GPU so far); the first run to commit is the first command below,
+with --out bench/results/gpu_check.json.
+
     python bench/gpu_check.py                          # fp16 and bf16, the four cases, ~10 min on an H100/H200
     python bench/gpu_check.py --dtypes bf16 --ctx 8192 --steps 3
     python bench/gpu_check.py --dtypes bf16 --cases 12288:1024 65536:1024:offload --steps 1
@@ -50,18 +54,15 @@ CUDA).
 from __future__ import annotations
 
 import argparse
-import sys
+import math
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import benchlib
 
 LLAMA2_7B = dict(vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=32, n_heads=32, norm_eps=1e-5,
                  max_position_embeddings=4096)
 SMOKE = dict(vocab_size=1024, dim=128, intermediate_size=344, n_layers=2, n_heads=4, norm_eps=1e-5,
              max_position_embeddings=256)
-DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 V100_BYTES = 32 * 2**30          # the paper's card: a 32 GB V100 (32 GiB)
 DEFAULT_CASES = ("8192", "12288", "12288:1024", "65536:1024:offload")
@@ -126,17 +127,16 @@ def build_random_nf4_model(margs, dtype, device, seed: int):
 # --------------------------------------------------------------------------- FLOPs
 
 def flops_per_token(margs, ctx: int, lora_params: int, attn: str, group_size_ratio: float) -> dict:
-    """Model and hardware FLOPs per trained token (see the module docstring)."""
+    """Model and hardware FLOPs per trained token (see the module docstring): benchlib's count, whose
+    "executed" is the hardware count but for the chunked loss's logits recomputed in backward (2 V d)."""
     a = margs
-    q_out, kv_out = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    n = a.n_layers * (a.dim * q_out + 2 * a.dim * kv_out + q_out * a.dim + 3 * a.dim * a.intermediate_size)
-    head = a.vocab_size * a.dim
     span = max(1, int(ctx * group_size_ratio)) if attn == "s2" else ctx
-    keys = (span + 1) / 2
-    attn_fwd = a.n_layers * 4 * q_out * keys
-    model_flops = 4 * n + 6 * lora_params + 4 * head + 3 * attn_fwd
-    hardware = model_flops + 2 * n + 2 * lora_params + attn_fwd + 2 * head
-    return {"model": model_flops, "hardware": hardware, "decoder_linear_params": n}
+    f = benchlib.train_flops_per_token(dim=a.dim, intermediate=a.intermediate_size, layers=a.n_layers,
+                                       heads=a.n_heads, kv_heads=a.n_kv_heads, head_dim=a.head_dim,
+                                       vocab=a.vocab_size, lora_r=0, span=span)
+    model_flops = f["model"] + 6 * lora_params
+    hardware = f["executed"] + 8 * lora_params + 2 * f["head_params"]
+    return {"model": model_flops, "hardware": hardware, "decoder_linear_params": f["decoder_linear_params"]}
 
 
 # --------------------------------------------------------------------------- measuring
@@ -156,11 +156,7 @@ class Meter:
             self.torch.cuda.empty_cache()
             self.torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")                 # reset the RSS high-water mark
-            except OSError:
-                pass
+            benchlib.reset_peak_rss()
 
     def sync(self):
         if self.cuda:
@@ -172,16 +168,7 @@ class Meter:
             return {"peak_allocated": self.torch.cuda.max_memory_allocated(self.device),
                     "peak_reserved": self.torch.cuda.max_memory_reserved(self.device),
                     "device_used_now": total - free, "device_total": total}
-        with open("/proc/self/status") as f:     # VmHWM: ru_maxrss would include the parent's RSS
-            hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        return {"peak_allocated": hwm}
-
-
-def host_pinned_bytes() -> int:
-    """This process's RSS: where pinned host memory (the offloaded checkpoints) shows."""
-    import benchlib
-
-    return benchlib.rss_bytes()
+        return {"peak_allocated": benchlib.peak_rss_bytes()}
 
 
 def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dict:
@@ -191,11 +178,10 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
 
     from infra import memory
     import train
-    from rope import linear_scaling, pi_factor
 
     ctx = case["ctx"]
-    factor = pi_factor(ctx, margs.max_position_embeddings)
-    model.args.rope_scaling = linear_scaling(factor)
+    factor = float(max(1, math.ceil(ctx / margs.max_position_embeddings)))      # PI, as train.py sets it
+    model.args.rope_scaling = None if factor == 1 else {"factor": factor, "rope_type": "linear"}
     model.set_memory_savings(case["mlp_chunk"], case["offload"])
     for p in trainable:
         p.grad = None
@@ -212,7 +198,7 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
             batches.append({"input_ids": tokens, "labels": tokens, "padding_mask": None})
         return train.train_step(model, batches, optimizer, scaler, max_grad_norm=0.3)
 
-    host_before = host_pinned_bytes()
+    host_before = benchlib.rss_bytes()     # pinned host memory (offloaded checkpoints) shows in RSS
     results = [step()]                            # warm-up: optimizer state, kernels, allocator
     meter.sync()
     t0 = time.perf_counter()
@@ -221,7 +207,7 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
     meter.sync()
     seconds = time.perf_counter() - t0
     mem = meter.read()
-    host_growth = host_pinned_bytes() - host_before      # what the steps left resident on the host (pinned cache)
+    host_growth = benchlib.rss_bytes() - host_before      # what the steps left resident on the host (pinned cache)
     tokens = args.steps * args.grad_accum * ctx
     n_lora = sum(p.numel() for p in trainable)
     flops = flops_per_token(margs, ctx, n_lora, args.attn, 0.25)
@@ -255,7 +241,7 @@ def build_parser():
                    help="plain cases at these contexts (no tiles, no offload), instead of --cases")
     p.add_argument("--cases", type=parse_case, nargs="+", default=None,
                    help=f"CTX[:MLP_CHUNK[:offload]] [{' '.join(DEFAULT_CASES)}; --cpu-smoke: {' '.join(SMOKE_CASES)}]")
-    p.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp16", "bf16"])
+    p.add_argument("--dtypes", nargs="+", choices=["bf16", "fp16"], default=["fp16", "bf16"])
     p.add_argument("--steps", type=int, default=None,
                    help="timed optimizer steps per configuration, after one warm-up step [2; --cpu-smoke: 1]")
     p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per step (paper: 16; peak does not change)")
@@ -305,7 +291,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     rows = []
     for dtype_name in a.dtypes:
-        dtype = getattr(torch, DTYPES[dtype_name])
+        dtype = getattr(torch, benchlib.DTYPES[dtype_name])
         t0 = time.perf_counter()
         torch.manual_seed(a.seed)
         model = build_random_nf4_model(margs, dtype, device, a.seed)
@@ -361,8 +347,6 @@ def main(argv=None) -> int:
     seconds = time.perf_counter() - t_start
     print(f"\n{seconds:.0f} s in all")
     if a.out:
-        import benchlib
-
         config = {k: getattr(a, k) for k in ("ctx", "dtypes", "steps", "grad_accum", "attn", "lora_r", "lr",
                                              "loss_chunk", "peak_tflops", "seed")}
         benchlib.write_json(a.out, {"device": name, "cpu_smoke": a.cpu_smoke, "results": rows, "seconds": seconds,
@@ -372,6 +356,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    import benchlib
-
     benchlib.cli_main(main)

@@ -7,21 +7,19 @@ that process's peak RSS above its RSS right after `import torch`:
     python bench/load_rss.py                     # ~1.3 GB checkpoint, dense bf16 and NF4 loads
     python bench/load_rss.py --layers 24         # ~3 GB
 
+Baselines: the checkpoint's size on disk and the loaded model's size. No data: random weights. No committed
+JSON (README: printed figures).
+
 A loader that reads the whole state dict and then copies it into the module peaks at ~2x the checkpoint;
 ours should peak near 1x for a dense load and near the NF4 size plus one tensor for quantize="nf4".
 """
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-import benchlib  # noqa: E402
+import benchlib
 
 
 def write_checkpoint(path: Path, layers: int, dim: int, inter: int, vocab: int, shard_bytes: int = 500_000_000):
@@ -96,9 +94,7 @@ def main():
         print(f"checkpoint: {disk / 1e9:.2f} GB on disk ({a.layers} layers, dim {a.dim})")
         results = []
         for mode in a.modes:
-            out = subprocess.run([sys.executable, __file__, "--child", str(ckpt), mode], check=True,
-                                 capture_output=True, text=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
+            r, _ = benchlib.run_child([sys.executable, __file__, "--child", str(ckpt), mode])
             print(f"quantize={mode:5s} model in memory {r['model_bytes'] / 1e9:.2f} GB, peak RSS above import "
                   f"{r['peak_above_import'] / 1e9:.2f} GB = {r['peak_above_import'] / disk:.2f}x disk, "
                   f"{r['peak_above_import'] / r['model_bytes']:.2f}x the loaded model")

@@ -8,6 +8,9 @@ Prints, for a 4096 x 4096 weight (and 4096 x 11008 with --big):
   to show the chunking: far below the 180 MB a full fp32 copy would take.
 Each figure is the median of a few repetitions; the two implementations alternate so machine load hits both.
 
+Baselines: bitsandbytes' own NF4 kernels (the same blocksize 64 and double quantization) and a dense bf16
+nn.Linear. No data: random weights. No committed JSON (README: printed figures).
+
 usage: python bench/nf4_bench.py [--big] [--tokens 512] [--reps 3] [--threads 1] [--out nf4.json]
 Threads default to 1 for both libraries (OMP_NUM_THREADS): on a shared, oversubscribed machine multi-threaded
 timings of many small ops are dominated by waiting for descheduled threads, which says little about either
@@ -17,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -27,10 +29,8 @@ if __name__ == "__main__":  # must be set before torch / bitsandbytes start thei
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib  # noqa: E402
-import quant  # noqa: E402
+import quant  # noqa: E402  (benchlib put the repository root on sys.path)
 
 RESULTS = []            # what --out writes: one dict per printed figure
 
@@ -134,11 +134,10 @@ def main():
         bench_codec(out_f, in_f, args.reps)
         bench_linear(out_f, in_f, args.tokens, args.reps)
     for what in ("quantize", "dequantize"):
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", what,
-                              "--threads", str(args.threads)], check=True, capture_output=True, text=True).stdout
-        lines = out.strip().splitlines()
-        print("\n".join(lines[:-1]))
-        RESULTS.append(json.loads(lines[-1]))
+        r, proc = benchlib.run_child([sys.executable, os.path.abspath(__file__), "--child", what,
+                                      "--threads", str(args.threads)])
+        print("\n".join(proc.stdout.strip().splitlines()[:-1]))
+        RESULTS.append(r)
     if args.out:
         benchlib.write_json(args.out, {"machine": machine, "threads": torch.get_num_threads(), "results": RESULTS})
         print(f"wrote {args.out}")

@@ -62,9 +62,11 @@ The parent prints every run, the medians and the ratios, and writes them (--out)
 of the same implementation) is not started, a running one is stopped at the deadline, and the run ends there,
 saying why, with the results of the runs that finished (exit 0 when every comparison got at least one run).
 
+No data: random tokens. The committed results came from (written to /tmp, then copied):
     python bench/train_speed.py --quick --out bench/results/train_speed_quick.json   # < 5 min on 2 busy cores
-    python bench/train_speed.py --shape d2048 d1024 --dtype bf16 fp32 --repeats 2 --steps 1 \
-        --out bench/results/train_speed.json
+    python bench/train_speed.py --shape d1024-4k d2048 --dtype bf16 fp32 --repeats 2 --steps 1 --warmup-ctx 1024 \
+        --deadline 3000 --out bench/results/train_speed.json
+and, for other questions:
     python bench/train_speed.py --shape d1024 --impls ours_full base_full --baseline /tmp/base  # before/after
     python bench/train_speed.py --shape d1024 --impls ours_full --profile ours_full             # profiler table
 """
@@ -76,17 +78,12 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-import benchlib  # noqa: E402
+import benchlib
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CACHE = ROOT / "bench" / "cache"          # default --cache-dir (git-ignored)
 SHAPES = {
     "small": dict(dim=256, intermediate=688, layers=4, heads=4, ctx=1024),
     "d1024": dict(dim=1024, intermediate=2752, layers=4, heads=8, ctx=2048),
@@ -112,19 +109,7 @@ def make_checkpoint(cfg: dict, seed: int, cache: Path) -> Path:
     key = "-".join(f"{k}{cfg[k]}" for k in ("vocab_size", "hidden_size", "intermediate_size",
                                              "num_hidden_layers", "num_attention_heads",
                                              "max_position_embeddings")) + f"-s{seed}-bf16"
-    path = cache / f"train_speed-{key}"
-    if (path / "config.json").is_file():
-        return path
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cache.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**cfg)).to(torch.bfloat16)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=cache))
-    model.save_pretrained(tmp)
-    os.replace(tmp, path)
-    return path
+    return benchlib.random_hf_checkpoint(cache / f"train_speed-{key}", cfg, seed)
 
 
 def llama_config(c: dict) -> dict:
@@ -220,8 +205,6 @@ def child(impl: str, ckpt: Path, c: dict) -> dict:
     side, attn = impl.split("_")
     if side == "base":
         sys.path.insert(0, str(Path(c["baseline"]).resolve()))
-    else:
-        sys.path.insert(0, str(ROOT))
     import torch
 
     if c["threads"] > 0:
@@ -303,21 +286,15 @@ class Stopped(Exception):
 
 
 def run_child(impl: str, ckpt: Path, c: dict, timeout: float, show_stderr: bool) -> dict:
-    cmd = [sys.executable, __file__, "--child", impl, str(ckpt), json.dumps(c)]
     threads = str(c["threads"]) if c["threads"] > 0 else None
-    env = dict(os.environ, **({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else {}))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        r, proc = benchlib.run_child([sys.executable, __file__, "--child", impl, str(ckpt), json.dumps(c)], timeout,
+                                     {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} if threads else None)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
         raise Stopped(f"the {impl} process was stopped after {timeout:.0f} s (the deadline or --timeout)") from None
-    if proc.returncode != 0:
-        raise RuntimeError(f"{impl} run failed (exit {proc.returncode}):\n{err[-3000:]}")
-    if show_stderr and err.strip():
-        print(err, file=sys.stderr)
-    return json.loads(out.strip().splitlines()[-1])
+    if show_stderr and proc.stderr.strip():
+        print(proc.stderr, file=sys.stderr)
+    return r
 
 
 def fmt_bytes(x) -> str:
@@ -451,7 +428,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", choices=IMPLS, help="print a torch.profiler table of that side's timed steps")
     p.add_argument("--out", help="write the results JSON here (rewritten after every run)")
-    p.add_argument("--cache-dir", default=str(CACHE), help="where the random checkpoint is written and reused")
+    p.add_argument("--cache-dir", default=str(benchlib.CACHE), help="where the random checkpoint is written and reused")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmul that measures the peak")
     p.add_argument("--deadline", type=float, help="seconds for the whole run (see the docstring) [--quick: 280]")

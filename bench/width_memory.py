@@ -8,15 +8,15 @@ intermediate 11008, 32 heads, vocab 32000, trained context 4096) and there are o
 at 32k tokens fits in the RAM of a small machine.
 
 Each configuration runs in a fresh process (a clean RSS high-water mark), as train.py would run it: the
-random bf16 checkpoint (written once by hf.save_model, cached in --cache-dir) loaded by train.build_model
+random bf16 checkpoint (benchlib.random_checkpoint, cached in --cache-dir) loaded by train.build_model
 (NF4 double-quantized decoder linears quantised as read, PI factor ceil(ctx / 4096), LoRA r=64 alpha 16
 dropout 0.05 on all seven linears, S²-Attn 1/4 with the shifted half, every layer checkpointed, loss in
 chunks of 1024 tokens, --mlp-chunk as given), torch AdamW, bf16 compute, and one train.train_step.
 Measured: the peak RSS during the step above the RSS of the loaded model (VmHWM reset by /proc/self/clear_refs
 once the model and optimizer exist). The children run with glibc's mmap threshold pinned to 64 KiB
-(MALLOC_MMAP_THRESHOLD_, as ctx_memory.py) so that a freed tensor leaves RSS at once.
+(benchlib.PINNED_MMAP, as ctx_memory.py) so that a freed tensor leaves RSS at once. No data: random tokens.
 
-Predicted: what memory.predict_peak_memory says this step adds above the loaded weights. In a first step
+Baseline, the prediction: what memory.predict_peak_memory says this step adds above the loaded weights. In a first step
 the AdamW moments do not exist yet during backward (torch creates them in optimizer.step, after every
 activation is freed), and a layer's backward holds the inputs of the layers below it and the LoRA grads of
 the layers above it, so the step's peak is
@@ -27,9 +27,9 @@ the layers above it, so the step's peak is
         LoRA grads + 2 AdamW moments)                             (4 + 8 bytes per LoRA parameter)
 
 (with 2 layers the last layer's backward holds one more layer input, the first one's the last layer's 20 MB of
-LoRA grads: the larger wins). --repredict FILE recomputes the predictions of a results JSON with the
-memory.py there is now, the measurements as they were.
-(on a GPU from the second step on the moments are there all the time: the dry run's peak counts them).
+LoRA grads: the larger wins; on a GPU, from the second step on, the moments are there all the time: the dry
+run's peak counts them). --repredict FILE recomputes the predictions of a results JSON with the memory.py
+there is now, the measurements as they were.
 --offload-activations is a no-op on the CPU (train.build_model turns it on for CUDA only: the "host" copy
 would be a second copy in the same memory), so the host memory of an offloaded run is the one measured
 here; bench/gpu_check.py measures the device side.
@@ -43,7 +43,7 @@ are not tensors), a few % of the measured step at 1k-4k tokens and less beyond. 
 --warmup-tokens tokens before the reset keeps the first use of libtorch's backward code (~15 MiB of code
 pages) out of the figure.
 
-    python bench/width_memory.py --out bench/results/width_memory.json      # 4k, 12k (+/- --mlp-chunk), 32k
+    python bench/width_memory.py --threads 1 --out bench/results/width_memory.json  # committed: 4k, 12k +/- tiles, 32k
     python bench/width_memory.py --runs 4096:0 --track                      # one configuration, with counts
     python bench/width_memory.py --smoke --out /tmp/w.json                  # tiny width, seconds
 """
@@ -51,20 +51,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import benchlib
 
-import benchlib  # noqa: E402
-
-CACHE = ROOT / "bench" / "cache"
 WIDE = dict(vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=2, n_heads=32, norm_eps=1e-5,
             max_position_embeddings=4096)
 SMOKE = dict(vocab_size=2048, dim=256, intermediate_size=688, n_layers=2, n_heads=4, norm_eps=1e-5,
@@ -87,29 +79,9 @@ def model_args(a):
 
 
 def make_checkpoint(a) -> Path:
-    """A random LLaMA of this geometry in HF format (hf.save_model), written once to --cache-dir."""
-    g = geometry(a)
-    name = "width_memory-" + "-".join(f"{k}{v}" for k, v in g.items() if k != "norm_eps") + f"-s{a.seed}"
-    path = Path(a.cache_dir) / name
-    if (path / "config.json").is_file():
-        return path
-    import torch
-
-    from infra import hf
-    from model import Transformer
-
-    torch.manual_seed(a.seed)
-    torch.set_default_dtype(torch.bfloat16)       # built in bf16 directly: no fp32 copy of the model
-    try:
-        model = Transformer(model_args(a))
-    finally:
-        torch.set_default_dtype(torch.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    hf.save_model(model, tmp / "ckpt")
-    os.replace(tmp / "ckpt", path)
-    os.rmdir(tmp)
-    return path
+    """A random LLaMA of this geometry in HF format (benchlib.random_checkpoint), written once to --cache-dir."""
+    name = "width_memory-" + "-".join(f"{k}{v}" for k, v in geometry(a).items() if k != "norm_eps") + f"-s{a.seed}"
+    return benchlib.random_checkpoint(Path(a.cache_dir) / name, model_args(a), a.seed)
 
 
 # --------------------------------------------------------------------------- the prediction
@@ -306,7 +278,7 @@ def code_version() -> str:
 
     h = hashlib.sha1()
     for name in MODEL_FILES:
-        h.update((ROOT / name).read_bytes())
+        h.update((benchlib.ROOT / name).read_bytes())
     return h.hexdigest()[:12]
 
 
@@ -367,12 +339,8 @@ def child(ckpt: Path, ctx: int, mlp_chunk: int, a) -> dict:
 # --------------------------------------------------------------------------- the parent
 
 def run_child(ckpt, ctx, mlp_chunk, argv, timeout):
-    cmd = [sys.executable, __file__, *argv, "--child", str(ckpt), str(ctx), str(mlp_chunk)]
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise ValueError(f"ctx {ctx} mlp_chunk {mlp_chunk} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return benchlib.run_child([sys.executable, __file__, *argv, "--child", str(ckpt), str(ctx), str(mlp_chunk)],
+                              timeout, benchlib.PINNED_MMAP)[0]
 
 
 def parse_run(text: str) -> tuple[int, int]:
@@ -398,7 +366,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process")
     p.add_argument("--out", help="write the results JSON here")
-    p.add_argument("--cache-dir", default=str(CACHE), help="where the random checkpoint is written and reused")
+    p.add_argument("--cache-dir", default=str(benchlib.CACHE), help="where the random checkpoint is written and reused")
     p.add_argument("--repredict", metavar="JSON", help="recompute the predictions of this results file (no runs)")
     p.add_argument("--child", nargs=3, metavar=("CKPT", "CTX", "MLP_CHUNK"), help=argparse.SUPPRESS)
     return p
@@ -420,7 +388,7 @@ def main(argv=None) -> int:
                   f"{mib(row['measured_bytes'])} MiB, predicted {mib(row['predicted_bytes'])} MiB, ratio "
                   f"{row['ratio']:.3f} (widest: {row['predicted_terms']['layer_peak_moment']})")
         out = Path(a.out or a.repredict)
-        out.write_text(json.dumps(res, indent=2) + "\n")
+        benchlib.write_json(out, res)
         print(f"wrote {out}")
         return 0
     runs = a.runs or [parse_run(r) for r in (SMOKE_RUNS if a.smoke else DEFAULT_RUNS)]

@@ -1,4 +1,4 @@
-"""bench/long_context.py: the corpus and probes it builds, and --smoke end to end (one torch thread).
+"""bench/long_context.py and bench/fact_corpus.py: the corpus and probes, and --smoke end to end (one torch thread).
 
 The corpus tests check the properties the study relies on: every fact is stated once and queried only after its
 statement, with its own value, at distances spread over the window (both kinds: lookup and copy); every probe's evidence is invisible below
@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, smoke_on_one_thread
 
 sys.path.insert(0, str(ROOT / "bench"))
+import fact_corpus as fc  # noqa: E402
 import long_context as lc  # noqa: E402
 
 SMOKE = lc.CONFIGS["smoke"]
@@ -34,18 +35,18 @@ class FakeTokenizer:
         return ([1] if bos else []) + [3 + (ord(ch) % 50) for ch in text]
 
 
-FACTS = lc.Facts(FakeTokenizer())
+FACTS = fc.Facts(FakeTokenizer())
 
 
 def random_docs(n_docs=3, length=3000, seed=0):
     rng = np.random.default_rng(seed)
-    return lc.TextSource([rng.integers(3, 3900, size=length) for _ in range(n_docs)])
+    return fc.TextSource([rng.integers(3, 3900, size=length) for _ in range(n_docs)])
 
 
 def decode_facts(tokens, kind):
     """lookup: (position, key, value) of every statement and (position of the value, key, value) of every query;
     copy: the same, from the kinds (a copy statement and a copy query are the same two tokens)."""
-    pair = {int(FACTS.pair[k, v]): (k, v) for k in range(lc.Facts.N) for v in range(lc.Facts.N)}
+    pair = {int(FACTS.pair[k, v]): (k, v) for k in range(fc.Facts.N) for v in range(fc.Facts.N)}
     key = {int(t): k for k, t in enumerate(FACTS.key)}
     value = {int(t): v for v, t in enumerate(FACTS.value)}
     ckey = {int(t): k for k, t in enumerate(FACTS.ckey)}
@@ -62,8 +63,8 @@ def decode_facts(tokens, kind):
             out["lookup"][1].append((i + 1, key[t], value[nxt]))
         if t in ckey:
             assert nxt in cvalue
-            which = 0 if kind[i] == lc.C_STATEMENT else 1
-            assert kind[i + 1] == (lc.C_STATEMENT if which == 0 else lc.C_VALUE)
+            which = 0 if kind[i] == fc.C_STATEMENT else 1
+            assert kind[i + 1] == (fc.C_STATEMENT if which == 0 else fc.C_VALUE)
             out["copy"][which].append((i + (which == 1), ckey[t], cvalue[nxt]))
     return out
 
@@ -71,40 +72,40 @@ def decode_facts(tokens, kind):
 def test_training_sequences_state_each_fact_once_and_query_it_later():
     cfg = lc.CONFIGS["full"]["corpus"]
     rng = np.random.default_rng(0)
-    episodes = lc.PasskeyEpisodes(FakeTokenizer())
+    episodes = fc.PasskeyEpisodes(FakeTokenizer())
     seen_episode, all_d = False, []
     for ctx in (256, 1024):
         for _ in range(20):
-            tokens, kind, fact_d = lc.build_sequence(rng, random_docs(), episodes, ctx, cfg, bos=1, facts=FACTS)
+            tokens, kind, fact_d = fc.build_sequence(rng, random_docs(), episodes, ctx, cfg, bos=1, facts=FACTS)
             assert tokens.shape == kind.shape == (ctx,) and tokens[0] == 1
-            seen_episode |= bool((kind == lc.EPISODE).any())
+            seen_episode |= bool((kind == fc.EPISODE).any())
             for what, (stmts, queries) in decode_facts(tokens, kind).items():
-                assert len({k for _, k, _ in stmts}) == len(stmts) <= lc.Facts.N        # each key stated once
+                assert len({k for _, k, _ in stmts}) == len(stmts) <= fc.Facts.N        # each key stated once
                 stated = {k: (i, v) for i, k, v in stmts}
                 d = []
                 for i, k, v in queries:
-                    assert kind[i] == (lc.VALUE if what == "lookup" else lc.C_VALUE)
+                    assert kind[i] == (fc.VALUE if what == "lookup" else fc.C_VALUE)
                     assert k in stated and stated[k][0] < i - 1 and stated[k][1] == v    # asked after, right value
                     d.append(i - stated[k][0])
                 assert sorted(d) == sorted(fact_d[what]) and all(x < ctx for x in d)
                 all_d += d
-            assert (kind == lc.STATEMENT).sum() == len(decode_facts(tokens, kind)["lookup"][0])
+            assert (kind == fc.STATEMENT).sum() == len(decode_facts(tokens, kind)["lookup"][0])
     assert seen_episode
     assert max(all_d) > 512 and min(all_d) < 64            # distances spread over the whole window
 
 
 def test_probes_put_the_evidence_in_its_band():
     cfg = lc.CONFIGS["full"]
-    probes = lc.build_probes(np.random.default_rng(1), random_docs(length=5000), FACTS, cfg, bos=1)
+    probes = fc.build_probes(np.random.default_rng(1), random_docs(length=5000), FACTS, cfg, bos=1)
     L, nq = cfg["long_ctx"], cfg["eval"]["queries"]
     assert probes["tokens"].shape == (3 * cfg["eval"]["probes_per_band"], L)
     for p, kind, b in zip(probes["tokens"], probes["kind"], probes["band"]):
-        lo, hi = lc.bands(cfg)[b]
+        lo, hi = fc.bands(cfg)[b]
         facts = decode_facts(p, kind)
         assert [i for i, _, _ in facts["copy"][1]] == list(range(L - 4 * nq + 1, L - 2 * nq, 2))
         assert [i for i, _, _ in facts["lookup"][1]] == list(range(L - 2 * nq + 1, L, 2))
         for what, (stmts, queries) in facts.items():
-            assert len(stmts) == lc.Facts.N and len(queries) == nq
+            assert len(stmts) == fc.Facts.N and len(queries) == nq
             stated = {k: (i, v) for i, k, v in stmts}
             for i, k, v in queries:
                 s, v_stated = stated[k]
@@ -116,22 +117,22 @@ def test_probes_put_the_evidence_in_its_band():
                         assert last < first                             # none of the statement is visible
                     if ctx >= hi:
                         assert s >= first
-        assert (kind == lc.VALUE).sum() == (kind == lc.C_VALUE).sum() == nq
+        assert (kind == fc.VALUE).sum() == (kind == fc.C_VALUE).sum() == nq
 
 
 def test_band_masks_score_the_same_targets_inside_every_window():
     cfg = lc.CONFIGS["full"]
-    probes = lc.build_probes(np.random.default_rng(2), random_docs(length=5000), FACTS, cfg, bos=1)
+    probes = fc.build_probes(np.random.default_rng(2), random_docs(length=5000), FACTS, cfg, bos=1)
     masks = lc.band_masks(cfg, probes)
     L, nq = cfg["long_ctx"], cfg["eval"]["queries"]
     per_band = cfg["eval"]["probes_per_band"]
-    for prefix, target in (("", lc.VALUE), ("copy ", lc.C_VALUE)):
+    for prefix, target in (("", fc.VALUE), ("copy ", fc.C_VALUE)):
         for name in lc.fact_bands(cfg, prefix):
             assert masks[name].sum() == per_band * nq
             assert (probes["kind"][masks[name]] == target).all()
     assert masks["all"].sum() == 3 * per_band * (cfg["short_ctx"] - 1)
     window = masks["all"]
-    facts = np.isin(probes["kind"], lc.FACT_KINDS) & window
+    facts = np.isin(probes["kind"], fc.FACT_KINDS) & window
     assert masks["text"].sum() + facts.sum() == window.sum()
     assert not masks["all"][:, :L - cfg["short_ctx"] + 1].any()
 
@@ -139,11 +140,11 @@ def test_band_masks_score_the_same_targets_inside_every_window():
 def test_control_reads_the_long_variants_tokens_step_by_step(tmp_path):
     long_ctx, short_ctx, n_long, per_step = 16, 4, 12, 2
     tokens = np.arange(n_long * long_ctx) % 60000
-    lc.write_tokens(tmp_path / "long.bin", tokens)
-    lc.control_file(tmp_path / "long.bin", tmp_path / "short.bin", long_ctx, short_ctx)
+    fc.write_tokens(tmp_path / "long.bin", tokens)
+    fc.control_file(tmp_path / "long.bin", tmp_path / "short.bin", long_ctx, short_ctx)
     long_seqs = np.fromfile(tmp_path / "long.bin", dtype=np.uint16).reshape(n_long, long_ctx)
     short_seqs = np.fromfile(tmp_path / "short.bin", dtype=np.uint16).reshape(-1, short_ctx)
-    lo, so = lc.sampler_order(n_long, lc.SEED), lc.sampler_order(len(short_seqs), lc.SEED)
+    lo, so = fc.sampler_order(n_long, fc.SEED), fc.sampler_order(len(short_seqs), fc.SEED)
     q = long_ctx // short_ctx
     for step in range(n_long // per_step):
         a = np.sort(long_seqs[lo[step * per_step:(step + 1) * per_step]].reshape(-1))
@@ -186,7 +187,7 @@ def test_every_variant_scores_the_same_targets(smoke):
         per_band.setdefault(r["band"], set()).add(r["n_tokens"])
     assert all(len(n) == 1 for n in per_band.values()), per_band       # same count for every variant and ctx
     Q, P = SMOKE["eval"]["queries"], SMOKE["eval"]["probes_per_band"]
-    assert per_band[lc.band_name(lc.bands(SMOKE)[0])] == per_band["copy " + lc.band_name(lc.bands(SMOKE)[0])] == {P * Q}
+    assert per_band[fc.band_name(fc.bands(SMOKE)[0])] == per_band["copy " + fc.band_name(fc.bands(SMOKE)[0])] == {P * Q}
     assert per_band["all"] == {3 * P * (SMOKE["short_ctx"] - 1)}
 
 
@@ -201,7 +202,7 @@ def test_passkey_rows_and_settings(smoke):
     assert rope["base"] == rope["control"] == 1
     assert rope["pi"] == rope["longqlora"] == rope["longqlora_noshift"] == rope["full_ft"] == factor
     # every trained run is a different model: no two variants agree on the long-context band
-    far = lc.band_name(lc.bands(SMOKE)[-1])
+    far = fc.band_name(fc.bands(SMOKE)[-1])
     L = SMOKE["long_ctx"]
     values = [r["nll"] for r in report["results"] if r["band"] == far and r["eval_ctx"] == L]
     assert len(set(values)) == len(values)
