@@ -7,7 +7,7 @@ None of this is the method; it is what lets the method run on real checkpoints (
                                                 checked against the bytes of the file before anything is read)
   *.index.json, *.bin      ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
   HF keys                  <-> our module names model.<our name>, except lm_head.weight (hf_key, our_key)
-  *-bnb-4bit checkpoints   ->  NF4State         nf4_state_from_tensors (bitsandbytes' serialised QuantState)
+  *-bnb-4bit checkpoints   ->  NF4State         bnb.nf4_state_from_tensors (bitsandbytes' serialised QuantState)
   PEFT adapter folders     <-> LoRA tensors     read_adapter, write_adapter; base_model.model.model.<name>.lora_A
                                                 .weight, plus `longqlora.json`: the RoPE scaling and context the
                                                 adapter was trained with (PEFT ignores the extra file)
@@ -33,8 +33,9 @@ import torch
 import torch.nn as nn
 
 from infra import atomic
+from infra.bnb import nf4_state_from_tensors
 from model import DECODER_LINEARS, ModelArgs, Transformer
-from quant import Linear4bit, NF4State, check_state, dequantize_nf4
+from quant import Linear4bit, dequantize_nf4
 from rope import normalize_rope_scaling
 
 # --------------------------------------------------------------------------- config.json
@@ -419,44 +420,6 @@ def _set_module(model, weight_key, new_module):
     """Replace the nn.Linear owning `weight_key` by `new_module`."""
     parent, leaf = _parent(model, weight_key[: -len(".weight")])
     setattr(parent, leaf, new_module)
-
-
-# --------------------------------------------------------------------------- bitsandbytes' NF4 tensors
-
-_NF4_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def nf4_state_from_tensors(tensors: dict, prefix: str = "") -> NF4State:
-    """The NF4State bitsandbytes serialised beside `<prefix>weight` (QuantState.as_dict(packed=True)):
-    `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`, and the other fields
-    as JSON bytes in a uint8 tensor `weight.quant_state.bitsandbytes__nf4`. Sizes are checked against the shape."""
-    key = prefix + "weight."
-    meta_key = key + "quant_state.bitsandbytes__nf4"
-    if meta_key not in tensors:
-        other = [k for k in tensors if k.startswith(key + "quant_state.")]
-        raise ValueError(f"{other[0]}: only nf4 is supported" if other else f"missing {meta_key}")
-    try:
-        meta = json.loads(bytes(tensors[meta_key].to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_key} does not hold quantization JSON: {e}") from None
-
-    def need(name):
-        if name not in tensors:
-            raise ValueError(f"missing {name}")
-        return tensors[name]
-
-    shape = meta.get("shape") if isinstance(meta, dict) else None
-    if (not isinstance(meta, dict) or meta.get("quant_type") != "nf4" or meta.get("dtype") not in _NF4_DTYPES
-            or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
-        raise ValueError(f"{meta_key}: expected nf4 with a float dtype and a shape, got {meta}")
-    state = NF4State(shape=tuple(shape), dtype=_NF4_DTYPES[meta["dtype"]], blocksize=meta.get("blocksize"),
-                     absmax=need(key + "absmax"), code=need(key + "quant_map"))
-    if "nested_offset" in meta:
-        state.offset = float(meta["nested_offset"])
-        state.nested_absmax, state.nested_code = need(key + "nested_absmax"), need(key + "nested_quant_map")
-        state.nested_blocksize = meta.get("nested_blocksize")
-    check_state(tensors.get(prefix + "weight"), state, name=prefix + "weight")
-    return state
 
 
 # --------------------------------------------------------------------------- writing HF folders
