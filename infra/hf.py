@@ -3,20 +3,20 @@
 None of this is the method; it is what lets the method run on real checkpoints (REFERENCE §5):
 
   config.json              <-> ModelArgs        read_config, config_json (every field type- and range-checked)
-  *.safetensors            ->  tensors          safetensors_header, read_tensors (offsets, dtypes and shapes
-                                                checked against the bytes of the file before anything is read)
-  *.index.json, *.bin      ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
+  *.safetensors, *.bin     ->  tensors          read_tensors, one at a time (safetensors: offsets, dtypes and
+                                                shapes checked against the bytes of the file before any is read)
+  *.index.json             ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
   HF keys                  <-> our module names model.<our name>, except lm_head.weight (hf_key, our_key)
-  *-bnb-4bit checkpoints   ->  NF4State         bnb.nf4_state_from_tensors (bitsandbytes' serialised QuantState)
+  *-bnb-4bit checkpoints   ->  Linear4bit       bitsandbytes' serialised NF4 state, read by infra/bnb.py
   PEFT adapter folders     <-> LoRA tensors     read_adapter, write_adapter; base_model.model.model.<name>.lora_A
                                                 .weight, plus `longqlora.json`: the RoPE scaling and context the
                                                 adapter was trained with (PEFT ignores the extra file)
   HF model folders         <-  tensors          save_checkpoint (sharded, atomic), save_model
 
-load_model builds the Transformer on the `meta` device and materialises it tensor by tensor from the shards
-(read with plain reads into their own buffers, not memory-mapped, so file pages do not pile up in RSS),
-quantising the seven decoder linears to NF4 as they are read when asked: a 7B model never sits in memory
-twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is reported at load, naming the tensor.
+load_model builds the Transformer on the `meta` device and fills it tensor by tensor from the shards (read with
+plain reads into their own buffers, not memory-mapped, so file pages do not pile up in RSS), quantising the
+seven decoder linears to NF4 as they are read when asked: a 7B model never sits in memory twice, nor at all in
+16-bit with NF4. NaN or inf in a base weight is reported at load, naming the tensor.
 """
 from __future__ import annotations
 
@@ -62,32 +62,27 @@ def load_config(path) -> dict:
     return load_json(file)
 
 
-def _get(cfg: dict, key: str, kind: str, default=None):
-    """cfg[key] checked to be of `kind`: "int" (> 0), "float" (finite, > 0), "bool", "dict"; None if absent."""
-    value = cfg.get(key, default)
-    if value is None:
-        return None
-    ok = {"int": type(value) is int and value > 0,
-          "float": type(value) in (int, float) and math.isfinite(value) and value > 0,
-          "bool": type(value) is bool,
-          "dict": isinstance(value, dict)}[kind]
-    if not ok:
-        want = {"int": "a positive integer", "float": "a finite positive number", "bool": "true or false",
-                "dict": "a JSON object"}[kind]
-        raise ValueError(f"{key} must be {want}, got {value!r}")
-    return value
-
-
 def read_config(path) -> ModelArgs:
-    """ModelArgs of an HF LLaMA folder; any unsupported, missing or out-of-range field is one error naming
+    """ModelArgs of an HF LLaMA folder; an unsupported, missing or out-of-range field is one error naming
     config.json and the field."""
     path = Path(path)
     cfg = load_config(path)
-    source = path / "config.json" if path.is_dir() else path
     try:
         return config_to_args(cfg)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ValueError(f"{path / 'config.json' if path.is_dir() else path}: {e}") from None
+
+
+def _get(cfg: dict, key: str, kind: str, default=None):
+    """cfg[key] checked to be of `kind`: "int" (> 0), "float" (finite, > 0), "bool", "dict"; None if absent."""
+    value = cfg.get(key, default)
+    ok, want = {"int": (type(value) is int and value > 0, "a positive integer"),
+                "float": (type(value) in (int, float) and math.isfinite(value) and value > 0, "a finite positive number"),
+                "bool": (type(value) is bool, "true or false"),
+                "dict": (isinstance(value, dict), "a JSON object")}[kind]
+    if value is not None and not ok:
+        raise ValueError(f"{key} must be {want}, got {value!r}")
+    return value
 
 
 def config_to_args(cfg: dict) -> ModelArgs:
@@ -108,14 +103,13 @@ def config_to_args(cfg: dict) -> ModelArgs:
         # HF lets a top-level original_max_position_embeddings win over the one inside the scaling dict
         scaling = {**scaling, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
     theta = _get(rope_params, "rope_theta", "float"), _get(cfg, "rope_theta", "float", 10000.0)   # both checked
-    theta = theta[0] or theta[1]
     known = set(ints) | {"rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
                          "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id"}
     return ModelArgs(
         vocab_size=ints["vocab_size"], dim=ints["hidden_size"], intermediate_size=ints["intermediate_size"],
         n_layers=ints["num_hidden_layers"], n_heads=ints["num_attention_heads"],
         n_kv_heads=ints["num_key_value_heads"], head_dim=ints["head_dim"],
-        norm_eps=_get(cfg, "rms_norm_eps", "float", 1e-6), rope_theta=theta,
+        norm_eps=_get(cfg, "rms_norm_eps", "float", 1e-6), rope_theta=theta[0] or theta[1],
         max_position_embeddings=_get(cfg, "max_position_embeddings", "int", 4096),
         tie_word_embeddings=_get(cfg, "tie_word_embeddings", "bool", False),
         rope_scaling=normalize_rope_scaling(scaling),
@@ -125,7 +119,7 @@ def config_to_args(cfg: dict) -> ModelArgs:
 
 def config_json(args: ModelArgs) -> dict:
     """The config.json HF transformers (4.x and 5.x) reads back into the same model."""
-    cfg = dict(args.extra)
+    cfg = {k: v for k, v in args.extra.items() if k not in ("rope_parameters", "quantization_config")}  # dense
     cfg.update(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=args.vocab_size,
         hidden_size=args.dim, intermediate_size=args.intermediate_size, num_hidden_layers=args.n_layers,
@@ -134,8 +128,6 @@ def config_json(args: ModelArgs) -> dict:
         max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=args.tie_word_embeddings,
         bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id, attention_bias=False, mlp_bias=False,
         rope_scaling=hf_rope_scaling(args.rope_scaling))
-    cfg.pop("rope_parameters", None)
-    cfg.pop("quantization_config", None)  # what we write is dense
     return cfg
 
 
@@ -207,14 +199,6 @@ def _tensor_entry_problem(info, data_bytes: int) -> str | None:
     return None
 
 
-def _read_safetensor(f, info: dict, data_start: int) -> torch.Tensor:
-    begin, end = info["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
-    f.seek(data_start + begin)
-    f.readinto(memoryview(buf.numpy()))
-    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
-
-
 def _load_bin(file: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # weights_only: no pickle code
@@ -225,19 +209,18 @@ def _load_bin(file: Path) -> dict:
     return state
 
 
+def tensor_names(file: Path) -> list[str]:
+    return list(safetensors_header(file)[0] if file.suffix == ".safetensors" else _load_bin(file))
+
+
 def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one .safetensors or .bin file."""
-    return dict((name, t) for name, t, _ in read_tensors({n: file for n in tensor_names(file)}))
-
-
-def tensor_names(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        return list(safetensors_header(file)[0])
-    return list(_load_bin(file))
+    return {name: t for name, t, _ in read_tensors(dict.fromkeys(tensor_names(file), file))}
 
 
 def read_tensors(files: dict[str, Path]):
-    """Yield (name, tensor, file), one tensor at a time, file by file."""
+    """Yield (name, tensor, file), one tensor at a time, file by file ({tensor name: file} as checkpoint_files
+    gives it). A safetensors tensor is read into its own buffer; a .bin file is memory-mapped."""
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
@@ -258,15 +241,23 @@ def read_tensors(files: dict[str, Path]):
             del state
 
 
+def _read_safetensor(f, info: dict, data_start: int) -> torch.Tensor:
+    begin, end = info["data_offsets"]
+    buf = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    f.readinto(memoryview(buf.numpy()))
+    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """tensor name -> file holding it: from model.safetensors.index.json, model.safetensors, or .bin files."""
     path = Path(path)
     for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
         if index.is_file():
             return _files_from_index(index)
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return {name: path / single for name in tensor_names(path / single)}
+    for single in (path / "model.safetensors", path / "pytorch_model.bin"):
+        if single.is_file():
+            return dict.fromkeys(tensor_names(single), single)
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
 
 
@@ -274,16 +265,14 @@ def _files_from_index(index: Path) -> dict[str, Path]:
     weight_map = load_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index}: malformed index (no weight_map of tensor name -> file name)")
-    files = {}
     for name, f in weight_map.items():
         # A shard name is a file of this folder: an index must not make us read anything elsewhere.
         if not f or Path(f).is_absolute() or ".." in Path(f).parts:
             raise ValueError(f"{index}: refusing shard {f!r} for {name}: shards must lie inside {index.parent}")
-        files[name] = index.parent / f
-    for f in sorted(set(files.values())):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: shard named by {index} is missing")
-    return files
+    for f in sorted(set(weight_map.values())):
+        if not (index.parent / f).is_file():
+            raise FileNotFoundError(f"{index.parent / f}: shard named by {index} is missing")
+    return {name: index.parent / f for name, f in weight_map.items()}
 
 
 def fingerprint(path) -> str:
@@ -323,47 +312,81 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, q
         args.rope_scaling = normalize_rope_scaling(rope_scaling)
     with torch.device("meta"):
         model = Transformer(args)
-    _load_weights(model, path, dtype, torch.device(device), quantize == "nf4", quant_backend)
+    nf4 = dict(compute_dtype=dtype, backend=quant_backend) if quantize == "nf4" else None
+    _load_weights(model, path, dtype, torch.device(device), nf4)
     return model.eval()
 
 
-def _load_weights(model: Transformer, path: Path, dtype, device, nf4: bool, quant_backend: str) -> None:
+def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | None) -> None:
+    """Fill the meta-device model from the checkpoint's tensors, one at a time. nf4: Linear4bit's arguments
+    when the decoder linears are to be kept in NF4, else None."""
     files = checkpoint_files(path)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    if model.args.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    prequantized = {n[: -len(".absmax")] for n in files if n.endswith(".weight.absmax")}
-    stats: dict[str, dict] = {}              # bnb statistics of each pre-quantised weight, gathered as read
+    tied = model.args.tie_word_embeddings
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()
+                if not (tied and k == "lm_head.weight")}
+    prequantized = {n.removesuffix(".absmax") for n in files if n.endswith(".weight.absmax")}
+    stats: dict[str, dict] = {}              # each pre-quantised weight with its statistics, gathered as read
     loaded = set()
     for name, tensor, file in read_tensors(files):
-        base = next((name[: -len(s)] for s in _BNB_SUFFIXES if name.endswith(s)), name)
+        base = next((name.removesuffix(s) for s in _BNB_SUFFIXES if name.endswith(s)), name)
         key = our_key(base)
-        if _IGNORED.search(name) or (key == "lm_head.weight" and model.args.tie_word_embeddings):
+        if _IGNORED.search(name) or (tied and key == "lm_head.weight"):
             continue                         # (tied checkpoints sometimes store the shared matrix twice)
         if key not in expected:
             raise ValueError(f"{file}: unexpected tensor {name} (not part of a {model.args.n_layers}-layer LLaMA)")
+        loaded.add(key)
         if base in prequantized:
             stats.setdefault(base, {})[name] = tensor
+            continue
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
+        if tensor.is_floating_point() and tensor.numel():
+            check_finite(tensor, name, file, dtype)
+        tensor = tensor.to(device=device, dtype=dtype)
+        if nf4 and _DECODER_LINEAR.match(key):
+            _put(model, key.removesuffix(".weight"), Linear4bit.from_weight(tensor, **nf4))
         else:
-            if tuple(tensor.shape) != expected[key]:
-                raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
-            if tensor.is_floating_point() and tensor.numel():
-                check_finite(tensor, name, file, dtype)
-            tensor = tensor.to(device=device, dtype=dtype)
-            if nf4 and _DECODER_LINEAR.match(key):
-                _set_module(model, key, Linear4bit.from_weight(tensor, compute_dtype=dtype, backend=quant_backend))
-            else:
-                _set_parameter(model, key, tensor)
-        loaded.add(key)
+            _put(model, key, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
         del tensor
     for name, tensors in stats.items():
-        _load_prequantized(model, name, tensors, files[name], dtype, device, nf4, quant_backend, expected)
+        _load_prequantized(model, name, tensors, files[name], dtype, device, nf4, expected)
     missing = sorted(set(expected) - loaded)
     if missing:
         shown = ", ".join(hf_key(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
-    if model.args.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.embed_tokens.weight
+
+
+def check_finite(tensor: torch.Tensor, name: str, file, dtype) -> None:
+    """NaN, inf, or values beyond what `dtype` holds (they would become inf there) are errors naming the tensor."""
+    largest = float(tensor.abs().max())        # NaN propagates, so one pass catches all three
+    if not largest <= torch.finfo(dtype).max:
+        problem = "NaN or inf values" if not math.isfinite(largest) else f"values up to {largest:.3g}, beyond {dtype}"
+        raise ValueError(f"{file}: tensor {name} holds {problem}; the checkpoint is damaged or needs another --dtype")
+
+
+def _load_prequantized(model, name, tensors, file, dtype, device, nf4, expected) -> None:
+    """A weight bitsandbytes saved in NF4 (a `*-bnb-4bit` folder): kept in NF4, or dequantised."""
+    key = our_key(name)
+    if not _DECODER_LINEAR.match(key):
+        raise ValueError(f"{file}: {name} is NF4-quantised but only decoder linears can be")
+    try:
+        state = nf4_state_from_tensors(tensors, prefix=name.removesuffix("weight"))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    if tuple(state.shape) != expected[key]:
+        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {expected[key]}")
+    if nf4:
+        _put(model, key.removesuffix(".weight"), Linear4bit(tensors[name], state, **nf4).to(device))
+    else:
+        _put(model, key, nn.Parameter(dequantize_nf4(tensors[name], state, dtype).to(device)))
+
+
+def _put(model: nn.Module, key: str, value) -> None:
+    """model.<key> = value, for a dotted key ("layers.0.mlp.up_proj")."""
+    parent, _, leaf = key.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, value)
 
 
 def load_state(model: Transformer, path) -> None:
@@ -375,51 +398,6 @@ def load_state(model: Transformer, path) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
-
-
-def check_finite(tensor: torch.Tensor, name: str, file, dtype) -> None:
-    """NaN, inf, or values beyond what `dtype` holds (they would become inf there) are errors naming the tensor."""
-    largest = float(tensor.abs().max())        # NaN propagates, so one pass catches all three
-    if not largest <= torch.finfo(dtype).max:
-        problem = "NaN or inf values" if not math.isfinite(largest) else f"values up to {largest:.3g}, beyond {dtype}"
-        raise ValueError(f"{file}: tensor {name} holds {problem}; the checkpoint is damaged or needs another --dtype")
-
-
-def _load_prequantized(model, name, tensors, file, dtype, device, nf4, quant_backend, expected) -> None:
-    """A weight bitsandbytes saved in NF4 (a `*-bnb-4bit` folder): kept in NF4, or dequantised."""
-    key = our_key(name)
-    if not _DECODER_LINEAR.match(key):
-        raise ValueError(f"{file}: {name} is NF4-quantised but only decoder linears can be")
-    try:
-        state = nf4_state_from_tensors(tensors, prefix=name[: -len("weight")])
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    if tuple(state.shape) != expected[key]:
-        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {expected[key]}")
-    packed = tensors[name]
-    if nf4:
-        _set_module(model, key, Linear4bit(packed, state, compute_dtype=dtype, backend=quant_backend).to(device))
-    else:
-        _set_parameter(model, key, dequantize_nf4(packed, state, dtype).to(device))
-
-
-def _parent(model: nn.Module, key: str):
-    *path, leaf = key.split(".")
-    module = model
-    for part in path:
-        module = getattr(module, part)
-    return module, leaf
-
-
-def _set_parameter(model, key, tensor):
-    module, leaf = _parent(model, key)
-    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
-
-
-def _set_module(model, weight_key, new_module):
-    """Replace the nn.Linear owning `weight_key` by `new_module`."""
-    parent, leaf = _parent(model, weight_key[: -len(".weight")])
-    setattr(parent, leaf, new_module)
 
 
 # --------------------------------------------------------------------------- writing HF folders
