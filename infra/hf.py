@@ -3,8 +3,8 @@
 None of this is the method; it is what lets the method run on real checkpoints (REFERENCE §5):
 
   config.json              <-> ModelArgs        read_config, config_json (every field type- and range-checked)
-  *.safetensors, *.bin     ->  tensors          read_tensors, one at a time (safetensors: offsets, dtypes and
-                                                shapes checked against the bytes of the file before any is read)
+  *.safetensors, *.bin     ->  tensors          read_tensors, one at a time (safetensors through the safetensors
+                                                library, which checks the header against the file first)
   *.index.json             ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
   HF keys                  <-> our module names model.<our name>, except lm_head.weight (hf_key, our_key)
   *-bnb-4bit checkpoints   ->  Linear4bit       bitsandbytes' serialised NF4 state, read by infra/bnb.py
@@ -13,10 +13,10 @@ None of this is the method; it is what lets the method run on real checkpoints (
                                                 adapter was trained with (PEFT ignores the extra file)
   HF model folders         <-  tensors          save_checkpoint (sharded, atomic), save_model
 
-load_model builds the Transformer on the `meta` device and fills it tensor by tensor from the shards (read with
-plain reads into their own buffers, not memory-mapped, so file pages do not pile up in RSS), quantising the
-seven decoder linears to NF4 as they are read when asked: a 7B model never sits in memory twice, nor at all in
-16-bit with NF4. NaN or inf in a base weight is reported at load, naming the tensor.
+load_model builds the Transformer on the `meta` device and fills it tensor by tensor from the shards (each copied
+into its own memory, so file pages do not pile up in RSS), quantising the seven decoder linears to NF4 as they
+are read when asked: a 7B model never sits in memory twice, nor at all in 16-bit with NF4. NaN or inf in a base
+weight is reported at load, naming the tensor.
 """
 from __future__ import annotations
 
@@ -153,50 +153,14 @@ def our_key(key: str) -> str:
 
 # --------------------------------------------------------------------------- reading tensors
 
-# safetensors: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
-# then the raw tensor bytes, offsets relative to the end of the header.
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def safetensors_header(file: Path) -> tuple[dict, int]:
-    """({name: {dtype, shape, data_offsets}}, byte offset of the data), every entry checked against the file:
-    a known dtype, a shape of non-negative ints, offsets that hold exactly shape x itemsize bytes inside it."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file}: safetensors header is not a JSON object, corrupt?")
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        problem = _tensor_entry_problem(info, data_bytes=size - 8 - n)
-        if problem:
-            raise ValueError(f"{file}: tensor {name}: {problem}, truncated or corrupt?")
-    return header, 8 + n
-
-
-def _tensor_entry_problem(info, data_bytes: int) -> str | None:
-    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
-        return f"unsupported or missing dtype in {info!r}"[:200]
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        return f"bad shape {shape!r}"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        return f"bad data_offsets {offsets!r}"
-    need = math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
-    if offsets[1] - offsets[0] != need:
-        return f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, shape {shape} needs {need}"
-    if offsets[1] > data_bytes:
-        return f"it ends at data byte {offsets[1]} but the file holds {data_bytes}"
-    return None
+def _safe_open(file: Path):
+    """The safetensors library's reader of `file`. It checks the header against the file before anything is read:
+    known dtypes, and offsets of exactly shape x itemsize bytes that tile the data with no overlap, gap or overrun
+    (so a name given twice cannot point at other bytes either). A damaged file is one error naming it."""
+    try:
+        return safetensors.safe_open(file, "pt")
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({e})") from None
 
 
 def _load_bin(file: Path) -> dict:
@@ -210,7 +174,10 @@ def _load_bin(file: Path) -> dict:
 
 
 def tensor_names(file: Path) -> list[str]:
-    return list(safetensors_header(file)[0] if file.suffix == ".safetensors" else _load_bin(file))
+    if file.suffix != ".safetensors":
+        return list(_load_bin(file))
+    with _safe_open(file) as f:
+        return list(f.keys())
 
 
 def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
@@ -220,33 +187,24 @@ def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
 
 def read_tensors(files: dict[str, Path]):
     """Yield (name, tensor, file), one tensor at a time, file by file ({tensor name: file} as checkpoint_files
-    gives it). A safetensors tensor is read into its own buffer; a .bin file is memory-mapped."""
+    gives it). A .bin file is memory-mapped whole; a safetensors tensor is copied into its own memory."""
     by_file: dict[Path, list[str]] = {}
     for name, file in files.items():
         by_file.setdefault(file, []).append(name)
     for file, names in by_file.items():
-        if file.suffix == ".safetensors":
-            header, data_start = safetensors_header(file)
-            with open(file, "rb") as f:
-                for name in names:
-                    if name not in header:
-                        raise ValueError(f"{file}: tensor {name} named by the index is not in this shard")
-                    yield name, _read_safetensor(f, header[name], data_start), file
-        else:
-            state = _load_bin(file)
-            for name in names:
-                if name not in state:
-                    raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
-                yield name, state[name], file
-            del state
+        state = None if file.suffix == ".safetensors" else _load_bin(file)
+        present = set(tensor_names(file) if state is None else state)
+        for name in names:
+            if name not in present:
+                raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
+            yield name, _read_safetensor(file, name) if state is None else state[name], file
+        del state
 
 
-def _read_safetensor(f, info: dict, data_start: int) -> torch.Tensor:
-    begin, end = info["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
-    f.seek(data_start + begin)
-    f.readinto(memoryview(buf.numpy()))
-    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+def _read_safetensor(file: Path, name: str) -> torch.Tensor:
+    # A mapping of the file made for this tensor alone and dropped after the copy: file pages never pile up in RSS.
+    with _safe_open(file) as f:
+        return f.get_tensor(name).clone()
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
@@ -340,13 +298,15 @@ def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | Non
             continue
         if tuple(tensor.shape) != expected[key]:
             raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
-        if tensor.is_floating_point() and tensor.numel():
+        if not tensor.is_floating_point():  # every weight of the model is: an int tensor is a damaged header
+            raise ValueError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected a floating-point weight")
+        if tensor.numel():
             check_finite(tensor, name, file, dtype)
         tensor = tensor.to(device=device, dtype=dtype)
         if nf4 and _DECODER_LINEAR.match(key):
             _put(model, key.removesuffix(".weight"), Linear4bit.from_weight(tensor, **nf4))
         else:
-            _put(model, key, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+            _put(model, key, nn.Parameter(tensor))
         del tensor
     for name, tensors in stats.items():
         _load_prequantized(model, name, tensors, files[name], dtype, device, nf4, expected)
