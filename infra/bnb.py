@@ -2,6 +2,7 @@
 `*-bnb-4bit` checkpoint stores beside each quantized weight (QuantState.as_dict(packed=True)). The bytes
 themselves need no conversion: quant.py makes bitsandbytes' exact layout."""
 import json
+import math
 
 import torch
 
@@ -67,8 +68,18 @@ def _check_format(packed, state: NF4State, name: str) -> None:
         raise ValueError(f"{name} must be uint8 packed NF4, got {packed.dtype}")
     if state.code.numel() != 16:
         raise ValueError(f"{name}.quant_map has {state.code.numel()} values, NF4 needs 16")
+    # The fp32 statistics: a NaN or inf in one would spread to every weight of its block (or of 256 blocks).
+    stats = {".nested_absmax": state.nested_absmax, ".nested_quant_map": state.nested_code} if state.double_quant \
+        else {".absmax": state.absmax}
+    for suffix, t in {".quant_map": state.code, **stats}.items():
+        if not t.is_floating_point():
+            raise ValueError(f"{name}{suffix} must be floating point, got {t.dtype}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}{suffix} holds NaN or inf values")
     if not state.double_quant:
         return
+    if not math.isfinite(state.offset):
+        raise ValueError(f"{name}.quant_state.bitsandbytes__nf4: nested_offset is {state.offset}")
     if state.absmax.dtype != torch.uint8:
         raise ValueError(f"{name}.absmax must be uint8 when double-quantized, got {state.absmax.dtype}")
     if not isinstance(state.nested_blocksize, int) or state.nested_blocksize <= 0:

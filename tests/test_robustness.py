@@ -109,6 +109,33 @@ def test_nan_or_overflowing_base_weights_are_reported_at_load(tiny, tmp_path):
         hf.load_model(model, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("stat", ["absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset"])
+def test_nan_in_prequantized_statistics_is_reported_at_load(tiny, tmp_path, stat):
+    """A `*-bnb-4bit` folder: a NaN in a block scale, a code book or the offset would spread to whole blocks."""
+    pytest.importorskip("bitsandbytes")
+    import quant
+    from infra import bnb
+
+    model = copy_model(tiny["model"], tmp_path / "bnb")
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name], state = quant.quantize_nf4(tensors[name], double_quant=stat != "absmax")
+    if stat == "nested_offset":
+        state.offset = float("inf")
+    serialised = {f"{name}.{k}": v.clone() for k, v in bnb.state_to_bnb(state).as_dict(packed=True).items()}
+    if stat != "nested_offset":
+        serialised[f"{name}.{stat}"].view(-1)[0] = float("nan")
+    save_file({**tensors, **serialised}, shard, metadata={"format": "pt"})
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(serialised, shard.name))
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    fragment = "nested_offset is inf" if stat == "nested_offset" else f"{name}.{stat} holds NaN or inf"
+    for quantize in (None, "nf4"):
+        with pytest.raises(ValueError, match=f"{shard.name}: .*{fragment}"):
+            hf.load_model(model, dtype=torch.float32, quantize=quantize)
+
+
 def test_diverging_run_stops_before_applying_nan_and_keeps_the_last_checkpoint(tiny, tmp_path):
     out = tmp_path / "run"
     # Adam moves every weight by ~lr per step: with lr 1e30 the second forward overflows fp32.
