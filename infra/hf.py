@@ -1,25 +1,19 @@
-"""The file formats users already have: HF LLaMA checkpoints, bitsandbytes NF4 tensors, PEFT LoRA adapters.
+"""The file formats users already have (REFERENCE §5). None of this is the method; it lets the method run on
+real checkpoints:
 
-None of this is the method; it is what lets the method run on real checkpoints (REFERENCE §5):
-
-  config.json              <-> ModelArgs        read_config, config_json (every field type- and range-checked)
-  *.safetensors, *.bin     ->  tensors          read_tensors, one at a time (safetensors through the safetensors
-                                                library, which checks the header against the file first)
+  config.json              <-> ModelArgs     read_config, config_json (every field type- and range-checked)
+  *.safetensors, *.bin     ->  tensors       read_tensors, one at a time (safetensors through the safetensors
+                                             library, which checks the header against the file first)
   *.index.json             ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
-  HF keys                  <-> our module names model.<our name>, except lm_head.weight (hf_key, our_key)
-  *-bnb-4bit checkpoints   ->  Linear4bit       bitsandbytes' serialised NF4 state, read by infra/bnb.py
-  PEFT adapter folders     <-> LoRA tensors     read_adapter, write_adapter; base_model.model.model.<name>.lora_A
-                                                .weight, plus `longqlora.json`: the RoPE scaling and context the
-                                                adapter was trained with (PEFT ignores the extra file)
-  HF model folders         <-  tensors          save_checkpoint (sharded, atomic), save_model
+  HF keys                  <-> our names     model.<our name>, except lm_head.weight (hf_key, our_key)
+  *-bnb-4bit checkpoints   ->  Linear4bit    bitsandbytes' serialised NF4 state, read by infra/bnb.py
+  HF model folders         <-  tensors       save_checkpoint (sharded, atomic), save_model
 
-load_model builds the Transformer on the `meta` device and fills it tensor by tensor from the shards (each copied
-into its own memory, so file pages do not pile up in RSS), quantising the seven decoder linears to NF4 as they
-are read when asked: a 7B model never sits in memory twice, nor at all in 16-bit with NF4. NaN or inf in a base
-weight is reported at load, naming the tensor.
+load_model builds the Transformer on the `meta` device and fills it tensor by tensor (each copied into its own
+memory, so file pages do not pile up in RSS), quantising the seven decoder linears to NF4 as they are read when
+asked: a 7B model never sits in memory twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is an
+error naming the tensor.
 """
-from __future__ import annotations
-
 import hashlib
 import json
 import math
@@ -188,13 +182,10 @@ def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
 def read_tensors(files: dict[str, Path]):
     """Yield (name, tensor, file), one tensor at a time, file by file ({tensor name: file} as checkpoint_files
     gives it). A .bin file is memory-mapped whole; a safetensors tensor is copied into its own memory."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
+    for file in dict.fromkeys(files.values()):
         state = None if file.suffix == ".safetensors" else _load_bin(file)
         present = set(tensor_names(file) if state is None else state)
-        for name in names:
+        for name in (n for n, f in files.items() if f == file):
             if name not in present:
                 raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
             yield name, _read_safetensor(file, name) if state is None else state[name], file
@@ -202,8 +193,7 @@ def read_tensors(files: dict[str, Path]):
 
 
 def _read_safetensor(file: Path, name: str) -> torch.Tensor:
-    # A mapping of the file made for this tensor alone and dropped after the copy: file pages never pile up in RSS.
-    with _safe_open(file) as f:
+    with _safe_open(file) as f:  # a mapping made for this tensor alone: file pages never pile up in RSS
         return f.get_tensor(name).clone()
 
 
