@@ -55,13 +55,8 @@ def nf4_state_from_tensors(tensors: dict, prefix: str = "") -> NF4State:
         state.offset = float(meta["nested_offset"])
         state.nested_absmax, state.nested_code = need(".nested_absmax"), need(".nested_quant_map")
         state.nested_blocksize = meta.get("nested_blocksize")
-    _check_format(tensors.get(name), state, name)
-    check_state(tensors.get(name), state, name)
-    return state
-
-
-def _check_format(packed, state: NF4State, name: str) -> None:
-    """What quant.check_state leaves to a reader: the block sizes and tensor types bitsandbytes writes."""
+    # What quant.check_state leaves to a reader: the block sizes and tensor types bitsandbytes writes.
+    packed = tensors.get(name)
     if state.blocksize not in BLOCKSIZES:
         raise ValueError(f"{name}: blocksize {state.blocksize} is not one of {BLOCKSIZES}")
     if packed is not None and packed.dtype != torch.uint8:
@@ -76,13 +71,15 @@ def _check_format(packed, state: NF4State, name: str) -> None:
             raise ValueError(f"{name}{suffix} must be floating point, got {t.dtype}")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name}{suffix} holds NaN or inf values")
-    if not state.double_quant:
-        return
-    if not math.isfinite(state.offset):
-        raise ValueError(f"{name}.quant_state.bitsandbytes__nf4: nested_offset is {state.offset}")
-    if state.absmax.dtype != torch.uint8:
-        raise ValueError(f"{name}.absmax must be uint8 when double-quantized, got {state.absmax.dtype}")
-    if not isinstance(state.nested_blocksize, int) or state.nested_blocksize <= 0:
-        raise ValueError(f"{name}: nested_blocksize must be a positive int, got {state.nested_blocksize!r}")
-    if state.nested_code.numel() != 256:
-        raise ValueError(f"{name}.nested_quant_map has {state.nested_code.numel()} values, the 8-bit code needs 256")
+    if state.double_quant:
+        if not math.isfinite(state.offset):
+            raise ValueError(f"{meta_key}: nested_offset is {state.offset}")
+        if state.absmax.dtype != torch.uint8:
+            raise ValueError(f"{name}.absmax must be uint8 when double-quantized, got {state.absmax.dtype}")
+        if not isinstance(state.nested_blocksize, int) or state.nested_blocksize <= 0:
+            raise ValueError(f"{name}: nested_blocksize must be a positive int, got {state.nested_blocksize!r}")
+        if state.nested_code.numel() != 256:
+            raise ValueError(f"{name}.nested_quant_map has {state.nested_code.numel()} values, the 8-bit code "
+                             "needs 256")
+    check_state(packed, state, name)
+    return state

@@ -71,7 +71,8 @@ def _get(cfg: dict, key: str, kind: str, default=None):
     """cfg[key] checked to be of `kind`: "int" (> 0), "float" (finite, > 0), "bool", "dict"; None if absent."""
     value = cfg.get(key, default)
     ok, want = {"int": (type(value) is int and value > 0, "a positive integer"),
-                "float": (type(value) in (int, float) and math.isfinite(value) and value > 0, "a finite positive number"),
+                "float": (type(value) in (int, float) and math.isfinite(value) and value > 0,
+                          "a finite positive number"),
                 "bool": (type(value) is bool, "true or false"),
                 "dict": (isinstance(value, dict), "a JSON object")}[kind]
     if value is not None and not ok:
@@ -217,7 +218,6 @@ def _files_from_index(index: Path) -> dict[str, Path]:
         # A shard name is a file of this folder: an index must not make us read anything elsewhere.
         if not f or Path(f).is_absolute() or ".." in Path(f).parts:
             raise ValueError(f"{index}: refusing shard {f!r} for {name}: shards must lie inside {index.parent}")
-    for f in sorted(set(weight_map.values())):
         if not (index.parent / f).is_file():
             raise FileNotFoundError(f"{index.parent / f}: shard named by {index} is missing")
     return {name: index.parent / f for name, f in weight_map.items()}
@@ -243,8 +243,6 @@ def fingerprint(path) -> str:
 # Tensors some older checkpoints carry that are recomputed here, never loaded.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 _DECODER_LINEAR = re.compile(r"^layers\.\d+\.(self_attn|mlp)\.(%s)\.weight$" % "|".join(DECODER_LINEARS))
-# bitsandbytes' serialised NF4 statistics beside a pre-quantised `*.weight`
-_BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 
 def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, quantize: str | None = None,
@@ -276,7 +274,7 @@ def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | Non
     stats: dict[str, dict] = {}              # each pre-quantised weight with its statistics, gathered as read
     loaded = set()
     for name, tensor, file in read_tensors(files):
-        base = next((name.removesuffix(s) for s in _BNB_SUFFIXES if name.endswith(s)), name)
+        base = name.partition(".weight.")[0] + ".weight" if ".weight." in name else name  # bnb's `.weight.absmax`
         key = our_key(base)
         if _IGNORED.search(name) or (tied and key == "lm_head.weight"):
             continue                         # (tied checkpoints sometimes store the shared matrix twice)
