@@ -83,10 +83,11 @@ def check_state(packed: torch.Tensor | None, state: NF4State, name: str = "weigh
     if state.absmax.numel() != blocks:
         raise ValueError(f"{name}.absmax has {state.absmax.numel()} values but shape {shape} in blocks of "
                          f"{state.blocksize} needs {blocks}")
-    nested = -(-blocks // (state.nested_blocksize or 1))
-    if state.double_quant and state.nested_absmax.numel() != nested:
-        raise ValueError(f"{name}.nested_absmax has {state.nested_absmax.numel()} values but {blocks} block "
-                         f"scales in blocks of {state.nested_blocksize} need {nested}")
+    if state.double_quant:
+        nested = -(-blocks // state.nested_blocksize)
+        if state.nested_absmax.numel() != nested:
+            raise ValueError(f"{name}.nested_absmax has {state.nested_absmax.numel()} values but {blocks} block "
+                             f"scales in blocks of {state.nested_blocksize} need {nested}")
 
 
 # -------------------------------------------------------------------------------------------- quantize
@@ -285,8 +286,7 @@ _WORK_MAX_BYTES = 16 << 20     # larger work buffers (blocksizes above 256 on CP
 
 
 def _decode_fast(packed: torch.Tensor, code: torch.Tensor, n: int) -> torch.Tensor:
-    """_decode as one 1-D gather: byte b -> the two fp32 codes of _decode(b) read as one int64 word, several
-    times faster on CPU than gathering rows of two floats. Returns a view of a work buffer."""
+    """_decode as one 1-D gather: byte -> its two fp32 codes as one int64 word (several times faster on CPU)."""
     pairs = _decode(torch.arange(256, dtype=torch.uint8, device=code.device), code, 512).view(torch.int64)
     nbytes = packed.numel()
     if packed.is_cuda or nbytes * 12 > _WORK_MAX_BYTES:  # CUDA's caching allocator already reuses memory
@@ -299,7 +299,7 @@ def _decode_fast(packed: torch.Tensor, code: torch.Tensor, n: int) -> torch.Tens
         byte_idx, vals = _WORK.bufs[0][:nbytes], _WORK.bufs[1][:nbytes]
     byte_idx.copy_(packed)
     torch.index_select(pairs, 0, byte_idx, out=vals)
-    return vals.view(torch.float32)[:n]
+    return vals.view(torch.float32)[:n]  # a view of the work buffer: the caller is done with it before the next
 
 
 def _bnb_available() -> bool:
