@@ -299,7 +299,7 @@ def _decode_fast(packed: torch.Tensor, code: torch.Tensor, n: int) -> torch.Tens
         byte_idx, vals = _WORK.bufs[0][:nbytes], _WORK.bufs[1][:nbytes]
     byte_idx.copy_(packed)
     torch.index_select(pairs, 0, byte_idx, out=vals)
-    return vals.view(torch.float32)[:n]  # a view of the work buffer: the caller is done with it before the next
+    return vals.view(torch.float32)[:n]  # a view of the work buffer: valid until the next call
 
 
 def _bnb_available() -> bool:
