@@ -1,23 +1,19 @@
-"""The file formats users already have: HF LLaMA checkpoints and bitsandbytes NF4 tensors (PEFT adapters:
-infra/adapter.py).
+"""The file formats users already have (REFERENCE §5). None of this is the method; it lets the method run on
+real checkpoints:
 
-None of this is the method; it is what lets the method run on real checkpoints (REFERENCE §5):
+  config.json              <-> ModelArgs     read_config, config_json (every field type- and range-checked)
+  *.safetensors, *.bin     ->  tensors       read_tensors, one at a time (safetensors through the safetensors
+                                             library, which checks the header against the file first)
+  *.index.json             ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
+  HF keys                  <-> our names     model.<our name>, except lm_head.weight (hf_key, our_key)
+  *-bnb-4bit checkpoints   ->  Linear4bit    bitsandbytes' serialised NF4 state, read by infra/bnb.py
+  HF model folders         <-  tensors       save_checkpoint (sharded, atomic), save_model
 
-  config.json              <-> ModelArgs        read_config, config_json (every field type- and range-checked)
-  *.safetensors            ->  tensors          safetensors_header, read_tensors (offsets, dtypes and shapes
-                                                checked against the bytes of the file before anything is read)
-  *.index.json, *.bin      ->  which file holds which tensor: checkpoint_files (shards must lie in the folder)
-  HF keys                  <-> our module names model.<our name>, except lm_head.weight (hf_key, our_key)
-  *-bnb-4bit checkpoints   ->  NF4State         nf4_state_from_tensors (bitsandbytes' serialised QuantState)
-  HF model folders         <-  tensors          save_checkpoint (sharded, atomic), save_model
-
-load_model builds the Transformer on the `meta` device and materialises it tensor by tensor from the shards
-(read with plain reads into their own buffers, not memory-mapped, so file pages do not pile up in RSS),
-quantising the seven decoder linears to NF4 as they are read when asked: a 7B model never sits in memory
-twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is reported at load, naming the tensor.
+load_model builds the Transformer on the `meta` device and fills it tensor by tensor (each copied into its own
+memory, so file pages do not pile up in RSS), quantising the seven decoder linears to NF4 as they are read when
+asked: a 7B model never sits in memory twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is an
+error naming the tensor.
 """
-from __future__ import annotations
-
 import hashlib
 import json
 import math
@@ -31,8 +27,9 @@ import torch
 import torch.nn as nn
 
 from infra import atomic
+from infra.bnb import nf4_state_from_tensors
 from model import DECODER_LINEARS, ModelArgs, Transformer
-from quant import Linear4bit, NF4State, check_state, dequantize_nf4
+from quant import Linear4bit, dequantize_nf4
 from infra.rope_scaling import normalize_rope_scaling, rope_inv_freq
 
 # --------------------------------------------------------------------------- config.json
@@ -59,32 +56,28 @@ def load_config(path) -> dict:
     return load_json(file)
 
 
-def _get(cfg: dict, key: str, kind: str, default=None):
-    """cfg[key] checked to be of `kind`: "int" (> 0), "float" (finite, > 0), "bool", "dict"; None if absent."""
-    value = cfg.get(key, default)
-    if value is None:
-        return None
-    ok = {"int": type(value) is int and value > 0,
-          "float": type(value) in (int, float) and math.isfinite(value) and value > 0,
-          "bool": type(value) is bool,
-          "dict": isinstance(value, dict)}[kind]
-    if not ok:
-        want = {"int": "a positive integer", "float": "a finite positive number", "bool": "true or false",
-                "dict": "a JSON object"}[kind]
-        raise ValueError(f"{key} must be {want}, got {value!r}")
-    return value
-
-
 def read_config(path) -> ModelArgs:
-    """ModelArgs of an HF LLaMA folder; any unsupported, missing or out-of-range field is one error naming
+    """ModelArgs of an HF LLaMA folder; an unsupported, missing or out-of-range field is one error naming
     config.json and the field."""
     path = Path(path)
     cfg = load_config(path)
-    source = path / "config.json" if path.is_dir() else path
     try:
         return config_to_args(cfg)
     except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+        raise ValueError(f"{path / 'config.json' if path.is_dir() else path}: {e}") from None
+
+
+def _get(cfg: dict, key: str, kind: str, default=None):
+    """cfg[key] checked to be of `kind`: "int" (> 0), "float" (finite, > 0), "bool", "dict"; None if absent."""
+    value = cfg.get(key, default)
+    ok, want = {"int": (type(value) is int and value > 0, "a positive integer"),
+                "float": (type(value) in (int, float) and math.isfinite(value) and value > 0,
+                          "a finite positive number"),
+                "bool": (type(value) is bool, "true or false"),
+                "dict": (isinstance(value, dict), "a JSON object")}[kind]
+    if value is not None and not ok:
+        raise ValueError(f"{key} must be {want}, got {value!r}")
+    return value
 
 
 def config_to_args(cfg: dict) -> ModelArgs:
@@ -105,14 +98,13 @@ def config_to_args(cfg: dict) -> ModelArgs:
         # HF lets a top-level original_max_position_embeddings win over the one inside the scaling dict
         scaling = {**scaling, "original_max_position_embeddings": cfg["original_max_position_embeddings"]}
     theta = _get(rope_params, "rope_theta", "float"), _get(cfg, "rope_theta", "float", 10000.0)   # both checked
-    theta = theta[0] or theta[1]
     known = set(ints) | {"rms_norm_eps", "rope_theta", "max_position_embeddings", "tie_word_embeddings",
                          "rope_scaling", "rope_parameters", "bos_token_id", "eos_token_id"}
     return ModelArgs(
         vocab_size=ints["vocab_size"], dim=ints["hidden_size"], intermediate_size=ints["intermediate_size"],
         n_layers=ints["num_hidden_layers"], n_heads=ints["num_attention_heads"],
         n_kv_heads=ints["num_key_value_heads"], head_dim=ints["head_dim"],
-        norm_eps=_get(cfg, "rms_norm_eps", "float", 1e-6), rope_theta=theta,
+        norm_eps=_get(cfg, "rms_norm_eps", "float", 1e-6), rope_theta=theta[0] or theta[1],
         max_position_embeddings=_get(cfg, "max_position_embeddings", "int", 4096),
         tie_word_embeddings=_get(cfg, "tie_word_embeddings", "bool", False),
         rope_scaling=normalize_rope_scaling(scaling), rope_rule=rope_inv_freq,
@@ -122,7 +114,7 @@ def config_to_args(cfg: dict) -> ModelArgs:
 
 def config_json(args: ModelArgs) -> dict:
     """The config.json HF transformers (4.x and 5.x) reads back into the same model."""
-    cfg = dict(args.extra)
+    cfg = {k: v for k, v in args.extra.items() if k not in ("rope_parameters", "quantization_config")}  # dense
     cfg.update(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=args.vocab_size,
         hidden_size=args.dim, intermediate_size=args.intermediate_size, num_hidden_layers=args.n_layers,
@@ -131,8 +123,6 @@ def config_json(args: ModelArgs) -> dict:
         max_position_embeddings=args.max_position_embeddings, tie_word_embeddings=args.tie_word_embeddings,
         bos_token_id=args.bos_token_id, eos_token_id=args.eos_token_id, attention_bias=False, mlp_bias=False,
         rope_scaling=hf_rope_scaling(args.rope_scaling))
-    cfg.pop("rope_parameters", None)
-    cfg.pop("quantization_config", None)  # what we write is dense
     return cfg
 
 
@@ -158,58 +148,14 @@ def our_key(key: str) -> str:
 
 # --------------------------------------------------------------------------- reading tensors
 
-# safetensors: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape, data_offsets}},
-# then the raw tensor bytes, offsets relative to the end of the header.
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
-def safetensors_header(file: Path) -> tuple[dict, int]:
-    """({name: {dtype, shape, data_offsets}}, byte offset of the data), every entry checked against the file:
-    a known dtype, a shape of non-negative ints, offsets that hold exactly shape x itemsize bytes inside it."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
-        if n < 2 or 8 + n > size:
-            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file}: safetensors header is not a JSON object, corrupt?")
-    header.pop("__metadata__", None)
-    for name, info in header.items():
-        problem = _tensor_entry_problem(info, data_bytes=size - 8 - n)
-        if problem:
-            raise ValueError(f"{file}: tensor {name}: {problem}, truncated or corrupt?")
-    return header, 8 + n
-
-
-def _tensor_entry_problem(info, data_bytes: int) -> str | None:
-    if not isinstance(info, dict) or info.get("dtype") not in SAFETENSORS_DTYPES:
-        return f"unsupported or missing dtype in {info!r}"[:200]
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        return f"bad shape {shape!r}"
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]):
-        return f"bad data_offsets {offsets!r}"
-    need = math.prod(shape) * SAFETENSORS_DTYPES[info["dtype"]].itemsize
-    if offsets[1] - offsets[0] != need:
-        return f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, shape {shape} needs {need}"
-    if offsets[1] > data_bytes:
-        return f"it ends at data byte {offsets[1]} but the file holds {data_bytes}"
-    return None
-
-
-def _read_safetensor(f, info: dict, data_start: int) -> torch.Tensor:
-    begin, end = info["data_offsets"]
-    buf = torch.empty(end - begin, dtype=torch.uint8)
-    f.seek(data_start + begin)
-    f.readinto(memoryview(buf.numpy()))
-    return buf.view(SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+def _safe_open(file: Path):
+    """The safetensors library's reader of `file`. It checks the header against the file before anything is read:
+    known dtypes, and offsets of exactly shape x itemsize bytes that tile the data with no overlap, gap or overrun
+    (so a name given twice cannot point at other bytes either). A damaged file is one error naming it."""
+    try:
+        return safetensors.safe_open(file, "pt")
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"{file}: cannot read safetensors header, truncated or corrupt? ({e})") from None
 
 
 def _load_bin(file: Path) -> dict:
@@ -222,37 +168,34 @@ def _load_bin(file: Path) -> dict:
     return state
 
 
+def tensor_names(file: Path) -> list[str]:
+    if file.suffix != ".safetensors":
+        return list(_load_bin(file))
+    with _safe_open(file) as f:
+        return list(f.keys())
+
+
 def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one .safetensors or .bin file."""
-    return dict((name, t) for name, t, _ in read_tensors({n: file for n in tensor_names(file)}))
-
-
-def tensor_names(file: Path) -> list[str]:
-    if file.suffix == ".safetensors":
-        return list(safetensors_header(file)[0])
-    return list(_load_bin(file))
+    return {name: t for name, t, _ in read_tensors(dict.fromkeys(tensor_names(file), file))}
 
 
 def read_tensors(files: dict[str, Path]):
-    """Yield (name, tensor, file), one tensor at a time, file by file."""
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        if file.suffix == ".safetensors":
-            header, data_start = safetensors_header(file)
-            with open(file, "rb") as f:
-                for name in names:
-                    if name not in header:
-                        raise ValueError(f"{file}: tensor {name} named by the index is not in this shard")
-                    yield name, _read_safetensor(f, header[name], data_start), file
-        else:
-            state = _load_bin(file)
-            for name in names:
-                if name not in state:
-                    raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
-                yield name, state[name], file
-            del state
+    """Yield (name, tensor, file), one tensor at a time, file by file ({tensor name: file} as checkpoint_files
+    gives it). A .bin file is memory-mapped whole; a safetensors tensor is copied into its own memory."""
+    for file in dict.fromkeys(files.values()):
+        state = None if file.suffix == ".safetensors" else _load_bin(file)
+        present = set(tensor_names(file) if state is None else state)
+        for name in (n for n, f in files.items() if f == file):
+            if name not in present:
+                raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
+            yield name, _read_safetensor(file, name) if state is None else state[name], file
+        del state
+
+
+def _read_safetensor(file: Path, name: str) -> torch.Tensor:
+    with _safe_open(file) as f:  # a mapping made for this tensor alone: file pages never pile up in RSS
+        return f.get_tensor(name).clone()
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
@@ -261,9 +204,9 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
         if index.is_file():
             return _files_from_index(index)
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (path / single).is_file():
-            return {name: path / single for name in tensor_names(path / single)}
+    for single in (path / "model.safetensors", path / "pytorch_model.bin"):
+        if single.is_file():
+            return dict.fromkeys(tensor_names(single), single)
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
 
 
@@ -271,16 +214,13 @@ def _files_from_index(index: Path) -> dict[str, Path]:
     weight_map = load_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ValueError(f"{index}: malformed index (no weight_map of tensor name -> file name)")
-    files = {}
     for name, f in weight_map.items():
         # A shard name is a file of this folder: an index must not make us read anything elsewhere.
         if not f or Path(f).is_absolute() or ".." in Path(f).parts:
             raise ValueError(f"{index}: refusing shard {f!r} for {name}: shards must lie inside {index.parent}")
-        files[name] = index.parent / f
-    for f in sorted(set(files.values())):
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: shard named by {index} is missing")
-    return files
+        if not (index.parent / f).is_file():
+            raise FileNotFoundError(f"{index.parent / f}: shard named by {index} is missing")
+    return {name: index.parent / f for name, f in weight_map.items()}
 
 
 def fingerprint(path) -> str:
@@ -303,8 +243,6 @@ def fingerprint(path) -> str:
 # Tensors some older checkpoints carry that are recomputed here, never loaded.
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 _DECODER_LINEAR = re.compile(r"^layers\.\d+\.(self_attn|mlp)\.(%s)\.weight$" % "|".join(DECODER_LINEARS))
-# bitsandbytes' serialised NF4 statistics beside a pre-quantised `*.weight`
-_BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
 
 
 def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, quantize: str | None = None,
@@ -320,47 +258,83 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, q
         args.rope_scaling = normalize_rope_scaling(rope_scaling)
     with torch.device("meta"):
         model = Transformer(args)
-    _load_weights(model, path, dtype, torch.device(device), quantize == "nf4", quant_backend)
+    nf4 = dict(compute_dtype=dtype, backend=quant_backend) if quantize == "nf4" else None
+    _load_weights(model, path, dtype, torch.device(device), nf4)
     return model.eval()
 
 
-def _load_weights(model: Transformer, path: Path, dtype, device, nf4: bool, quant_backend: str) -> None:
+def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | None) -> None:
+    """Fill the meta-device model from the checkpoint's tensors, one at a time. nf4: Linear4bit's arguments
+    when the decoder linears are to be kept in NF4, else None."""
     files = checkpoint_files(path)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
-    if model.args.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    prequantized = {n[: -len(".absmax")] for n in files if n.endswith(".weight.absmax")}
-    stats: dict[str, dict] = {}              # bnb statistics of each pre-quantised weight, gathered as read
+    tied = model.args.tie_word_embeddings
+    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()
+                if not (tied and k == "lm_head.weight")}
+    prequantized = {n.removesuffix(".absmax") for n in files if n.endswith(".weight.absmax")}
+    stats: dict[str, dict] = {}              # each pre-quantised weight with its statistics, gathered as read
     loaded = set()
     for name, tensor, file in read_tensors(files):
-        base = next((name[: -len(s)] for s in _BNB_SUFFIXES if name.endswith(s)), name)
+        base = name.partition(".weight.")[0] + ".weight" if ".weight." in name else name  # bnb's `.weight.absmax`
         key = our_key(base)
-        if _IGNORED.search(name) or (key == "lm_head.weight" and model.args.tie_word_embeddings):
+        if _IGNORED.search(name) or (tied and key == "lm_head.weight"):
             continue                         # (tied checkpoints sometimes store the shared matrix twice)
         if key not in expected:
             raise ValueError(f"{file}: unexpected tensor {name} (not part of a {model.args.n_layers}-layer LLaMA)")
+        loaded.add(key)
         if base in prequantized:
             stats.setdefault(base, {})[name] = tensor
+            continue
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
+        if not tensor.is_floating_point():  # every weight of the model is: an int tensor is a damaged header
+            raise ValueError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected a floating-point weight")
+        if tensor.numel():
+            check_finite(tensor, name, file, dtype)
+        tensor = tensor.to(device=device, dtype=dtype)
+        if nf4 and _DECODER_LINEAR.match(key):
+            _put(model, key.removesuffix(".weight"), Linear4bit.from_weight(tensor, **nf4))
         else:
-            if tuple(tensor.shape) != expected[key]:
-                raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
-            if tensor.is_floating_point() and tensor.numel():
-                check_finite(tensor, name, file, dtype)
-            tensor = tensor.to(device=device, dtype=dtype)
-            if nf4 and _DECODER_LINEAR.match(key):
-                _set_module(model, key, Linear4bit.from_weight(tensor, compute_dtype=dtype, backend=quant_backend))
-            else:
-                _set_parameter(model, key, tensor)
-        loaded.add(key)
+            _put(model, key, nn.Parameter(tensor))
         del tensor
     for name, tensors in stats.items():
-        _load_prequantized(model, name, tensors, files[name], dtype, device, nf4, quant_backend, expected)
+        _load_prequantized(model, name, tensors, files[name], dtype, device, nf4, expected)
     missing = sorted(set(expected) - loaded)
     if missing:
         shown = ", ".join(hf_key(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
         raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
-    if model.args.tie_word_embeddings:
+    if tied:
         model.lm_head.weight = model.embed_tokens.weight
+
+
+def check_finite(tensor: torch.Tensor, name: str, file, dtype) -> None:
+    """NaN, inf, or values beyond what `dtype` holds (they would become inf there) are errors naming the tensor."""
+    largest = float(tensor.abs().max())        # NaN propagates, so one pass catches all three
+    if not largest <= torch.finfo(dtype).max:
+        problem = "NaN or inf values" if not math.isfinite(largest) else f"values up to {largest:.3g}, beyond {dtype}"
+        raise ValueError(f"{file}: tensor {name} holds {problem}; the checkpoint is damaged or needs another --dtype")
+
+
+def _load_prequantized(model, name, tensors, file, dtype, device, nf4, expected) -> None:
+    """A weight bitsandbytes saved in NF4 (a `*-bnb-4bit` folder): kept in NF4, or dequantised."""
+    key = our_key(name)
+    if not _DECODER_LINEAR.match(key):
+        raise ValueError(f"{file}: {name} is NF4-quantised but only decoder linears can be")
+    try:
+        state = nf4_state_from_tensors(tensors, prefix=name.removesuffix("weight"))
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    if tuple(state.shape) != expected[key]:
+        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {expected[key]}")
+    if nf4:
+        _put(model, key.removesuffix(".weight"), Linear4bit(tensors[name], state, **nf4).to(device))
+    else:
+        _put(model, key, nn.Parameter(dequantize_nf4(tensors[name], state, dtype).to(device)))
+
+
+def _put(model: nn.Module, key: str, value) -> None:
+    """model.<key> = value, for a dotted key ("layers.0.mlp.up_proj")."""
+    parent, _, leaf = key.rpartition(".")
+    setattr(model.get_submodule(parent), leaf, value)
 
 
 def load_state(model: Transformer, path) -> None:
@@ -372,89 +346,6 @@ def load_state(model: Transformer, path) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state[name])
-
-
-def check_finite(tensor: torch.Tensor, name: str, file, dtype) -> None:
-    """NaN, inf, or values beyond what `dtype` holds (they would become inf there) are errors naming the tensor."""
-    largest = float(tensor.abs().max())        # NaN propagates, so one pass catches all three
-    if not largest <= torch.finfo(dtype).max:
-        problem = "NaN or inf values" if not math.isfinite(largest) else f"values up to {largest:.3g}, beyond {dtype}"
-        raise ValueError(f"{file}: tensor {name} holds {problem}; the checkpoint is damaged or needs another --dtype")
-
-
-def _load_prequantized(model, name, tensors, file, dtype, device, nf4, quant_backend, expected) -> None:
-    """A weight bitsandbytes saved in NF4 (a `*-bnb-4bit` folder): kept in NF4, or dequantised."""
-    key = our_key(name)
-    if not _DECODER_LINEAR.match(key):
-        raise ValueError(f"{file}: {name} is NF4-quantised but only decoder linears can be")
-    try:
-        state = nf4_state_from_tensors(tensors, prefix=name[: -len("weight")])
-    except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
-    if tuple(state.shape) != expected[key]:
-        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {expected[key]}")
-    packed = tensors[name]
-    if nf4:
-        _set_module(model, key, Linear4bit(packed, state, compute_dtype=dtype, backend=quant_backend).to(device))
-    else:
-        _set_parameter(model, key, dequantize_nf4(packed, state, dtype).to(device))
-
-
-def _parent(model: nn.Module, key: str):
-    *path, leaf = key.split(".")
-    module = model
-    for part in path:
-        module = getattr(module, part)
-    return module, leaf
-
-
-def _set_parameter(model, key, tensor):
-    module, leaf = _parent(model, key)
-    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
-
-
-def _set_module(model, weight_key, new_module):
-    """Replace the nn.Linear owning `weight_key` by `new_module`."""
-    parent, leaf = _parent(model, weight_key[: -len(".weight")])
-    setattr(parent, leaf, new_module)
-
-
-# --------------------------------------------------------------------------- bitsandbytes' NF4 tensors
-
-_NF4_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def nf4_state_from_tensors(tensors: dict, prefix: str = "") -> NF4State:
-    """The NF4State bitsandbytes serialised beside `<prefix>weight` (QuantState.as_dict(packed=True)):
-    `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`, `weight.nested_quant_map`, and the other fields
-    as JSON bytes in a uint8 tensor `weight.quant_state.bitsandbytes__nf4`. Sizes are checked against the shape."""
-    key = prefix + "weight."
-    meta_key = key + "quant_state.bitsandbytes__nf4"
-    if meta_key not in tensors:
-        other = [k for k in tensors if k.startswith(key + "quant_state.")]
-        raise ValueError(f"{other[0]}: only nf4 is supported" if other else f"missing {meta_key}")
-    try:
-        meta = json.loads(bytes(tensors[meta_key].to(torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{meta_key} does not hold quantization JSON: {e}") from None
-
-    def need(name):
-        if name not in tensors:
-            raise ValueError(f"missing {name}")
-        return tensors[name]
-
-    shape = meta.get("shape") if isinstance(meta, dict) else None
-    if (not isinstance(meta, dict) or meta.get("quant_type") != "nf4" or meta.get("dtype") not in _NF4_DTYPES
-            or not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
-        raise ValueError(f"{meta_key}: expected nf4 with a float dtype and a shape, got {meta}")
-    state = NF4State(shape=tuple(shape), dtype=_NF4_DTYPES[meta["dtype"]], blocksize=meta.get("blocksize"),
-                     absmax=need(key + "absmax"), code=need(key + "quant_map"))
-    if "nested_offset" in meta:
-        state.offset = float(meta["nested_offset"])
-        state.nested_absmax, state.nested_code = need(key + "nested_absmax"), need(key + "nested_quant_map")
-        state.nested_blocksize = meta.get("nested_blocksize")
-    check_state(tensors.get(prefix + "weight"), state, name=prefix + "weight")
-    return state
 
 
 # --------------------------------------------------------------------------- writing HF folders

@@ -1,5 +1,5 @@
 """quant.py: NF4 bytes and values identical to bitsandbytes, state conversion, Linear4bit autograd contract;
-hf.py's reader of bitsandbytes' serialised NF4 state."""
+infra/bnb.py's reader of bitsandbytes' serialised NF4 state."""
 import dataclasses
 import glob
 import json
@@ -9,6 +9,7 @@ import torch
 
 from infra import hf
 import quant
+from infra import bnb as bnb_format
 
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
@@ -120,6 +121,19 @@ def test_small_chunks_give_the_same_bytes(monkeypatch):
     assert torch.equal(quant.dequantize_nf4(packed3, state3, torch.float32), dense)
 
 
+@pytest.mark.parametrize("blocksize", [64, 4096])          # 4096: work buffers too large to keep
+@pytest.mark.parametrize("chunk_blocks", [3, quant.CHUNK_BLOCKS])
+def test_fast_decode_gives_the_bits_of_the_plain_rule(monkeypatch, blocksize, chunk_blocks):
+    """The one-gather decoder (and its reused work buffers) against code[index] * absmax written out."""
+    monkeypatch.setattr(quant, "CHUNK_BLOCKS", chunk_blocks)
+    for shape, dtype in (((37, 101), torch.bfloat16), ((300, 64), torch.float16), ((64 * 257 + 5,), torch.float32)):
+        packed, state = quant.quantize_nf4(weight(shape, dtype), blocksize=blocksize)
+        fast = [quant.dequantize_nf4(packed, state, d) for d in DTYPES]
+        monkeypatch.setattr(quant, "FAST_DECODE", False)
+        assert all(torch.equal(quant.dequantize_nf4(packed, state, d), f) for d, f in zip(DTYPES, fast))
+        monkeypatch.setattr(quant, "FAST_DECODE", True)
+
+
 def test_without_double_quant_matches_bitsandbytes():
     w = weight((96, 80), torch.float16, seed=1)
     packed, state = quant.quantize_nf4(w, double_quant=False)
@@ -215,13 +229,13 @@ def test_round_trip_through_bnb_quant_state(dtype):
     w = weight((70, 130), dtype, seed=2)
     packed, state = quant.quantize_nf4(w)
     # ours -> bnb dequantize
-    assert torch.equal(bnb_dequantize(packed, quant.state_to_bnb(state)), quant.dequantize_nf4(packed, state).view(-1))
+    assert torch.equal(bnb_dequantize(packed, bnb_format.state_to_bnb(state)), quant.dequantize_nf4(packed, state).view(-1))
     # bnb quantize -> ours
     ref_packed, ref_state = bnb_quantize(w)
     back = state_from_bnb(ref_state)
     assert_same_state(back, ref_state)
     assert torch.equal(quant.dequantize_nf4(ref_packed, back).view(-1), bnb_dequantize(ref_packed, ref_state))
-    assert quant.state_to_bnb(back) == ref_state  # QuantState.__eq__
+    assert bnb_format.state_to_bnb(back) == ref_state  # QuantState.__eq__
 
 
 def test_reads_bnb_serialized_state():
@@ -232,7 +246,7 @@ def test_reads_bnb_serialized_state():
     ref = {prefix + "weight." + k: v for k, v in bnb_quantize(w)[1].as_dict(packed=True).items()}
     meta = json.loads(bytes(ref[prefix + "weight.quant_state.bitsandbytes__nf4"].tolist()))
     assert meta["shape"] == [96, 200] and meta["dtype"] == "bfloat16" and meta["nested_blocksize"] == 256
-    back = hf.nf4_state_from_tensors({prefix + "weight": packed, **ref}, prefix)
+    back = bnb_format.nf4_state_from_tensors({prefix + "weight": packed, **ref}, prefix)
     assert torch.equal(quant.dequantize_nf4(packed, back), quant.dequantize_nf4(packed, state))
     assert_same_state(back, bnb_quantize(w)[1])
 
@@ -242,7 +256,7 @@ def test_reads_bnb_serialized_state_without_double_quant():
     packed, state = quant.quantize_nf4(w, double_quant=False)
     tensors = {"weight." + k: v for k, v in bnb_quantize(w, double_quant=False)[1].as_dict(packed=True).items()}
     assert set(tensors) == {"weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"}
-    back = hf.nf4_state_from_tensors({"weight": packed, **tensors})
+    back = bnb_format.nf4_state_from_tensors({"weight": packed, **tensors})
     assert not back.double_quant
     assert torch.equal(quant.dequantize_nf4(packed, back), quant.dequantize_nf4(packed, state))
 
@@ -267,7 +281,7 @@ def test_reads_a_transformers_bnb_4bit_checkpoint(tmp_path):
     prefixes = [k[: -len("weight.quant_state.bitsandbytes__nf4")] for k in quantized if k.endswith("bitsandbytes__nf4")]
     assert len(prefixes) == 2 * 7
     for prefix in prefixes:
-        state = hf.nf4_state_from_tensors(quantized, prefix)
+        state = bnb_format.nf4_state_from_tensors(quantized, prefix)
         packed, ours = quant.quantize_nf4(dense[prefix + "weight"])
         assert torch.equal(quantized[prefix + "weight"], packed), prefix
         assert torch.equal(quant.dequantize_nf4(packed, state), quant.dequantize_nf4(packed, ours))
@@ -299,10 +313,10 @@ def test_wrong_shapes_give_clear_errors():
     blob = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     tensors["q_proj.weight.quant_state.bitsandbytes__nf4"] = blob
     with pytest.raises(ValueError, match=r"q_proj\.weight holds 4096 packed bytes but shape \(32, 128\)"):
-        hf.nf4_state_from_tensors(tensors, "q_proj.")
+        bnb_format.nf4_state_from_tensors(tensors, "q_proj.")
     tensors.pop("q_proj.weight.nested_absmax")
     with pytest.raises(ValueError, match=r"missing q_proj\.weight\.nested_absmax"):
-        hf.nf4_state_from_tensors(tensors, "q_proj.")
+        bnb_format.nf4_state_from_tensors(tensors, "q_proj.")
     with pytest.raises(ValueError, match="2-D"):
         quant.Linear4bit(*quant.quantize_nf4(torch.randn(64)))
     with pytest.raises(ValueError, match="quant backend must be one of"):

@@ -109,6 +109,33 @@ def test_nan_or_overflowing_base_weights_are_reported_at_load(tiny, tmp_path):
         hf.load_model(model, dtype=torch.float16)
 
 
+@pytest.mark.parametrize("stat", ["absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset"])
+def test_nan_in_prequantized_statistics_is_reported_at_load(tiny, tmp_path, stat):
+    """A `*-bnb-4bit` folder: a NaN in a block scale, a code book or the offset would spread to whole blocks."""
+    pytest.importorskip("bitsandbytes")
+    import quant
+    from infra import bnb
+
+    model = copy_model(tiny["model"], tmp_path / "bnb")
+    shard = sorted(model.glob("model-*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if k.endswith("q_proj.weight"))
+    tensors[name], state = quant.quantize_nf4(tensors[name], double_quant=stat != "absmax")
+    if stat == "nested_offset":
+        state.offset = float("inf")
+    serialised = {f"{name}.{k}": v.clone() for k, v in bnb.state_to_bnb(state).as_dict(packed=True).items()}
+    if stat != "nested_offset":
+        serialised[f"{name}.{stat}"].view(-1)[0] = float("nan")
+    save_file({**tensors, **serialised}, shard, metadata={"format": "pt"})
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(serialised, shard.name))
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    fragment = "nested_offset is inf" if stat == "nested_offset" else f"{name}.{stat} holds NaN or inf"
+    for quantize in (None, "nf4"):
+        with pytest.raises(ValueError, match=f"{shard.name}: .*{fragment}"):
+            hf.load_model(model, dtype=torch.float32, quantize=quantize)
+
+
 def test_diverging_run_stops_before_applying_nan_and_keeps_the_last_checkpoint(tiny, tmp_path):
     out = tmp_path / "run"
     # Adam moves every weight by ~lr per step: with lr 1e30 the second forward overflows fp32.
@@ -254,29 +281,49 @@ def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_check
 
 # --------------------------------------------------------------------------- malformed checkpoints
 
-def write_raw_safetensors(path, header: dict, data: bytes):
-    blob = json.dumps(header).encode()
+def write_raw_safetensors(path, header, data: bytes):
+    blob = (header if isinstance(header, str) else json.dumps(header)).encode()    # str: keys given twice
     path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
 
 
-@pytest.mark.parametrize("entry,fragment", [
-    ({"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}, "unsupported or missing dtype"),
-    ({"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}, "bad shape"),
-    ({"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}, "bad shape"),
-    ({"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}, "bad data_offsets"),
-    ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, "hold 8 bytes, shape [3] needs 12"),
-    ({"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "ends at data byte 16 but the file holds 8"),
-    ("not an entry", "unsupported or missing dtype"),
-])
-def test_malformed_safetensors_headers(tmp_path, entry, fragment):
+@pytest.mark.parametrize("header,data,fragment", [
+    ({"model.norm.weight": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}, 8, "F99"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8, "-2"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, 8, '"2"'),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, 8, "model.norm.weight"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8, "offset"),
+    ({"model.norm.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, 8, "covered"),
+    ({"model.norm.weight": "not an entry"}, 8, "not an entry"),
+    (["a", "list"], 0, "sequence"),
+    # what a hand-written reader let through: two tensors on the same bytes, and a name given twice
+    ({"model.norm.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "lm_head.weight": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "offset"),
+    ('{"model.norm.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+     '"lm_head.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}, '
+     '"model.norm.weight": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}', 16, "offset"),
+], ids=["dtype", "negative-dim", "shape-string", "reversed-offsets", "size-mismatch", "past-the-end",
+        "entry-string", "header-list", "overlapping-offsets", "name-given-twice"])
+def test_malformed_safetensors_headers(tmp_path, header, data, fragment):
     f = tmp_path / "model.safetensors"
-    write_raw_safetensors(f, {"model.norm.weight": entry}, b"\0" * 8)
-    with pytest.raises(ValueError, match="model.safetensors: tensor model.norm.weight: ") as e:
-        hf.safetensors_header(f)
+    write_raw_safetensors(f, header, b"\0" * data)
+    with pytest.raises(ValueError) as e:
+        hf.read_tensor_file(f)
+    assert str(e.value).startswith(f"{f}: cannot read safetensors header, truncated or corrupt?")
     assert fragment in str(e.value)
-    write_raw_safetensors(f, ["a", "list"], b"")
-    with pytest.raises(ValueError, match="header is not a JSON object"):
-        hf.safetensors_header(f)
+
+
+def test_integer_dtype_in_a_base_weight_is_refused(tiny, tmp_path):
+    """F32 -> I32 in a header keeps every size right: only the weight's dtype tells the header is damaged."""
+    model = copy_model(tiny["model"], tmp_path / "int")
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    header[name]["dtype"] = "I32"
+    write_raw_safetensors(shard, header, raw[8 + n:])
+    with pytest.raises(ValueError, match=f"{shard.name}: tensor {name} has dtype torch.int32, expected a floating"):
+        hf.load_model(model, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/passwd", "sub/../../x.safetensors", ""])
