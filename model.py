@@ -13,11 +13,8 @@ with RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), in fp32 as HF does. The modules
 ModelArgs.fused (the default) swaps in the autograd functions at the end of the file: less kept for backward,
 and no (T x vocab) logits in the loss.
 
-What is fixed for a run is set once on the model, not passed to every call:
-    model.set_attention("s2", group_size_ratio, shift)   S²-Attn for training ("full": inference, evaluation)
-    model.gradient_checkpointing = True                  keep each layer's input only, recompute it in backward
-    model.set_memory_savings(mlp_chunk, offload)         MLP in tiles of tokens; checkpoints in host memory
-    model.loss_chunk                                     tokens per lm_head + cross-entropy chunk (fused)
+Set once per run on the model, not passed to every call: set_attention("s2", group_size_ratio, shift) (S²-Attn
+for training; "full" at inference), gradient_checkpointing, set_memory_savings(mlp_chunk, offload), loss_chunk.
 Module names mirror the HF checkpoint minus its leading "model.", so checkpoint and PEFT keys map to ours
 by one rule (infra/hf.py, which also does all loading and saving).
 """
@@ -56,8 +53,7 @@ class ModelArgs:
     eos_token_id: int | list | None = 2
     extra: dict = field(default_factory=dict, repr=False)  # config.json keys we do not use, written back on export
     fused: bool = True                  # the autograd functions at the end of this file; False: the plain equations
-    # rope_scaling (normalised by infra.rope_scaling) names a rule other than PI: infra.rope_scaling.rope_inv_freq,
-    # set by the loader (this file may not import infra), computes its tables (Transformer.rope_tables).
+    # For a rope_scaling rule other than PI: its tables' function (infra.rope_scaling.rope_inv_freq, set by the loader)
     rope_rule: Callable | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
@@ -266,14 +262,11 @@ def cross_entropy(hidden, head_weight, labels, reduction: str = "mean"):
 
 
 def _reduce(nll, labels, reduction: str):
-    targets = labels[:, 1:]
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if reduction == "none":
-        return nll.view(targets.shape)
-    if reduction == "sum":
-        return nll.sum()
-    if reduction == "mean":
-        return nll.sum() / (targets != -100).sum().clamp(min=1)
-    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        return nll.view(labels[:, 1:].shape)
+    return nll.sum() if reduction == "sum" else nll.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
 
 # ------------------------------------------ The fused and memory-saving paths (ModelArgs.fused, set_memory_savings):
@@ -327,8 +320,7 @@ class _SwiGLU(torch.autograd.Function):
 
 
 def to_host(h):
-    """A differentiable copy of h in host memory, pinned for a GPU so that the copy runs asynchronously; the
-    device copy can then be freed."""
+    """A differentiable copy of h in host memory, pinned on a GPU so that the copy runs asynchronously."""
     return torch.empty(h.shape, dtype=h.dtype, pin_memory=h.is_cuda).copy_(h, non_blocking=h.is_cuda)
 
 
@@ -338,28 +330,32 @@ def run_on(layer, h, device, *args):
 
 def chunked_cross_entropy(hidden, head_weight, labels, chunk_size: int = 1024, reduction: str = "mean"):
     """cross_entropy, chunk_size tokens at a time: at no point do (B*T, V) fp32 logits exist."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return _reduce(_ChunkedCE.apply(h, head_weight, labels[:, 1:].reshape(-1), chunk_size), labels, reduction)
+    h, targets = hidden[:, :-1].reshape(-1, hidden.shape[-1]), labels[:, 1:].reshape(-1)
+    if not head_weight.requires_grad:
+        return _reduce(_ChunkedCE.apply(h, head_weight, targets, chunk_size), labels, reduction)
+    # A trained head (full fine-tuning) needs dW too: each chunk's plain loss, its logits recomputed in backward.
+    nll = [checkpoint(_chunk_nll, h[s:s + chunk_size], head_weight, targets[s:s + chunk_size], use_reentrant=False)
+           for s in range(0, len(targets), chunk_size)]
+    return _reduce(torch.cat(nll), labels, reduction)
+
+
+def _chunk_nll(h, weight, targets):
+    return F.cross_entropy((h @ weight.t()).float(), targets, reduction="none")
 
 
 class _ChunkedCE(torch.autograd.Function):
-    """Cross-entropy of h @ W^T, chunk by chunk of tokens, without ever keeping the (N, V) logits.
+    """Cross-entropy of h @ W^T for a frozen W (LoRA), chunk by chunk of tokens, never keeping (N, V) logits.
 
-    d(nll)/d(logits) = softmax(logits) - onehot(target), so d(nll)/dh = (softmax - onehot) @ W.
-    - Frozen head (LoRA, the usual case): that (N, dim) gradient is computed in the forward pass, while
-      each chunk's logits exist anyway, and saved; backward only scales it. No logits are recomputed.
-    - Trained head (full fine-tuning): forward saves the log-sum-exp per token; backward recomputes each
-      chunk's logits to get both dh and dW.
-    - No gradient wanted (evaluation): only the nll.
+    d(nll)/d(logits) = softmax(logits) - onehot(target), so d(nll)/dh = (softmax - onehot) @ W: that (N, dim)
+    gradient is computed in the forward pass, while each chunk's logits exist anyway, and saved; backward only
+    scales it, and no logits are recomputed. With no gradient wanted (evaluation) only the nll is computed.
     """
 
     @staticmethod
     def forward(ctx, h, weight, targets, chunk_size):
         n, valid = h.shape[0], targets != -100
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         nll = torch.empty(n, dtype=torch.float32, device=h.device)
-        lse = torch.empty_like(nll) if want_w else None
-        dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if want_h and not want_w else None
+        dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
         # Work buffers shared by every chunk, not a fresh (chunk x vocab) tensor per chunk and softmax step. The
         # logits are computed in h's dtype (as HF, then cast to fp32); all else happens in place in the fp32 one.
         buf32 = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32, device=h.device)
@@ -374,10 +370,7 @@ class _ChunkedCE(torch.autograd.Function):
             target_logit = logits.gather(1, t[:, None]).squeeze(1)
             peak = logits.amax(1, keepdim=True)
             total = logits.sub_(peak).exp_().sum(1)
-            chunk_lse = total.log().add_(peak.squeeze(1))
-            nll[s:e] = (chunk_lse - target_logit) * valid[s:e]
-            if lse is not None:
-                lse[s:e] = chunk_lse
+            nll[s:e] = (total.log().add_(peak.squeeze(1)) - target_logit) * valid[s:e]
             if dnll_dh is not None:
                 # softmax - onehot (0 for ignored tokens), times _DLOGITS_SCALE, then @ W in the 16-bit dtype.
                 weight_row = valid[s:e] * _DLOGITS_SCALE
@@ -385,29 +378,14 @@ class _ChunkedCE(torch.autograd.Function):
                 probs = logits if buf16 is None else buf16[:e - s].copy_(logits)
                 dnll_dh[s:e] = probs @ weight
                 dnll_dh[s:e].div_(_DLOGITS_SCALE)
-        ctx.chunk_size, ctx.h_dtype = chunk_size, h.dtype
-        ctx.save_for_backward(*((h, weight, targets, lse) if want_w else (dnll_dh,)))
+        ctx.h_dtype = h.dtype
+        ctx.save_for_backward(dnll_dh)
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
-        if not ctx.needs_input_grad[1]:
-            (dnll_dh,) = ctx.saved_tensors
-            return (dnll_dh * grad_nll[:, None]).to(ctx.h_dtype), None, None, None
-        h, weight, targets, lse = ctx.saved_tensors
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for s in range(0, h.shape[0], ctx.chunk_size):
-            e, t = min(s + ctx.chunk_size, h.shape[0]), targets[s:s + ctx.chunk_size]
-            # d(nll)/d(logits) = exp(logits - lse) - onehot, rows of ignored tokens zero, times the incoming grad
-            probs = (h[s:e] @ weight.t()).float().sub_(lse[s:e, None]).exp_()
-            probs.scatter_add_(1, t.clamp(min=0)[:, None], -torch.ones_like(probs[:, :1]))
-            probs.mul_((t != -100)[:, None]).mul_(grad_nll[s:e, None])
-            if grad_h is not None:
-                grad_h[s:e] = (probs.to(weight.dtype) @ weight).to(h.dtype)
-            grad_w += probs.t() @ h[s:e].float()
-            del probs                                         # before the next chunk's logits are allocated
-        return grad_h, grad_w.to(weight.dtype), None, None
+        (dnll_dh,) = ctx.saved_tensors
+        return (dnll_dh * grad_nll[:, None]).to(ctx.h_dtype), None, None, None
 
 
 # A power of two applied before the 16-bit matmul and removed after it: softmax values near 1/V (~3e-5) would
