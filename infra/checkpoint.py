@@ -35,11 +35,6 @@ import lora
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 RUN_FILES = ("metrics.jsonl", "train_config.json", "adapter", "model")
-# train_config.json keys a resumed run must share with the checkpoint's run.
-RECIPE_KEYS = ("model", "base_fingerprint", "data", "split", "ctx", "batch_size", "grad_accum", "lr", "warmup",
-               "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "train_embed_norm",
-               "full_finetune", "group_size_ratio", "attn", "s2_shift", "quant", "dtype", "sft", "template",
-               "loss_weighting", "layout", "rope_factor", "seed", "world_size")
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -98,10 +93,11 @@ def _saved_config(out: Path) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
-def check_same_recipe(out: Path, config: dict) -> None:
-    """A resumed run must be the run that wrote the checkpoint: same recipe, same base weights."""
+def check_same_recipe(out: Path, config: dict, recipe: list[str]) -> None:
+    """A resumed run must be the run that wrote the checkpoint: the same `recipe` keys of train_config.json
+    (the flags of the recipe, the base model's fingerprint, the world size)."""
     saved = _saved_config(out)
-    changed = [k for k in RECIPE_KEYS if k in saved and saved[k] != config.get(k)]
+    changed = [k for k in recipe if k in saved and saved[k] != config.get(k)]
     if changed:
         what = ", ".join(f"{k}: {saved[k]!r} -> {config.get(k)!r}" for k in changed)
         hint = " (the base model's weights changed)" if "base_fingerprint" in changed else ""

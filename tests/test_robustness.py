@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from infra import cli
 from infra import hf
+from infra import run
 import train
 from conftest import PG19_MINI, ROOT, make_hf_checkpoint
 from test_train import ENV, common, rows, tree_digest
@@ -150,7 +151,7 @@ def test_fp16_overflow_on_every_step_is_an_error_not_an_untrained_adapter(tiny, 
     one_error_line(p, "fp16 loss scaling skipped 3 steps in a row", "nothing saved", "--dtype bf16")
     assert not (out / "adapter").exists()
     assert all(x["skipped"] == 1 for x in rows(out))
-    assert train.MAX_SKIPPED == 50        # a long run stops after this many in a row
+    assert run.MAX_SKIPPED == 50        # a long run stops after this many in a row
 
 
 # --------------------------------------------------------------------------- resume never destroys a run
