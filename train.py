@@ -48,8 +48,8 @@ torch, data, lora, rope, demo, hf, memory, run, sources = map(cli.LazyModule, (
 # given"; a range is an interval checked before anything is read ("[1, inf)") or a tuple of choices.
 RECIPE = [      # what the run computes: --resume refuses to change any of these
     ("model", str, None, "HF LLaMA directory (config.json, safetensors, tokenizer.model); none: offline demo"),
-    ("data", "synthetic", None, "'synthetic', a PG19-layout folder, a folder/.txt/.jsonl(.gz) of texts, a .bin token "
-                                "file, or with --sft a JSONL of {input, output} / {conversation} records"),
+    ("data", str, None, "a PG19-layout folder, a folder/.txt/.jsonl(.gz) of texts, a .bin token file, with --sft a "
+                        "JSONL of {input, output} / {conversation} records, or 'synthetic' [the demo: synthetic]"),
     ("split", str, None, "split of a PG19-layout folder [train]"),
     ("ctx", 8192, "[2, inf)", "training context length in tokens"),
     ("batch_size", 1, "[1, inf)", "sequences per micro-batch and rank"),
@@ -105,7 +105,7 @@ PRESETS = {
                               loss_weighting="micro-batch"),
 }
 DEMO = dict(max_steps=80, lr=4e-3, warmup=5, max_grad_norm=1.0, lora_r=16, lora_alpha=64.0, train_embed_norm=True,
-            save_every=0, log_every=5, out="out/demo")
+            save_every=0, log_every=5, out="out/demo", data="synthetic")
 COMMAND = [     # what this invocation does; not saved with the run
     ("preset", str, tuple(PRESETS), "the paper's recipe; explicit flags override it"),
     ("resume", False, None, "continue from the newest complete checkpoint in --out"),
@@ -147,7 +147,7 @@ def check_args(args) -> None:
                          f"{int(args.ctx * args.group_size_ratio)} tokens; a group needs at least 1")
     if args.full_finetune and (args.quant == "nf4" or args.dtype == "fp16"):
         raise ValueError("--full-finetune trains the dense weights: it needs --quant none and bf16 or fp32")
-    if args.sft and args.data == "synthetic" and not args.dry_run:
+    if args.sft and args.data in (None, "synthetic") and not args.dry_run:
         raise ValueError("--sft needs --data pointing to a JSONL of conversations")
     if args.demo and args.data != "synthetic":
         raise ValueError(f"--data {args.data}: text data needs the tokenizer of a --model (the demo uses synthetic)")
@@ -161,6 +161,8 @@ def check_args(args) -> None:
 
 def build_dataset(args, model_args):
     """The training sequences (indexable; every item a dict of (ctx,) tensors) and the pad id."""
+    if args.data is None:       # never the demo's corpus for a real model unless asked for
+        raise ValueError("--model without --data: give the text to train on, or --data synthetic for the demo's corpus")
     pad_id = model_args.eos_token_id if isinstance(model_args.eos_token_id, int) else 0
     if args.data == "synthetic":       # an endless supply: sequence i is generated from (seed, i) on demand
         bos = model_args.bos_token_id if isinstance(model_args.bos_token_id, int) else 1

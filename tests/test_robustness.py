@@ -154,6 +154,15 @@ def test_fp16_overflow_on_every_step_is_an_error_not_an_untrained_adapter(tiny, 
     assert run.MAX_SKIPPED == 50        # a long run stops after this many in a row
 
 
+def test_a_model_without_data_is_refused_not_trained_on_the_synthetic_corpus(tiny, tmp_path):
+    p = run_train("--model", tiny["model"], "--out", tmp_path / "out", "--ctx", 64, "--max-steps", 1)
+    one_error_line(p, "--model without --data", "--data synthetic")
+    assert not (tmp_path / "out").exists()
+    train.main(["--model", str(tiny["model"]), "--data", "synthetic", "--out", str(tmp_path / "syn"), "--ctx", "64",
+                "--max-steps", "1", "--dtype", "fp32"])
+    assert json.loads((tmp_path / "syn" / "train_config.json").read_text())["data"] == "synthetic"
+
+
 # --------------------------------------------------------------------------- resume never destroys a run
 
 def test_resume_without_checkpoint_refuses_a_finished_run(tiny, tmp_path):

@@ -416,7 +416,7 @@ def bad_cases(tiny, tmp):
         "ctx > data": (["--model", m, "--data", short, "--ctx", 4096, "--cache-dir", tmp / "c"],
                        f"{short}: 11 tokens, fewer than --ctx 4096"),
         "bad flag": (["--model", m, "--attn", "sparse"], "--attn"),
-        "existing run": (["--model", m, "--ctx", 64], "already holds a training run"),
+        "existing run": (["--model", m, "--data", "synthetic", "--ctx", 64], "already holds a training run"),
     }
 
 
