@@ -26,6 +26,10 @@ PRETRAIN_STEPS = 1000   # the paper's 1000 steps when --max-steps is not given (
 MAX_SKIPPED = 50        # fp16 steps skipped in a row (overflow at every loss scale) before the run is declared broken
 
 
+def has_output(out: Path, full_finetune: bool) -> bool:
+    return (out / ("model" if full_finetune else "adapter")).is_dir()
+
+
 class Run:
     """This process's part (rank of world) of a run: what it loaded, where it logs and saves."""
 
@@ -82,6 +86,8 @@ class Run:
                        "device": str(self.device), "torch": torch.__version__}
         if start is not None:
             checkpoint.check_same_recipe(out, self.config, [*recipe, "base_fingerprint", "world_size"])
+        # --resume of a run whose last checkpoint is its last step and whose final weights are saved: nothing to do
+        self.complete = start is not None and start[0] == args.max_steps and has_output(out, args.full_finetune)
         if self.rank == 0 and start is None:        # --- from here on --out is written (on resume: once restored)
             if args.overwrite:
                 checkpoint.remove_run(out)
@@ -108,6 +114,8 @@ class Run:
             torch.manual_seed(self.args.seed + self.rank)   # dropout masks differ between ranks
             return 0
         step, self.last_saved = self.start
+        if self.complete:
+            return step
         checkpoint.restore(self.last_saved, self.model, self.args.full_finetune, optimizer, scheduler, scaler,
                            self.sampler, self.rank)
         if self.rank == 0:
@@ -176,6 +184,9 @@ class Run:
     def finish(self) -> dict:
         """The final weights saved (rank 0); the summary, logged and returned."""
         args, out, rows = self.args, self.out, self.rows
+        if self.complete:
+            self.log(f"{out}: the run is already complete ({args.max_steps} steps, {self.last_saved}); nothing to do")
+            return {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": 0, "complete": True}
         if self.rank == 0:
             self.save_weights(out)
         if self.world > 1:

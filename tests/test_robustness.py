@@ -174,6 +174,16 @@ def test_resume_without_checkpoint_refuses_a_finished_run(tiny, tmp_path):
     assert tree_digest(out) == before and len(rows(out)) == 4
 
 
+def test_resume_of_a_finished_run_says_it_is_complete_and_writes_nothing(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    p = run_train(*common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2, "--resume"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "the run is already complete" in p.stdout and "tok/s" not in p.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
+
+
 def test_resume_with_max_steps_below_the_checkpoint(tiny, tmp_path):
     out = tmp_path / "run"
     train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 4, "--save-every", 2))
