@@ -268,25 +268,25 @@ def constant_with_warmup(optimizer, warmup: int):
 # --------------------------------------------------------------------------- the loop
 
 def train(args) -> dict:
-    """Optimizer steps up to --max-steps. infra/run.py does the rest: --out, loading (build_dataset,
-    build_model), --resume, metrics.jsonl and the log, checkpoints every --save-every steps and on Ctrl-C."""
-    r = run.Run(args, build_dataset, build_model, recipe=[f[0] for f in RECIPE], saved=[f[0] for f in RECIPE + RUN])
-    optimizer = make_optimizer(r.trainable, args.lr, args.weight_decay, r.device)
-    scheduler = constant_with_warmup(optimizer, args.warmup)
-    scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == torch.float16)
-    start = r.restore(optimizer, scheduler, scaler)         # 0, or the checkpoint's step, everything as it was
-    batches = data.batches(r.dataset, r.sampler, args.batch_size, r.pad_id)
-    with r.progress(start):
-        for step in range(start + 1, args.max_steps + 1):
-            t0 = time.perf_counter()
-            result = train_step(r.model, [next(batches) for _ in range(args.grad_accum)], optimizer, scaler,
-                                args.max_grad_norm, args.loss_weighting, r.world)
-            r.check(step, result, scaler)     # not finite, or fp16 overflow at every scale: stop, nothing saved
-            if not result["skipped"]:
-                scheduler.step()              # a skipped step does not advance the schedule
-            r.record(step, result, time.perf_counter() - t0, scaler)    # metrics.jsonl, the bar, the log
-            r.save_if_due(step, optimizer, scheduler, scaler)            # --save-every, or Ctrl-C: save and stop
-    return r.finish()
+    """Optimizer steps up to --max-steps. infra/run.py does the rest: --out (locked while the run writes it),
+    loading (build_dataset, build_model), --resume, the log, checkpoints every --save-every steps and on Ctrl-C."""
+    with run.Run(args, build_dataset, build_model, [f[0] for f in RECIPE], [f[0] for f in RECIPE + RUN]) as r:
+        optimizer = make_optimizer(r.trainable, args.lr, args.weight_decay, r.device)
+        scheduler = constant_with_warmup(optimizer, args.warmup)
+        scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == torch.float16)
+        start = r.restore(optimizer, scheduler, scaler)         # 0, or the checkpoint's step, everything as it was
+        batches = data.batches(r.dataset, r.sampler, args.batch_size, r.pad_id)
+        with r.progress(start):
+            for step in range(start + 1, args.max_steps + 1):
+                t0 = time.perf_counter()
+                result = train_step(r.model, [next(batches) for _ in range(args.grad_accum)], optimizer, scaler,
+                                    args.max_grad_norm, args.loss_weighting, r.world)
+                r.check(step, result, scaler)     # not finite, or fp16 overflow at every scale: stop, nothing saved
+                if not result["skipped"]:
+                    scheduler.step()              # a skipped step does not advance the schedule
+                r.record(step, result, t0, scaler)                       # metrics.jsonl, the bar, the log
+                r.save_if_due(step, optimizer, scheduler, scaler)        # --save-every, or Ctrl-C: save and stop
+        return r.finish()
 
 
 def main(argv=None) -> dict:

@@ -18,7 +18,9 @@ Rules that keep a run from being lost:
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import re
 import shutil
@@ -62,6 +64,20 @@ def remove_run(out: Path) -> None:
             p.unlink()
     for p in out.glob("checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def lock(out: Path) -> int:
+    """An exclusive lock on the run folder `out` (made if missing), held until the returned descriptor is closed:
+    a second run into the same --out is refused instead of interleaving its writes with the first one's."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{out}: another run is writing to this folder; wait for it to end, or use another --out") \
+            from None
+    return fd
 
 
 def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int | None, demo: bool = False):

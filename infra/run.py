@@ -41,13 +41,23 @@ class Run:
         self.dtype = cli.compute_dtype(args.dtype, self.device)
         self.log = (lambda message: print(message, flush=True)) if self.rank == 0 else (lambda message: None)
         created = not self.out.exists()
+        self.lock = checkpoint.lock(self.out) if self.rank == 0 else None
         try:
             self._load(build_dataset, build_model, recipe, saved)
         except BaseException:
+            self.__exit__()
             if created and self.rank == 0:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         self.log(self.describe())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock is not None:
+            os.close(self.lock)         # releases the lock of --out
+            self.lock = None
 
     def _load(self, build_dataset, build_model, recipe, saved):
         """Check --out, read the config and the data, load the model, and only then write train_config.json."""

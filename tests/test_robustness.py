@@ -246,6 +246,22 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
     assert summary["steps_run"] == 1 and (out / "adapter").is_dir()
 
 
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, common(tiny, out, "--data", tiny["small"],
+                                                                    "--max-steps", 100000, "--save-every", 0))]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not rows_or_empty(out):
+            time.sleep(0.2)
+        p = run_train(*common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--resume"))
+        one_error_line(p, str(out), "another run is writing to this folder")
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+
+
 def rows_or_empty(out):
     try:
         return rows(out)
