@@ -80,6 +80,12 @@ def lock(out: Path) -> int:
     return fd
 
 
+def remove_temporaries(out: Path) -> None:
+    """The hidden temporary files and folders of atomic writes (atomic.py) that a kill left in `out`."""
+    for p in out.glob(".*.tmp-*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int | None, demo: bool = False):
     """(step, folder) of the checkpoint to resume from, or None for a fresh start; every refusal is here."""
     if not resume:

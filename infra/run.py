@@ -124,6 +124,8 @@ class Run:
             torch.manual_seed(self.args.seed + self.rank)   # dropout masks differ between ranks
             return 0
         step, self.last_saved = self.start
+        if self.rank == 0:
+            checkpoint.remove_temporaries(self.out)     # what a kill during a write left (no other run: locked)
         if self.complete:
             return step
         checkpoint.restore(self.last_saved, self.model, self.args.full_finetune, optimizer, scheduler, scaler,

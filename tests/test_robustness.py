@@ -262,6 +262,16 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny, tm
         first.communicate(timeout=120)
 
 
+def test_resume_removes_the_temporaries_a_kill_left(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
+    (out / ".checkpoint-4.tmp-999-x").mkdir()
+    (out / ".checkpoint-4.tmp-999-x" / "trainer_state.pt").write_bytes(b"half")
+    (out / ".metrics.jsonl.tmp-999").write_text("half")
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 3, "--save-every", 2, "--resume"))
+    assert not list(out.glob(".*"))
+
+
 def rows_or_empty(out):
     try:
         return rows(out)
