@@ -110,15 +110,17 @@ def check_range(name: str, value, low=None, high=None, *, open_low: bool = False
     too_low = low is not None and (value <= low if open_low else value < low)
     too_high = high is not None and (value >= high if open_high else value > high)
     if too_low or too_high:
-        lo = "(-inf" if low is None else ("(" if open_low else "[") + f"{low:g}"
-        hi = "inf)" if high is None else f"{high:g}" + (")" if open_high else "]")
+        show = lambda b: f"{b:g}" if isinstance(b, float) else str(b)     # noqa: E731  (ints exactly)
+        lo = "(-inf" if low is None else ("(" if open_low else "[") + show(low)
+        hi = "inf)" if high is None else show(high) + (")" if open_high else "]")
         raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
     return value
 
 
 def check_interval(name: str, value, interval: str):
     """check_range with the bounds written as an interval: "[1, inf)", "(0, 1]"."""
-    low, high = (None if b.strip() in ("-inf", "inf") else float(b) for b in interval[1:-1].split(","))
+    low, high = (None if b.strip() in ("-inf", "inf") else float(b) if "." in b else int(b)
+                 for b in interval[1:-1].split(","))
     return check_range(name, value, low, high, open_low=interval[0] == "(", open_high=interval[-1] == ")")
 
 

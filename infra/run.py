@@ -61,9 +61,10 @@ class Run:
 
     def _load(self, build_dataset, build_model, recipe, saved):
         """Check --out, read the config and the data, load the model, and only then write train_config.json."""
-        args, out, start = self.args, self.out, None
-        if args.demo:
+        args, out = self.args, self.out
+        if args.demo:       # every check (the data too) passes before the previous demo's output is replaced
             start = checkpoint.resume_point(out, args.resume, args.overwrite, args.max_steps, demo=True)
+            self.dataset, self.pad_id = build_dataset(args, demo.model_args(args.ctx))
             self.log(demo.BANNER)
             if self.rank == 0:
                 if start is None:
@@ -73,8 +74,8 @@ class Run:
                 dist.barrier()
             args.model = str(out / "demo-base")
         model_args = hf.read_config(args.model)
-        self.dataset, self.pad_id = build_dataset(args, model_args)
         if not args.demo:       # bad model or data are reported before a conflict with --out
+            self.dataset, self.pad_id = build_dataset(args, model_args)
             start = checkpoint.resume_point(out, args.resume, args.overwrite, args.max_steps)
         self.sampler = data.ShuffledSampler(len(self.dataset), args.seed, self.rank, self.world)
         if args.max_steps is None:

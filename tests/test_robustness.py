@@ -262,6 +262,18 @@ def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny, tm
         first.communicate(timeout=120)
 
 
+def test_a_failing_demo_or_seed_deletes_nothing(tmp_path):
+    """Every check passes before the previous demo's output is replaced; a bad seed fails at parse time."""
+    out = tmp_path / "demo"
+    train.main(["--ctx", "64", "--max-steps", "1", "--out", str(out)])
+    before = tree_digest(out)
+    one_error_line(run_train("--ctx", 3, "--group-size-ratio", 1, "--max-steps", 1, "--out", out), "distance")
+    assert tree_digest(out) == before
+    for seed in (-1, 2**70):
+        one_error_line(run_train("--seed", seed, "--out", out), "--seed must be in [0, ")
+        assert tree_digest(out) == before
+
+
 def test_resume_removes_the_temporaries_a_kill_left(tiny, tmp_path):
     out = tmp_path / "run"
     train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
