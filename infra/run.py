@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,6 @@ class Run:
         self.args, self.out, self.last_saved = args, Path(args.out), None
         self.rank, self.world, self.device = cli.init_distributed()
         self.dtype = cli.compute_dtype(args.dtype, self.device)
-        self.log = (lambda message: print(message, flush=True)) if self.rank == 0 else (lambda message: None)
         created = not self.out.exists()
         self.lock = checkpoint.lock(self.out) if self.rank == 0 else None
         try:
@@ -50,6 +50,12 @@ class Run:
                 shutil.rmtree(self.out, ignore_errors=True)
             raise
         self.log(self.describe())
+
+    def log(self, message: str) -> None:
+        """A line on rank 0's stdout, written above the progress bar (tqdm.write), not into it."""
+        if self.rank == 0:
+            tqdm.write(message)
+            sys.stdout.flush()
 
     def __enter__(self):
         return self

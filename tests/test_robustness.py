@@ -284,6 +284,14 @@ def test_resume_removes_the_temporaries_a_kill_left(tiny, tmp_path):
     assert not list(out.glob(".*"))
 
 
+def test_log_lines_are_written_above_the_progress_bar(tiny, tmp_path, monkeypatch):
+    written = []
+    monkeypatch.setattr(run.tqdm, "write", lambda s, *a, **k: written.append(s))
+    train.main(common(tiny, tmp_path / "run", "--data", tiny["small"], "--max-steps", 2, "--log-every", 1,
+                      "--save-every", 0))
+    assert [line.split(" loss")[0] for line in written if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+
+
 def rows_or_empty(out):
     try:
         return rows(out)
