@@ -292,6 +292,19 @@ def test_log_lines_are_written_above_the_progress_bar(tiny, tmp_path, monkeypatc
     assert [line.split(" loss")[0] for line in written if line.startswith("step ")] == ["step 1/2", "step 2/2"]
 
 
+def test_atomic_writes_honour_the_umask(tmp_path):
+    from infra import atomic
+
+    previous = os.umask(0o022)
+    try:
+        folder = atomic.write_dir(tmp_path / "folder", lambda tmp: (tmp / "f.txt").write_text("x"))
+        file = atomic.write_text(tmp_path / "file.txt", "x")
+    finally:
+        os.umask(previous)
+    modes = [p.stat().st_mode & 0o777 for p in (folder, folder / "f.txt", file)]
+    assert modes == [0o755, 0o644, 0o644]
+
+
 def rows_or_empty(out):
     try:
         return rows(out)
