@@ -47,8 +47,8 @@ def table_parser(flags, **kwargs) -> argparse.ArgumentParser:
         if default is False:
             p.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            p.add_argument(flag, type=default if unset else type(default), help=text if unset else f"{text} [{default}]",
-                           choices=values if isinstance(values, tuple) else None)
+            p.add_argument(flag, type=default if unset else type(default), choices=values if isinstance(values, tuple)
+                           else None, help=text if unset else f"{text} [{default}]")
     return p
 
 

@@ -27,10 +27,6 @@ PRETRAIN_STEPS = 1000   # the paper's 1000 steps when --max-steps is not given (
 MAX_SKIPPED = 50        # fp16 steps skipped in a row (overflow at every loss scale) before the run is declared broken
 
 
-def has_output(out: Path, full_finetune: bool) -> bool:
-    return (out / ("model" if full_finetune else "adapter")).is_dir()
-
-
 class Run:
     """This process's part (rank of world) of a run: what it loaded, where it logs and saves."""
 
@@ -38,16 +34,17 @@ class Run:
         """build_dataset(args, model_args) -> (dataset, pad_id), build_model(args, dtype, device) -> (model,
         trainable, PI factor); `saved`: the flags train_config.json keeps, `recipe`: those --resume must keep."""
         self.args, self.out, self.last_saved = args, Path(args.out), None
+        self.output = self.out / ("model" if args.full_finetune else "adapter")      # the final weights
         self.rank, self.world, self.device = cli.init_distributed()
         self.dtype = cli.compute_dtype(args.dtype, self.device)
-        created = not self.out.exists()
+        created = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)
         self.lock = checkpoint.lock(self.out) if self.rank == 0 else None
         try:
             self._load(build_dataset, build_model, recipe, saved)
         except BaseException:
             self.__exit__()
-            if created and self.rank == 0:
-                shutil.rmtree(self.out, ignore_errors=True)
+            if created is not None and self.rank == 0:     # what this start made, it removes again
+                shutil.rmtree(created, ignore_errors=True)
             raise
         self.log(self.describe())
 
@@ -104,7 +101,7 @@ class Run:
         if start is not None:
             checkpoint.check_same_recipe(out, self.config, [*recipe, "base_fingerprint", "world_size"])
         # --resume of a run whose last checkpoint is its last step and whose final weights are saved: nothing to do
-        self.complete = start is not None and start[0] == args.max_steps and has_output(out, args.full_finetune)
+        self.complete = start is not None and start[0] == args.max_steps and self.output.is_dir()
         if self.rank == 0 and start is None:        # --- from here on --out is written (on resume: once restored)
             if args.overwrite:
                 checkpoint.remove_run(out)
@@ -205,7 +202,8 @@ class Run:
         args, out, rows = self.args, self.out, self.rows
         if self.complete:
             self.log(f"{out}: the run is already complete ({args.max_steps} steps, {self.last_saved}); nothing to do")
-            return {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": 0, "complete": True}
+            return {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": 0, "complete": True,
+                    "output": str(self.output)}
         if self.rank == 0:
             self.save_weights(out)
         if self.world > 1:
@@ -216,7 +214,7 @@ class Run:
                    "last_loss": all_rows[-1]["loss"] if all_rows else None,
                    "tokens_per_s": sum(r["tokens"] for r in rows) / self.elapsed if rows else 0.0,
                    "peak_mem_bytes": cli.peak_memory_bytes(self.device), "seconds": self.elapsed,
-                   "output": str(out / ("model" if args.full_finetune else "adapter"))}
+                   "output": str(self.output)}
         if all_rows:
             self.log(f"loss: first step {summary['first_loss']:.4f} -> last step {summary['last_loss']:.4f}; "
                      f"{summary['tokens_per_s']:.0f} tok/s; peak {summary['peak_mem_bytes'] / 2**30:.2f} GiB; "
