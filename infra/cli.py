@@ -59,8 +59,11 @@ def resolve(args, flags, *overrides: dict) -> None:
         if getattr(args, name) is None:
             setattr(args, name, next((o[name] for o in overrides if name in o),
                                      None if isinstance(default, type) else default))
-        if isinstance(values, str) and getattr(args, name) is not None:
-            check_interval("--" + name.replace("_", "-"), getattr(args, name), values)
+        if isinstance(values, str) and getattr(args, name) is not None:        # an interval: "[1, inf)", "(0, 1]"
+            low, high = (None if b.strip() in ("-inf", "inf") else float(b) if "." in b else int(b)
+                         for b in values[1:-1].split(","))
+            check_range("--" + name.replace("_", "-"), getattr(args, name), low, high, open_low=values[0] == "(",
+                        open_high=values[-1] == ")")
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -115,13 +118,6 @@ def check_range(name: str, value, low=None, high=None, *, open_low: bool = False
         hi = "inf)" if high is None else show(high) + (")" if open_high else "]")
         raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
     return value
-
-
-def check_interval(name: str, value, interval: str):
-    """check_range with the bounds written as an interval: "[1, inf)", "(0, 1]"."""
-    low, high = (None if b.strip() in ("-inf", "inf") else float(b) if "." in b else int(b)
-                 for b in interval[1:-1].split(","))
-    return check_range(name, value, low, high, open_low=interval[0] == "(", open_high=interval[-1] == ")")
 
 
 class LazyModule:
