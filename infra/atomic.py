@@ -29,6 +29,12 @@ def write_text(path, text: str) -> Path:
     return path
 
 
+def umask() -> int:
+    mask = os.umask(0)          # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
 def write_json(path, obj, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
 
@@ -39,6 +45,7 @@ def write_dir(out_dir, write) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    tmp.chmod(0o777 & ~umask())          # mkdtemp makes it 0700; a folder made by mkdir honours the umask
     try:
         write(tmp)
         if out_dir.exists():

@@ -18,7 +18,9 @@ Rules that keep a run from being lost:
 """
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import random
 import re
 import shutil
@@ -35,11 +37,6 @@ from infra.adapter import load_adapter, save_adapter
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 RUN_FILES = ("metrics.jsonl", "train_config.json", "adapter", "model")
-# train_config.json keys a resumed run must share with the checkpoint's run.
-RECIPE_KEYS = ("model", "base_fingerprint", "data", "split", "ctx", "batch_size", "grad_accum", "lr", "warmup",
-               "weight_decay", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout", "train_embed_norm",
-               "full_finetune", "group_size_ratio", "attn", "s2_shift", "quant", "dtype", "sft", "template",
-               "loss_weighting", "layout", "rope_factor", "seed", "world_size")
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -67,6 +64,26 @@ def remove_run(out: Path) -> None:
             p.unlink()
     for p in out.glob("checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
+
+
+def lock(out: Path) -> int:
+    """An exclusive lock on the run folder `out` (made if missing), held until the returned descriptor is closed:
+    a second run into the same --out is refused instead of interleaving its writes with the first one's."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{out}: another run is writing to this folder; wait for it to end, or use another --out") \
+            from None
+    return fd
+
+
+def remove_temporaries(out: Path) -> None:
+    """The hidden temporary files and folders of atomic writes (atomic.py) that a kill left in `out`."""
+    for p in out.glob(".*.tmp-*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
 def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int | None, demo: bool = False):
@@ -98,10 +115,11 @@ def _saved_config(out: Path) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
-def check_same_recipe(out: Path, config: dict) -> None:
-    """A resumed run must be the run that wrote the checkpoint: same recipe, same base weights."""
+def check_same_recipe(out: Path, config: dict, recipe: list[str]) -> None:
+    """A resumed run must be the run that wrote the checkpoint: the same `recipe` keys of train_config.json
+    (the flags of the recipe, the base model's fingerprint, the world size)."""
     saved = _saved_config(out)
-    changed = [k for k in RECIPE_KEYS if k in saved and saved[k] != config.get(k)]
+    changed = [k for k in recipe if k in saved and saved[k] != config.get(k)]
     if changed:
         what = ", ".join(f"{k}: {saved[k]!r} -> {config.get(k)!r}" for k in changed)
         hint = " (the base model's weights changed)" if "base_fingerprint" in changed else ""

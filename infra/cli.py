@@ -8,6 +8,7 @@ FileNotFoundError or OSError (files, network, disk full) with the message alread
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import signal
@@ -34,6 +35,35 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None and action.option_strings:
             return f"{action.help} (default: none)"
         return super()._get_help_string(action)
+
+
+def table_parser(flags, **kwargs) -> argparse.ArgumentParser:
+    """The flags of a table [(name, default, range, help)], each default None (resolve fills them in): a switch
+    for a False default, else the default's type (or the type given as the default: none unless given), the
+    choices of a tuple range, and the default in brackets after the help."""
+    p = one_line_errors(argparse.ArgumentParser(**kwargs))
+    for name, default, values, text in flags:
+        flag, unset = "--" + name.replace("_", "-"), isinstance(default, type)
+        if default is False:
+            p.add_argument(flag, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(flag, type=default if unset else type(default), choices=values if isinstance(values, tuple)
+                           else None, help=text if unset else f"{text} [{default}]")
+    return p
+
+
+def resolve(args, flags, *overrides: dict) -> None:
+    """Every flag of the table left unset takes its value from the first of `overrides` that has it, else the
+    table's default; then each value is checked against its interval."""
+    for name, default, values, _ in flags:
+        if getattr(args, name) is None:
+            setattr(args, name, next((o[name] for o in overrides if name in o),
+                                     None if isinstance(default, type) else default))
+        if isinstance(values, str) and getattr(args, name) is not None:        # an interval: "[1, inf)", "(0, 1]"
+            low, high = (None if b.strip() in ("-inf", "inf") else float(b) if "." in b else int(b)
+                         for b in values[1:-1].split(","))
+            check_range("--" + name.replace("_", "-"), getattr(args, name), low, high, open_low=values[0] == "(",
+                        open_high=values[-1] == ")")
 
 
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
@@ -69,6 +99,9 @@ def run(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:        # torchrun: leave the process group (train.py's init_distributed joined it)
+        if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
+            sys.modules["torch.distributed"].destroy_process_group()
     return 0
 
 
@@ -80,10 +113,22 @@ def check_range(name: str, value, low=None, high=None, *, open_low: bool = False
     too_low = low is not None and (value <= low if open_low else value < low)
     too_high = high is not None and (value >= high if open_high else value > high)
     if too_low or too_high:
-        lo = "(-inf" if low is None else ("(" if open_low else "[") + f"{low:g}"
-        hi = "inf)" if high is None else f"{high:g}" + (")" if open_high else "]")
+        show = lambda b: f"{b:g}" if isinstance(b, float) else str(b)     # noqa: E731  (ints exactly)
+        lo = "(-inf" if low is None else ("(" if open_low else "[") + show(low)
+        hi = "inf)" if high is None else show(high) + (")" if open_high else "]")
         raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
     return value
+
+
+class LazyModule:
+    """Module `name`, imported on the first attribute access: a script names torch and its own modules at the
+    top and still answers --help and bad flags before torch has loaded (seconds)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self.name), attr)
 
 
 class StopRequest:

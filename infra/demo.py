@@ -24,11 +24,8 @@ import data
 from infra import hf
 from model import ModelArgs, Transformer
 
-OUT = "out/demo"
 ARCH = dict(vocab_size=32, dim=64, intermediate_size=128, n_layers=2, n_heads=4)
 INIT_STD = ARCH["dim"] ** -0.5
-RECIPE = dict(max_steps=80, lr=4e-3, warmup=5, max_grad_norm=1.0, lora_r=16, lora_alpha=64.0,
-              train_embed_norm=True, save_every=0, log_every=5)
 
 
 def model_args(ctx: int) -> ModelArgs:

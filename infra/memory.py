@@ -234,7 +234,9 @@ def dry_run(args) -> dict:
         model_args = ModelArgs(**ARCHS[name])
     else:
         model_args, name = demo.model_args(args.ctx), "demo"
-    b = 4 if args.dtype == "fp32" else 2
+    b = 4 if args.dtype == "fp32" else 2       # auto: the GPU's bf16 or fp16 (on a CPU a run computes in fp32)
+    compute = f"{args.dtype} compute" if args.dtype != "auto" else \
+        "bf16/fp16 compute (--dtype auto on a GPU; a CPU run computes in fp32, predicted with --dtype fp32)"
     options = dict(batch_size=args.batch_size, lora_r=args.lora_r, quant=args.quant, dtype_bytes=b,
                    lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
                    full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
@@ -243,13 +245,13 @@ def dry_run(args) -> dict:
     gb = lambda x: f"{x / 1e9:8.2f} GB"                            # noqa: E731  (decimal GB, as REFERENCE §7)
     method = "full fine-tuning" if args.full_finetune else f"LoRA r={args.lora_r}"
     print(f"predicted peak device memory of one training step: {name}, ctx {args.ctx}, micro-batch "
-          f"{args.batch_size}, {'NF4' if args.quant == 'nf4' else 'dense'} base, {method}, {8 * b}-bit compute, "
+          f"{args.batch_size}, {'NF4' if args.quant == 'nf4' else 'dense'} base, {method}, {compute}, "
           f"{args.attn} attention (fused SDPA), loss chunk {args.loss_chunk}, MLP tiles "
           f"{args.mlp_chunk or 'off'}, checkpoints {'offloaded to the host' if args.offload_activations else 'on device'}")
     weights = next(k for k in p if k.endswith("_weights"))
     trainable = next(k for k in p if k.startswith(("lora_", "trainable_")))
     rows = [(f"{'NF4' if args.quant == 'nf4' else 'dense'} decoder weights ({p['linear_params'] / 1e9:.2f}B params)",
-             p[weights]), ("16-bit embedding + lm_head", p["embed_and_head"]), ("norms", p["norms"]),
+             p[weights]), (f"{8 * b}-bit embedding + lm_head", p["embed_and_head"]), ("norms", p["norms"]),
             ("every weight: 16-bit grad + 2 fp32 AdamW moments" if args.full_finetune else
              f"LoRA {p['lora_params'] / 1e6:.0f}M params: fp32 weight + grad + 2 AdamW moments"
              + (" (+ embeddings, norms)" if args.train_embed_norm else ""), p[trainable]),

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from infra import cli
 from infra import hf
+from infra import run
 import train
 from conftest import PG19_MINI, ROOT, make_hf_checkpoint
 from test_train import ENV, common, rows, tree_digest
@@ -177,7 +178,16 @@ def test_fp16_overflow_on_every_step_is_an_error_not_an_untrained_adapter(tiny, 
     one_error_line(p, "fp16 loss scaling skipped 3 steps in a row", "nothing saved", "--dtype bf16")
     assert not (out / "adapter").exists()
     assert all(x["skipped"] == 1 for x in rows(out))
-    assert train.MAX_SKIPPED == 50        # a long run stops after this many in a row
+    assert run.MAX_SKIPPED == 50        # a long run stops after this many in a row
+
+
+def test_a_model_without_data_is_refused_not_trained_on_the_synthetic_corpus(tiny, tmp_path):
+    p = run_train("--model", tiny["model"], "--out", tmp_path / "out", "--ctx", 64, "--max-steps", 1)
+    one_error_line(p, "--model without --data", "--data synthetic")
+    assert not (tmp_path / "out").exists()
+    train.main(["--model", str(tiny["model"]), "--data", "synthetic", "--out", str(tmp_path / "syn"), "--ctx", "64",
+                "--max-steps", "1", "--dtype", "fp32"])
+    assert json.loads((tmp_path / "syn" / "train_config.json").read_text())["data"] == "synthetic"
 
 
 # --------------------------------------------------------------------------- resume never destroys a run
@@ -189,6 +199,16 @@ def test_resume_without_checkpoint_refuses_a_finished_run(tiny, tmp_path):
     p = run_train(*common(tiny, out, "--data", tiny["small"], "--resume", "--max-steps", 2))
     one_error_line(p, "no checkpoint to resume from", "--overwrite")
     assert tree_digest(out) == before and len(rows(out)) == 4
+
+
+def test_resume_of_a_finished_run_says_it_is_complete_and_writes_nothing(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    p = run_train(*common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2, "--resume"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "the run is already complete" in p.stdout and "tok/s" not in p.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == written
 
 
 def test_resume_with_max_steps_below_the_checkpoint(tiny, tmp_path):
@@ -251,6 +271,65 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tiny, tmp_path):
     summary = train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", step + 1, "--save-every", 0,
                                 "--resume"))
     assert summary["steps_run"] == 1 and (out / "adapter").is_dir()
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(tiny, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *map(str, common(tiny, out, "--data", tiny["small"],
+                                                                    "--max-steps", 100000, "--save-every", 0))]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not rows_or_empty(out):
+            time.sleep(0.2)
+        p = run_train(*common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--resume"))
+        one_error_line(p, str(out), "another run is writing to this folder")
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+
+
+def test_a_failing_demo_or_seed_deletes_nothing(tmp_path):
+    """Every check passes before the previous demo's output is replaced; a bad seed fails at parse time."""
+    out = tmp_path / "demo"
+    train.main(["--ctx", "64", "--max-steps", "1", "--out", str(out)])
+    before = tree_digest(out)
+    one_error_line(run_train("--ctx", 3, "--group-size-ratio", 1, "--max-steps", 1, "--out", out), "distance")
+    assert tree_digest(out) == before
+    for seed in (-1, 2**70):
+        one_error_line(run_train("--seed", seed, "--out", out), "--seed must be in [0, ")
+        assert tree_digest(out) == before
+
+
+def test_resume_removes_the_temporaries_a_kill_left(tiny, tmp_path):
+    out = tmp_path / "run"
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
+    (out / ".checkpoint-4.tmp-999-x").mkdir()
+    (out / ".checkpoint-4.tmp-999-x" / "trainer_state.pt").write_bytes(b"half")
+    (out / ".metrics.jsonl.tmp-999").write_text("half")
+    train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 3, "--save-every", 2, "--resume"))
+    assert not list(out.glob(".*"))
+
+
+def test_log_lines_are_written_above_the_progress_bar(tiny, tmp_path, monkeypatch):
+    written = []
+    monkeypatch.setattr(run.tqdm, "write", lambda s, *a, **k: written.append(s))
+    train.main(common(tiny, tmp_path / "run", "--data", tiny["small"], "--max-steps", 2, "--log-every", 1,
+                      "--save-every", 0))
+    assert [line.split(" loss")[0] for line in written if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+
+
+def test_atomic_writes_honour_the_umask(tmp_path):
+    from infra import atomic
+
+    previous = os.umask(0o022)
+    try:
+        folder = atomic.write_dir(tmp_path / "folder", lambda tmp: (tmp / "f.txt").write_text("x"))
+        file = atomic.write_text(tmp_path / "file.txt", "x")
+    finally:
+        os.umask(previous)
+    modes = [p.stat().st_mode & 0o777 for p in (folder, folder / "f.txt", file)]
+    assert modes == [0o755, 0o644, 0o644]
 
 
 def rows_or_empty(out):

@@ -361,6 +361,13 @@ def test_dry_run_7b_12k_under_32gb(capsys):
     assert summary["checkpointed_hidden_states"] / 1e9 == pytest.approx(3.22, abs=0.02)
 
 
+def test_dry_run_names_the_compute_dtype(capsys):
+    """Never "16-bit compute" for a run that computes in fp32 (--dtype fp32, or auto on a CPU)."""
+    for dtype, said in [("fp32", "fp32 compute"), ("bf16", "bf16 compute"), ("auto", "a CPU run computes in fp32")]:
+        train.main(["--preset", "llama2-7b-8k", "--dry-run", "--dtype", dtype])
+        assert said in capsys.readouterr().out
+
+
 def test_predicted_memory_grows_linearly_with_ctx():
     args = ModelArgs(**memory.ARCHS["llama2-7b"])
     # linear once per-token terms set the widest moment (at 4k one dequantised weight still decides it)
@@ -416,7 +423,7 @@ def bad_cases(tiny, tmp):
         "ctx > data": (["--model", m, "--data", short, "--ctx", 4096, "--cache-dir", tmp / "c"],
                        f"{short}: 11 tokens, fewer than --ctx 4096"),
         "bad flag": (["--model", m, "--attn", "sparse"], "--attn"),
-        "existing run": (["--model", m, "--ctx", 64], "already holds a training run"),
+        "existing run": (["--model", m, "--data", "synthetic", "--ctx", 64], "already holds a training run"),
     }
 
 
