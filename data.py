@@ -16,7 +16,6 @@ position t predicts labels[t + 1] from input_ids[: t + 1]):
      "padding_mask": BoolTensor (B, T) with True = real token, or None when every token is real}
 
     python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]   (fills the token cache)
-    python data.py download pg19 --split validation --out data/pg19      (download.py's command line)
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import numpy as np
 import torch
 
 from infra import cli
-from infra import download
 from infra.sources import TokenCorpus, Tokenizer, iter_jsonl, load_tokenizer, tokenize_source, warn_replaced
 
 IGNORE_INDEX = -100
@@ -66,8 +64,7 @@ class PackedDataset:
         is_eos = inside == self.lengths[doc]                             # the EOS that joins doc to doc + 1
         ids = np.asarray(self.corpus.tokens[np.where(is_eos, 0, self.corpus.offsets[doc] + inside)], dtype=np.int64)
         ids[is_eos] = self.eos_id
-        ids = torch.from_numpy(ids)
-        return example(ids, ids.clone())
+        return example(torch.from_numpy(ids), torch.from_numpy(ids.copy()))
 
 
 def pad_right(ids: list[int], labels: list[int], ctx: int, pad_id: int) -> dict:
@@ -98,8 +95,7 @@ class TruncatedDataset:
 
 def collate(examples: list[dict], pad_id: int = 0) -> dict:
     """Stacks examples into a batch, right-padding unequal lengths like `pad_right`."""
-    T = max(len(e["input_ids"]) for e in examples)
-    B = len(examples)
+    B, T = len(examples), max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.bool)
@@ -182,8 +178,7 @@ def sft_turns(record, where) -> list[tuple[str, str]]:
         if not isinstance(conv, list) or not conv:
             raise ValueError(f"{where}: \"conversation\" must be a non-empty list of turns")
         for k, turn in enumerate(conv):
-            if not (isinstance(turn, dict) and isinstance(turn.get("human"), str)
-                    and isinstance(turn.get("assistant"), str)):
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(f), str) for f in ("human", "assistant"))):
                 raise ValueError(f"{where}: conversation turn {k} needs string fields \"human\" and \"assistant\"")
         return [(turn["human"].strip(), turn["assistant"].strip()) for turn in conv]
     if isinstance(record, dict) and isinstance(record.get("input"), str) and isinstance(record.get("output"), str):
@@ -206,10 +201,8 @@ def chat_pieces(tokenizer: Tokenizer, turns, template: str = "vicuna") -> list[t
     vicuna = template == "vicuna"
     pieces = [([tokenizer.bos_id], False)] if vicuna and tokenizer.bos_id >= 0 else []
     for k, (human, assistant) in enumerate(turns):
-        if vicuna:
-            prompt = (SYSTEM + " " if k == 0 else "") + f"USER: {human} ASSISTANT:"
-        else:
-            prompt = (SYSTEM if k == 0 else "") + f"\nUSER: {human}\nASSISTANT: "
+        prompt = (f"{SYSTEM} " * (k == 0) + f"USER: {human} ASSISTANT:" if vicuna
+                  else SYSTEM * (k == 0) + f"\nUSER: {human}\nASSISTANT: ")
         pieces.append((tokenizer.encode(prompt, bos=False), False))
         if assistant is None:
             break
@@ -259,17 +252,13 @@ class SFTDataset:
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["download"]:            # `python data.py download pg19 ...` is download.py's command line
-        return download.main(argv[1:])
     parser = cli.one_line_errors(argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0]))
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("download", help="download a public dataset (see python -m infra.download --help)")
-    tok = cli.one_line_errors(sub.add_parser("tokenize", help="tokenize a text source into the cache"))
-    tok.add_argument("source")
+    tok = cli.one_line_errors(parser.add_subparsers(dest="command", required=True).add_parser(
+        "tokenize", help="tokenize a text source into the cache", formatter_class=cli.DefaultsHelp))
+    tok.add_argument("source", help="a .txt, .jsonl(.gz) or .bin file, or a folder of them (see infra/sources.py)")
     tok.add_argument("--model", required=True, help="model folder with tokenizer.model")
     tok.add_argument("--split", default=None, help="split of a PG19-layout folder")
-    tok.add_argument("--cache-dir", default=None, help="token cache folder [$LONGQLORA_CACHE or ~/.cache/longqlora]")
+    tok.add_argument("--cache-dir", default=None, help="token cache (default: $LONGQLORA_CACHE or ~/.cache/longqlora)")
     args = parser.parse_args(argv)
     corpus = tokenize_source(args.source, load_tokenizer(args.model), split=args.split, cache_dir=args.cache_dir)
     print(f"{len(corpus)} documents, {corpus.n_tokens} tokens -> {corpus.path}")

@@ -6,17 +6,16 @@ Decoding, one token at a time after one forward pass over the prompt (the "prefi
     repeat: p = softmax(W_head h_last / temperature), restricted to the top-p nucleus
             x = argmax p (temperature 0) or a sample of p;  h = model(x, cache)
 
-Only the last position's logits are computed, so an 8k-token prompt never produces an (8k x vocab) tensor;
-the KV cache makes each new token cost one position, and greedy decoding with it gives exactly the tokens
-that recomputing the full forward at every step gives (tests/test_generate.py). The cache grows as tokens
-arrive, and generation stops at the model's usable context (max_position_embeddings x its PI factor).
+Only the last position's logits are computed (an 8k-token prompt never makes an (8k x vocab) tensor); with the
+KV cache a new token costs one position, and greedy decoding gives exactly the tokens of recomputing the whole
+forward at every step (tests/test_generate.py). The cache grows as tokens arrive; generation stops at the
+model's usable context (max_position_embeddings x its PI factor).
 
 Top-p (nucleus) sampling: sort the probabilities in decreasing order and keep the smallest prefix whose mass
 reaches top_p (the most likely token is always kept), renormalise, sample.
 
-The RoPE scaling follows rope.py's inference rule: --rope-factor, else the adapter's recorded training
-factor, else the checkpoint's config, the same at every length. Chat uses the template the adapter was
-trained with (data.chat_pieces), or --template.
+The RoPE scaling follows rope.py's inference rule (--rope-factor, else the adapter's recorded training factor,
+else the checkpoint's config), the same at every length. Chat uses the adapter's training template, or --template.
 
     python generate.py --model DIR --prompt "It was a dark and stormy night"
     python generate.py --model DIR --adapter ADAPTER --prompt-file book.txt --max-new-tokens 200
@@ -37,14 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_inference_flags(p)
     p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file (long prompts)")
-    p.add_argument("--chat", action="store_true",
-                   help="chat; without --prompt/--prompt-file, user turns are read from stdin")
+    p.add_argument("--chat", action="store_true", help="chat; user turns from stdin unless --prompt/--prompt-file")
     p.add_argument("--template", choices=("longqlora", "vicuna"), default=None,
                    help="chat template (default: the adapter's training template, else vicuna)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stops earlier at EOS or the usable context")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the top tokens of this mass")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (none: a different sample each run)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, a different sample each run)")
     return p
 
 
@@ -68,9 +66,9 @@ if __name__ == "__main__":      # flags are parsed before torch loads (seconds):
 import torch
 
 import data
-from infra import sources
-from infra import hf
 import lora
+from infra import hf
+from infra import sources
 from model import KVCache
 from rope import describe_scaling, inference_scaling, usable_context
 
@@ -79,9 +77,7 @@ def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32
     """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's
     frozen base) and with a PEFT LoRA adapter on top (unmerged: its fp32 update is added in every forward, as
     in training), its RoPE scaling set by rope.inference_scaling."""
-    if quant not in ("none", "nf4"):
-        raise ValueError(f"--quant must be 'none' or 'nf4', got {quant!r}")
-    model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else "nf4")
+    model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else quant)
     training = None
     if adapter is not None:
         lora.load_adapter(model, adapter)
@@ -103,8 +99,7 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep a token if the mass before it is still below top_p; the first token always stays.
-        keep = (torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p
-        sorted_probs = sorted_probs * keep
+        sorted_probs = sorted_probs * ((torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p)
         return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -156,15 +151,13 @@ class TextStream:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.text()
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return self.flush(hold_incomplete=True)
 
-    def flush(self) -> str:
-        """What is still held back (an incomplete character the model never completed)."""
+    def flush(self, hold_incomplete: bool = False) -> str:
+        """The text not emitted yet; at the end, also an incomplete character the model never completed."""
         text = self.text()
+        if hold_incomplete and text.endswith("\ufffd"):
+            return ""
         new, self.emitted = text[self.emitted:], len(text)
         return new
 
@@ -176,17 +169,10 @@ def respond(model, tokenizer, prompt_ids, args, out=None) -> list[int]:
     """Generate an answer to prompt_ids, printing its text to `out` (stdout) as it is produced."""
     out = sys.stdout if out is None else out
     stream = TextStream(tokenizer, prompt_ids)
-
-    def on_token(token_id):
-        piece = stream.push(token_id)
-        if piece:
-            out.write(piece)
-            out.flush()
-
     ids = generate(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                   on_token=on_token, limit=max_length(model))
-    out.write(stream.flush() + "\n")
-    out.flush()
+                   on_token=lambda token: print(stream.push(token), end="", file=out, flush=True),
+                   limit=max_length(model))
+    print(stream.flush(), file=out, flush=True)
     return ids
 
 
@@ -204,11 +190,9 @@ def chat_loop(model, tokenizer, args, lines, out=None):
         if message == "/reset":
             history = []
             continue
-        prompt = data.chat_prompt_ids(tokenizer, history, message, args.template)
-        while history and len(prompt) >= limit:
+        while len(prompt := data.chat_prompt_ids(tokenizer, history, message, args.template)) >= limit and history:
             history.pop(0)
             print(f"[the conversation outgrew {limit} tokens: oldest turn dropped]", file=sys.stderr)
-            prompt = data.chat_prompt_ids(tokenizer, history, message, args.template)
         out.write("ASSISTANT: ")
         answer = respond(model, tokenizer, prompt, args, out)
         history.append((message, tokenizer.decode(answer).strip()))
@@ -244,12 +228,11 @@ def main(argv=None) -> None:
     args.template = args.template or training.get("template") or "vicuna"
     print(f"[RoPE factor {describe_scaling(model.args.rope_scaling)} from {source}; usable context "
           f"{max_length(model)} tokens]", file=sys.stderr)
-    if text is not None and args.chat:
-        respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template), args)
-    elif text is not None:
-        respond(model, tokenizer, tokenizer.encode(text, bos=True), args)
-    else:
+    if text is None:
         chat_loop(model, tokenizer, args, stdin_lines("USER: "))
+    else:
+        respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template) if args.chat
+                else tokenizer.encode(text, bos=True), args)
 
 
 if __name__ == "__main__":

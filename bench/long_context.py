@@ -151,6 +151,7 @@ def write_json(path: Path, obj) -> None:
 import data as _data      # noqa: E402
 from infra import sources as _sources  # noqa: E402
 import eval as _eval      # noqa: E402
+import generate as _generate  # noqa: E402
 import mini_paper         # noqa: E402  (tokenizer training and pretraining are reused, not copied)
 import train as _train    # noqa: E402
 
@@ -208,7 +209,7 @@ def finetune(flags: list[str]) -> dict:
 def load(base_dir: Path, adapter, rope_factor: float, quant: str, model_dir=None, attn: str = "full"):
     """A model for evaluation (fp32, eval mode): the base (or a fully fine-tuned model_dir), an optional LoRA
     adapter, the RoPE factor fixed at every length, the attention used by every forward."""
-    model, _ = _eval.load_model(model_dir or base_dir, adapter, quant, torch.float32, rope_factor=rope_factor)
+    model, _ = _generate.load_model(model_dir or base_dir, adapter, quant, torch.float32, rope_factor=rope_factor)
     model.set_attention(attn)       # S²-Attn: groups of 1/4 of the window, segment shift (the defaults)
     return model
 

@@ -61,6 +61,7 @@ from infra import cli  # noqa: E402
 import data as data_lib  # noqa: E402
 from infra import sources  # noqa: E402
 import eval as eval_lib  # noqa: E402
+import generate as generate_lib  # noqa: E402
 from infra import hf  # noqa: E402
 import train as train_lib  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
@@ -248,7 +249,7 @@ def evaluate_variant(base_dir: Path, adapter, tokens, cfg: dict, rope_factor: fl
                      attn: str = "full", model_dir: Path | None = None) -> list[dict]:
     """eval.py's sliding-window perplexity at every evaluation context, RoPE factor fixed for all of them."""
     e = cfg["eval"]
-    model, _ = eval_lib.load_model(model_dir or base_dir, adapter, quant, torch.float32, rope_factor=rope_factor)
+    model, _ = generate_lib.load_model(model_dir or base_dir, adapter, quant, torch.float32, rope_factor=rope_factor)
     model.set_attention(attn)
     out = []
     for L in e["ctx"]:
@@ -370,9 +371,8 @@ def run(args) -> dict:
 
     t = time.perf_counter()
     tokenizer = sources.load_tokenizer(base_dir)
-    tokens = eval_lib.load_eval_tokens(data_dir, "validation", tokenizer, tokenizer.vocab_size,
-                                       cache_dir=cache_dir / "tokens", max_tokens=cfg["eval"]["max_tokens"],
-                                       progress=False)
+    tokens = sources.tokenize_source(data_dir, tokenizer, "validation", cache_dir / "tokens", tokenizer.vocab_size,
+                                     progress=False).tokens[:cfg["eval"]["max_tokens"]]
     results = []
     for name in [v for v in specs if v in wanted]:
         t_v = time.perf_counter()

@@ -33,8 +33,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from infra import atomic
-
-PG19_SPLITS = ("train", "validation", "test")
+from infra.download import PG19_SPLITS
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 CACHE_FORMAT = 1
 
