@@ -1,8 +1,7 @@
 """Data for LongQLoRA: the token stream cut into the pretraining and SFT sequences the model is fed.
 
-Continued pretraining on long texts (LongQLoRA arXiv 2311.04879, LongLoRA arXiv 2309.12307): sources.py turns a
-source into BOS-led documents (`BOS + text`, tokenized once and cached), and every training sequence is exactly
-`ctx` tokens, made by
+Continued pretraining on long texts (LongQLoRA arXiv 2311.04879, LongLoRA arXiv 2309.12307): infra/sources.py
+turns a source into BOS-led documents (`BOS + text`, tokenized once), and every training sequence is `ctx` tokens:
   * packing (LongLoRA, our default): the stream `BOS d1 EOS BOS d2 EOS ... BOS dn` cut into consecutive chunks
     of ctx tokens, the incomplete tail dropped; labels = input_ids;
   * truncation (LongQLoRA's recipe): one sequence per document, `(BOS + doc)[:ctx]`, shorter documents
@@ -10,10 +9,9 @@ source into BOS-led documents (`BOS + text`, tokenized once and cached), and eve
 SFT on long instructions uses LongQLoRA's template or FastChat's Vicuna v1.1 (`chat_pieces`); only the answers
 (and their EOS) are learned. The sampler shuffles per epoch from the seed and resumes mid-epoch.
 
-A batch is a dict of equal-length tensors; labels are *aligned* with input_ids (the model shifts: the loss at
-position t predicts labels[t + 1] from input_ids[: t + 1]):
-    {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T) with -100 = ignored,
-     "padding_mask": BoolTensor (B, T) with True = real token, or None when every token is real}
+A batch: {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T), -100 = ignored, "padding_mask": BoolTensor
+(B, T), True = real token, or None when every token is real}. labels are *aligned* with input_ids (the model
+shifts: the loss at position t predicts labels[t + 1] from input_ids[: t + 1]).
 
     python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]   (fills the token cache)
 """
@@ -108,10 +106,10 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict:
 
 
 class ShuffledSampler:
-    """An endless stream of dataset indices: a fresh permutation of range(n) each epoch, depending only on
-    (seed, epoch), so the state is just (epoch, position) and `load_state_dict` resumes at the exact next index.
-    Rank r of world_size takes positions r, r + world_size, ... of the permutation cut to a multiple of
-    world_size: disjoint indices, and as many per rank, so the gradient all-reduces stay in step."""
+    """An endless stream of dataset indices: a permutation of range(n) per epoch, from (seed, epoch) only, so the
+    state is (epoch, position) and `load_state_dict` resumes at the exact next index. Rank r of world_size takes
+    positions r, r + world_size, ... of the permutation cut to a multiple of world_size: disjoint indices, as many
+    per rank, so the gradient all-reduces stay in step."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
@@ -119,8 +117,7 @@ class ShuffledSampler:
         if n < world_size:
             raise ValueError(f"{n} examples cannot be shared among {world_size} ranks")
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.epoch, self.position = 0, 0
-        self._cached = (None, None)
+        self.epoch, self.position, self._cached = 0, 0, (None, None)     # _cached: (epoch, its indices)
 
     def __len__(self):  # indices per epoch for this rank
         return self.n // self.world_size
@@ -141,8 +138,7 @@ class ShuffledSampler:
         return int(self.epoch_indices(self.epoch)[self.position - 1])
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "epoch": self.epoch, "position": self.position}
+        return {key: getattr(self, key) for key in ("n", "seed", "rank", "world_size", "epoch", "position")}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("n", "seed", "world_size"):
@@ -162,12 +158,9 @@ def batches(dataset, sampler: ShuffledSampler, batch_size: int, pad_id: int = 0)
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("longqlora", "vicuna")
-
-
-def check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+# The prompt of turn k (k = 0 opens with the system sentence); chat_pieces adds the answers and BOS.
+TEMPLATES = {"vicuna": lambda k, human: f"{SYSTEM} " * (k == 0) + f"USER: {human} ASSISTANT:",
+             "longqlora": lambda k, human: SYSTEM * (k == 0) + f"\nUSER: {human}\nASSISTANT: "}
 
 
 def sft_turns(record, where) -> list[tuple[str, str]]:
@@ -197,13 +190,11 @@ def chat_pieces(tokenizer: Tokenizer, turns, template: str = "vicuna") -> list[t
     word-boundary marker at the start of each encoded piece, exactly where the whole string would have it.
     A turn whose assistant text is None ends the pieces after its prompt (a generation prompt).
     """
-    check_template(template)
-    vicuna = template == "vicuna"
-    pieces = [([tokenizer.bos_id], False)] if vicuna and tokenizer.bos_id >= 0 else []
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(sorted(TEMPLATES))}")
+    pieces = [([tokenizer.bos_id], False)] if template == "vicuna" and tokenizer.bos_id >= 0 else []
     for k, (human, assistant) in enumerate(turns):
-        prompt = (f"{SYSTEM} " * (k == 0) + f"USER: {human} ASSISTANT:" if vicuna
-                  else SYSTEM * (k == 0) + f"\nUSER: {human}\nASSISTANT: ")
-        pieces.append((tokenizer.encode(prompt, bos=False), False))
+        pieces.append((tokenizer.encode(TEMPLATES[template](k, human), bos=False), False))
         if assistant is None:
             break
         pieces.append((tokenizer.encode(assistant, bos=False, eos=True), True))
@@ -212,8 +203,7 @@ def chat_pieces(tokenizer: Tokenizer, turns, template: str = "vicuna") -> list[t
 
 def chat_prompt_ids(tokenizer: Tokenizer, history, message: str, template: str = "vicuna") -> list[int]:
     """Prompt for generating the next answer: the history [(human, assistant)], then the new message."""
-    pieces = chat_pieces(tokenizer, list(history) + [(message.strip(), None)], template)
-    return [i for ids, _ in pieces for i in ids]
+    return [i for ids, _ in chat_pieces(tokenizer, [*history, (message.strip(), None)], template) for i in ids]
 
 
 def build_sft_example(tokenizer: Tokenizer, turns, ctx: int, template: str = "vicuna") -> dict:
@@ -233,7 +223,7 @@ class SFTDataset:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: SFT file not found")
-        check_template(template)
+        chat_pieces(tokenizer, [], template)        # an unknown template is refused now, not at the first batch
         self.tokenizer, self.ctx, self.template = tokenizer, ctx, template
         replaced = {}
         records = iter_jsonl(path, replaced, path.name)

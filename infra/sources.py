@@ -1,8 +1,7 @@
 """Text to tokens, once: the text sources LongQLoRA reads, the model's tokenizer, and the token cache.
 
-Every document is tokenized with the model's sentencepiece `tokenizer.model` as `BOS + text` (the model is
-fed BOS-led documents, LongLoRA arXiv 2309.12307 and LongQLoRA arXiv 2311.04879 alike); data.py cuts the
-resulting token stream into training sequences.
+Every document is tokenized with the model's sentencepiece `tokenizer.model` as `BOS + text` (LongLoRA and
+LongQLoRA feed BOS-led documents); data.py cuts the resulting token stream into training sequences.
 
 A source is a .txt file (one document), a .jsonl / .jsonl.gz file (one {"text": ...} object per line), a .bin
 token file (LongLoRA's pre-tokenized PG19 / Proof-pile: uint16, or uint32 for vocabularies of more than 65,536
@@ -10,12 +9,9 @@ ids), a PG19-layout folder (train/, validation/, test/ of .txt books: a split mu
 folder of .txt / .jsonl / .jsonl.gz files (recursive, sorted by relative path, hidden entries skipped).
 Invalid UTF-8 is replaced by U+FFFD and reported in one warning per source.
 
-Text is tokenized once and cached as a flat token file (`<name>.bin`, uint16/uint32) beside a small JSON index
-(`<name>.json`) with the document offsets and the fingerprints of the tokenizer and of the source files; a
-second run memory-maps the cache, a changed tokenizer or source rebuilds it. Both files are written
-atomically (temporary file, then `os.replace`; the index last, so its presence marks a complete cache).
-
-    python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]
+The token cache (`python data.py tokenize SRC --model DIR`, or any first use) is a flat token file `<name>.bin`
+beside a JSON index `<name>.json` (document offsets, fingerprints of the tokenizer and the source files); a
+changed tokenizer or source rebuilds it. The index is written last, so its presence marks a complete cache.
 """
 from __future__ import annotations
 
@@ -190,9 +186,7 @@ def load_token_file(path, vocab_size=None, dtype=None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: token file not found")
-    if dtype is None:
-        dtype = token_dtype(vocab_size) if vocab_size else np.uint16
-    dtype = np.dtype(dtype)
+    dtype = np.dtype(dtype or (token_dtype(vocab_size) if vocab_size else np.uint16))
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
         raise ValueError(f"{path}: token dtype must be uint16 or uint32, not {dtype}")
     size = path.stat().st_size
@@ -234,8 +228,7 @@ def sha256_json(obj) -> str:
 
 def source_fingerprint(files, root: Path) -> str:
     """Changes when a file is added, removed, resized or touched."""
-    stats = [(f, f.stat()) for f in files]
-    return sha256_json([[f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns] for f, st in stats])
+    return sha256_json([[f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
 
 
 def cache_paths(source: Path, split, tokenizer: Tokenizer, cache_dir) -> tuple[Path, Path]:
@@ -295,12 +288,10 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
     try:
         with open(tmp, "wb") as out:
             for group in batched_documents(iter_documents(source, split)):
-                for (name, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group], bos=False)):
-                    if not ids:
+                for (name, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group])):
+                    if len(ids) == (tokenizer.bos_id >= 0):     # BOS alone: an empty document, skipped
                         skipped += 1
                         continue
-                    if tokenizer.bos_id >= 0:
-                        ids = [tokenizer.bos_id] + ids
                     out.write(np.asarray(ids, dtype=dtype).tobytes())
                     offsets.append(offsets[-1] + len(ids))
                     names.append(name)
