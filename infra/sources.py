@@ -232,10 +232,9 @@ def source_fingerprint(files, root: Path) -> str:
 
 
 def cache_paths(source: Path, split, tokenizer: Tokenizer, cache_dir) -> tuple[Path, Path]:
-    """(token file, index) of a source's cache entry, named readably (source name, split) and uniquely (a hash
-    of the absolute source path, split and tokenizer), so one folder serves every source. The default folder is
-    `$LONGQLORA_CACHE`, else `$XDG_CACHE_HOME/longqlora` (~/.cache/longqlora), never beside the source: data
-    folders are often shared or read-only, and root passes every writability probe anyway."""
+    """(token file, index) of a source's cache entry, named by source name, split and a hash of the absolute
+    source path, split and tokenizer. The folder: `$LONGQLORA_CACHE`, else `$XDG_CACHE_HOME/longqlora`
+    (~/.cache/longqlora), never beside the source (data folders are often shared or read-only)."""
     if cache_dir is None:
         cache_dir = os.environ.get("LONGQLORA_CACHE") or (
             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longqlora")
@@ -249,12 +248,9 @@ def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha:
     """The cached corpus, or None when it is missing, stale or inconsistent (then it is rebuilt)."""
     try:
         index = json.loads(index_path.read_text())
-        if (index.get("format") != CACHE_FORMAT or index.get("tokenizer_sha256") != tokenizer_sha
-                or index.get("source_sha256") != source_sha):
-            return None
-        dtype = np.dtype(index["dtype"])
-        offsets = np.asarray(index["offsets"], dtype=np.int64)
-        if bin_path.stat().st_size != int(offsets[-1]) * dtype.itemsize:
+        keys = [index.get("format"), index.get("tokenizer_sha256"), index.get("source_sha256")]
+        dtype, offsets = np.dtype(index["dtype"]), np.asarray(index["offsets"], dtype=np.int64)
+        if keys != [CACHE_FORMAT, tokenizer_sha, source_sha] or bin_path.stat().st_size != offsets[-1] * dtype.itemsize:
             return None
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")
         return TokenCorpus(tokens, offsets, index["names"], bool(index["bos"]), bin_path)
