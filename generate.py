@@ -6,10 +6,10 @@ Decoding, one token at a time after one forward pass over the prompt (the "prefi
     repeat: p = softmax(W_head h_last / temperature), restricted to the top-p nucleus
             x = argmax p (temperature 0) or a sample of p;  h = model(x, cache)
 
-Only the last position's logits are computed (an 8k-token prompt never makes an (8k x vocab) tensor); with the
-KV cache a new token costs one position, and greedy decoding gives exactly the tokens of recomputing the whole
-forward at every step (tests/test_generate.py). The cache grows as tokens arrive; generation stops at the
-model's usable context (max_position_embeddings x its PI factor).
+Only the last position's logits are computed (an 8k prompt never makes an (8k x vocab) tensor). With the KV
+cache, which grows as tokens arrive, a new token costs one position, and greedy decoding gives exactly the tokens
+of recomputing the whole forward at every step. Generation stops at the usable context (max_position_embeddings
+x PI factor); a longer prompt is refused, or cut to its last tokens with --keep-last.
 
 Top-p (nucleus) sampling: sort the probabilities in decreasing order and keep the smallest prefix whose mass
 reaches top_p (the most likely token is always kept), renormalise, sample.
@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_inference_flags(p)
     p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file (long prompts)")
+    p.add_argument("--keep-last", type=int, default=None, help="keep BOS + the prompt's last N tokens (default: all)")
     p.add_argument("--chat", action="store_true", help="chat; user turns from stdin unless --prompt/--prompt-file")
-    p.add_argument("--template", choices=("longqlora", "vicuna"), default=None,
-                   help="chat template (default: the adapter's training template, else vicuna)")
+    p.add_argument("--template", choices=("longqlora", "vicuna"), help="(default: the adapter's template, else vicuna)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stops earlier at EOS or the usable context")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the top tokens of this mass")
@@ -52,11 +52,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt is None and args.prompt_file is None and not args.chat:
         raise ValueError("give --prompt, --prompt-file or --chat")
+    if args.keep_last is not None and args.chat:
+        raise ValueError("--keep-last cuts a plain prompt; --chat drops the oldest turns itself")
     cli.check_range("--max-new-tokens", args.max_new_tokens, 1)
     cli.check_range("--temperature", args.temperature, 0)
     cli.check_range("--top-p", args.top_p, 0, 1, open_low=True)
-    if args.rope_factor is not None:
-        cli.check_range("--rope-factor", args.rope_factor, 1)
+    for flag, value in (("--rope-factor", args.rope_factor), ("--keep-last", args.keep_last)):
+        if value is not None:
+            cli.check_range(flag, value, 1)
     return args
 
 
@@ -74,9 +77,8 @@ from rope import describe_scaling, inference_scaling, usable_context
 
 
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):
-    """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's
-    frozen base) and with a PEFT LoRA adapter on top (unmerged: its fp32 update is added in every forward, as
-    in training), its RoPE scaling set by rope.inference_scaling."""
+    """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's frozen
+    base), with a PEFT LoRA adapter unmerged on top (as in training), RoPE scaling by rope.inference_scaling."""
     model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else quant)
     training = None
     if adapter is not None:
@@ -107,15 +109,15 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
 @torch.inference_mode()
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, on_token=None, limit: int | None = None) -> list[int]:
-    """Up to max_new_tokens after prompt_ids, stopping after the tokenizer's EOS (not returned) or when prompt +
-    output reach `limit` tokens (default: none). on_token(id) is called for every new token as soon as it
-    exists (streaming). tokenizer may be None: then generation never stops at EOS."""
+    """Up to max_new_tokens after prompt_ids, stopping at the tokenizer's EOS (not returned; never when tokenizer
+    is None) or when prompt + output reach `limit` tokens. on_token(id) gets each new token at once (streaming)."""
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     if limit is not None and len(prompt_ids) >= limit:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's usable context is {limit}")
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's usable context is {limit} "
+                         f"(--keep-last {max(1, limit - 1 - max_new_tokens)} keeps the end of a longer prompt)")
     steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(prompt_ids))
     device = model.embed_tokens.weight.device
     eos = None if tokenizer is None or tokenizer.eos_id < 0 else tokenizer.eos_id
@@ -136,16 +138,14 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: flo
 
 
 class TextStream:
-    """Turns generated ids into text increments for printing as they arrive.
-
-    Sentencepiece text is only well defined for a whole sequence (a word's leading space belongs to its first
-    piece, a multi-byte character can span byte-fallback tokens), so every step decodes `anchor + generated`
-    and emits what is new; the anchor (the prompt's last token) keeps the first word's leading space, and text
-    ending in an incomplete character (U+FFFD) is held back until the next token completes it."""
+    """Turns generated ids into text increments for printing as they arrive. Sentencepiece text is only well
+    defined for a whole sequence (a word's leading space belongs to its first piece, a multi-byte character can
+    span byte-fallback tokens), so every step decodes `anchor + generated` and emits what is new; the anchor (the
+    prompt's last token) keeps the first word's leading space, and text ending in an incomplete character
+    (U+FFFD) is held back until the next token completes it."""
 
     def __init__(self, tokenizer, prompt_ids):
-        self.tokenizer = tokenizer
-        self.anchor = list(prompt_ids[-1:])
+        self.tokenizer, self.anchor = tokenizer, list(prompt_ids[-1:])
         self.skip = len(tokenizer.decode(self.anchor))
         self.ids, self.emitted = [], 0
 
@@ -165,9 +165,8 @@ class TextStream:
         return self.tokenizer.decode(self.anchor + self.ids)[self.skip:]
 
 
-def respond(model, tokenizer, prompt_ids, args, out=None) -> list[int]:
-    """Generate an answer to prompt_ids, printing its text to `out` (stdout) as it is produced."""
-    out = sys.stdout if out is None else out
+def respond(model, tokenizer, prompt_ids, args, out) -> list[int]:
+    """Generate an answer to prompt_ids, printing its text to `out` as it is produced."""
     stream = TextStream(tokenizer, prompt_ids)
     ids = generate(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                    on_token=lambda token: print(stream.push(token), end="", file=out, flush=True),
@@ -176,10 +175,9 @@ def respond(model, tokenizer, prompt_ids, args, out=None) -> list[int]:
     return ids
 
 
-def chat_loop(model, tokenizer, args, lines, out=None):
-    """Multi-turn chat: each line of `lines` is a user turn; /reset forgets the history, /exit ends. When the
-    conversation outgrows the model's usable context, its oldest turns are dropped (and a note printed)."""
-    out = sys.stdout if out is None else out
+def chat_loop(model, tokenizer, args, lines, out):
+    """Multi-turn chat: each line of `lines` is a user turn, the answers go to `out`; /reset forgets the history,
+    /exit ends. When the conversation outgrows the usable context, its oldest turns are dropped (with a note)."""
     history, limit = [], max_length(model)
     for line in lines:
         message = line.strip()
@@ -194,8 +192,7 @@ def chat_loop(model, tokenizer, args, lines, out=None):
             history.pop(0)
             print(f"[the conversation outgrew {limit} tokens: oldest turn dropped]", file=sys.stderr)
         out.write("ASSISTANT: ")
-        answer = respond(model, tokenizer, prompt, args, out)
-        history.append((message, tokenizer.decode(answer).strip()))
+        history.append((message, tokenizer.decode(respond(model, tokenizer, prompt, args, out)).strip()))
     return history
 
 
@@ -229,10 +226,14 @@ def main(argv=None) -> None:
     print(f"[RoPE factor {describe_scaling(model.args.rope_scaling)} from {source}; usable context "
           f"{max_length(model)} tokens]", file=sys.stderr)
     if text is None:
-        chat_loop(model, tokenizer, args, stdin_lines("USER: "))
+        chat_loop(model, tokenizer, args, stdin_lines("USER: "), sys.stdout)
+    elif args.chat:
+        respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template), args, sys.stdout)
     else:
-        respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template) if args.chat
-                else tokenizer.encode(text, bos=True), args)
+        ids = tokenizer.encode(text, bos=True)
+        if args.keep_last is not None and len(ids) > 1 + args.keep_last:
+            ids = ids[:1] + ids[-args.keep_last:]
+        respond(model, tokenizer, ids, args, sys.stdout)
 
 
 if __name__ == "__main__":

@@ -170,3 +170,24 @@ def test_chat_uses_the_template_the_adapter_was_trained_with(ckpt, tmp_path, mon
                                   "Who is Hamlet?", "--max-new-tokens", "2", "--dtype", "fp32", *extra]) == 0
         assert seen[-1] == data.chat_prompt_ids(tok, [], "Who is Hamlet?", template)
     assert seen[0] != seen[1]
+
+
+def test_keep_last_keeps_the_end_of_a_prompt_longer_than_the_context(ckpt, tmp_path, monkeypatch, capsys):
+    book = "To be, or not to be, that is the question. " * 200
+    (tmp_path / "book.txt").write_text(book)
+    tok = sources.load_tokenizer(ckpt)
+    ids = tok.encode(book, bos=True)
+    assert len(ids) > 512                                       # the checkpoint's usable context
+    base = ["--model", str(ckpt), "--prompt-file", str(tmp_path / "book.txt"), "--max-new-tokens", "4",
+            "--temperature", "0", "--dtype", "fp32"]
+    assert cli.run(gen.main, base) == 2
+    err = capsys.readouterr().err
+    assert f"the prompt has {len(ids)} tokens" in err and "--keep-last 507" in err
+    seen, real = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda model, tok, prompt, *a, **k: seen.append(prompt) or real(
+        model, tok, prompt, *a, **k))
+    assert cli.run(gen.main, base + ["--keep-last", "100"]) == 0
+    assert seen == [ids[:1] + ids[-100:]]
+    assert cli.run(gen.main, base + ["--keep-last", "0"]) == 2
+    assert cli.run(gen.main, base + ["--keep-last", "100", "--chat"]) == 2     # chat drops its oldest turns itself
+    assert "--keep-last" in capsys.readouterr().err
