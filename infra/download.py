@@ -217,7 +217,7 @@ def listed_object(item, url: str, prefix: str) -> RemoteObject:
 
 def gcs_list(base_url: str, bucket: str, prefix: str, net: Network) -> list[RemoteObject]:
     """The objects whose names start with prefix, following nextPageToken; folder placeholders skipped."""
-    objects, token = [], None
+    objects, token, seen = [], None, set()
     while True:
         url = listing_url(base_url, bucket, prefix, token)
         page = with_retries(lambda: fetch_json(url, net), url, net)
@@ -226,6 +226,9 @@ def gcs_list(base_url: str, bucket: str, prefix: str, net: Network) -> list[Remo
         objects += [listed_object(item, url, prefix) for item in items]
         if not (token := page.get("nextPageToken")):
             return [obj for obj in objects if not obj.name.endswith("/")]
+        if token in seen:   # a server paging in a circle would be listed forever
+            raise ValueError(f"{url}: the listing repeats the page token {token!r}; it would never end")
+        seen.add(token)
 
 
 def is_safe_name(name: str) -> bool:
