@@ -24,6 +24,7 @@ else the checkpoint's config), the same at every length. Chat uses the adapter's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not torch.isfinite(probs).all():     # NaN in the model, or logits / temperature overflowing
+        raise ValueError(f"cannot sample: the logits / temperature {temperature:g} are not finite numbers "
+                         f"(NaN in the model's weights, or a temperature too small: 0 means greedy)")
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep a token if the mass before it is still below top_p; the first token always stays.
@@ -115,6 +119,9 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: flo
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    if bad := [i for i in prompt_ids if not 0 <= i < model.args.vocab_size]:
+        raise ValueError(f"token id {bad[0]} of the prompt is outside the model's vocabulary of "
+                         f"{model.args.vocab_size} ids (a tokenizer of another model?)")
     if limit is not None and len(prompt_ids) >= limit:
         raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's usable context is {limit} "
                          f"(--keep-last {max(1, limit - 1 - max_new_tokens)} keeps the end of a longer prompt)")
@@ -196,15 +203,6 @@ def chat_loop(model, tokenizer, args, lines, out):
     return history
 
 
-def stdin_lines(prompt: str):
-    """Lines typed by the user (with a prompt on a terminal), until EOF."""
-    while True:
-        try:
-            yield input(prompt if sys.stdin.isatty() else "")
-        except EOFError:
-            return
-
-
 def main(argv=None) -> None:
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
     cli.set_threads(args.threads)
@@ -226,7 +224,9 @@ def main(argv=None) -> None:
     print(f"[RoPE factor {describe_scaling(model.args.rope_scaling)} from {source}; usable context "
           f"{max_length(model)} tokens]", file=sys.stderr)
     if text is None:
-        chat_loop(model, tokenizer, args, stdin_lines("USER: "), sys.stdout)
+        with contextlib.suppress(EOFError):     # user turns are typed on stdin until EOF (Ctrl-D)
+            chat_loop(model, tokenizer, args, iter(lambda: input("USER: " if sys.stdin.isatty() else ""), None),
+                      sys.stdout)
     elif args.chat:
         respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template), args, sys.stdout)
     else:

@@ -326,6 +326,6 @@ def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=Non
     corpus = read_cache(bin_path, index_path, tokenizer.fingerprint, source_sha)
     if corpus is None:
         corpus = write_cache(path, split, files, tokenizer, bin_path, index_path, source_sha, progress)
-    if vocab is not None and vocab < tokenizer.vocab_size:
-        check_token_ids(corpus.tokens, vocab, path)
+    if vocab is not None:   # a model with fewer ids than the tokenizer, or a cache damaged in place
+        check_token_ids(corpus.tokens, vocab, path if vocab < tokenizer.vocab_size else f"token cache {corpus.path}")
     return corpus

@@ -164,6 +164,15 @@ def test_cache_reused_and_invalidated(tmp_path, model_dir):
     assert leftovers(cache) == []
 
 
+def test_token_cache_damaged_in_place_is_refused(tmp_path, tok):
+    src = write(tmp_path / "src" / "a.txt", "It was the best of times, it was the worst of times.")
+    corpus = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    corpus.path.write_bytes(np.full(corpus.n_tokens, 60000, dtype=np.uint16).tobytes())   # same size, bad ids
+    with pytest.raises(ValueError, match=r"token cache .*a\.txt-\w+\.bin: token id 60000 at position 0 is outside the "
+                                         rf"model's vocabulary of {TOKENIZER_VOCAB}"):
+        sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+
+
 def test_default_cache_dir_is_the_user_cache(tmp_path, tok, monkeypatch):
     monkeypatch.delenv("LONGQLORA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -191,3 +191,22 @@ def test_keep_last_keeps_the_end_of_a_prompt_longer_than_the_context(ckpt, tmp_p
     assert cli.run(gen.main, base + ["--keep-last", "0"]) == 2
     assert cli.run(gen.main, base + ["--keep-last", "100", "--chat"]) == 2     # chat drops its oldest turns itself
     assert "--keep-last" in capsys.readouterr().err
+
+
+def test_token_ids_outside_the_vocabulary_and_unsampleable_logits_are_clear_errors(tmp_path):
+    import eval as ev
+    small = gen.load_model(make_hf_checkpoint(tmp_path / "small", vocab_size=100), dtype=torch.float32)[0]
+    tok = sources.load_tokenizer(tmp_path / "small")                # the tokenizer has more ids than the model
+    with pytest.raises(ValueError, match="token id 300 of the prompt is outside the model's vocabulary of 100"):
+        gen.generate(small, None, [1, 5, 300], 3)
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 100 ids"):
+        ev.evaluate_passkey(small, tok, 200, trials=1, progress=False)
+    args = types.SimpleNamespace(template="vicuna", max_new_tokens=2, temperature=0.0, top_p=1.0, seed=0)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        gen.chat_loop(small, tok, args, ["Who is Hamlet?"], io.StringIO())
+    logits = torch.randn(50)
+    with pytest.raises(ValueError, match="temperature too small"):
+        gen.next_token(logits * 1e3, temperature=1e-310)
+    with pytest.raises(ValueError, match="NaN in the model's weights"):
+        gen.next_token(torch.full((50,), float("nan")), temperature=0.7)
+    assert 0 <= gen.next_token(logits, temperature=1e-3) < 50       # a small temperature that works
