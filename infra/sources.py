@@ -258,6 +258,18 @@ def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha:
         return None
 
 
+def count_documents(file: Path) -> int:
+    """Documents in a text file, counted before tokenizing (cheap next to it) so that the progress bar has a total
+    and an ETA: one per .txt, one per non-blank .jsonl line."""
+    if file.name.endswith(".txt"):
+        return 1
+    try:
+        with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as lines:
+            return sum(1 for line in lines if line.strip())
+    except (EOFError, gzip.BadGzipFile, zlib.error):
+        return 0        # iter_jsonl reports a damaged .gz, naming it, when it reads it
+
+
 def batched_documents(docs, max_docs=64, max_chars=64 << 20):
     """Groups of (name, text) pairs, for sentencepiece to encode each group on all cores at once."""
     group, chars = [], 0
@@ -278,9 +290,8 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     offsets, names, skipped = [0], [], 0
-    with_total = all(f.name.endswith(".txt") for f in files)     # a .txt file is one document
-    bar = tqdm(total=len(files) if with_total else None, unit="doc", desc=f"tokenizing {source.name}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(map(count_documents, files)) if progress else None, unit="doc",
+               desc=f"tokenizing {source.name}", disable=not progress, dynamic_ncols=True)
     try:
         with open(tmp, "wb") as out:
             for group in batched_documents(iter_documents(source, split)):

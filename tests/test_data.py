@@ -173,6 +173,23 @@ def test_token_cache_damaged_in_place_is_refused(tmp_path, tok):
         sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
 
 
+def test_tokenizing_jsonl_shows_a_total(tmp_path, tok, monkeypatch):
+    totals = []
+
+    class Bar(sources.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "tqdm", Bar)
+    write(tmp_path / "src" / "a.jsonl", '{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
+    with gzip.open(tmp_path / "src" / "b.jsonl.gz", "wt") as f:
+        f.write('{"text": "four"}\n{"text": "five"}')
+    write(tmp_path / "src" / "c.txt", "six")
+    corpus = sources.tokenize_source(tmp_path / "src", tok, cache_dir=tmp_path / "cache", progress=True)
+    assert len(corpus) == 6 and totals == [6]
+
+
 def test_default_cache_dir_is_the_user_cache(tmp_path, tok, monkeypatch):
     monkeypatch.delenv("LONGQLORA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
