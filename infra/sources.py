@@ -154,7 +154,11 @@ def iter_documents(path, split=None):
     for f in files:
         rel = f.relative_to(root).as_posix()
         if f.name.endswith(".txt"):
-            yield rel, decode_utf8(f.read_bytes(), replaced, rel).removeprefix("\ufeff")  # a BOM is not text
+            text = decode_utf8(f.read_bytes(), replaced, rel).removeprefix("\ufeff")  # a BOM is not text
+            if replaced.get(rel, 0) > max(100, len(text) // 100):   # a few bad bytes are replaced, not a binary
+                raise ValueError(f"{f}: not UTF-8 text ({replaced[rel]} of {len(text)} characters are invalid; "
+                                 f"a binary file, or another encoding?)")
+            yield rel, text
             continue
         for lineno, obj in iter_jsonl(f, replaced, rel):
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):

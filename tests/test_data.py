@@ -190,6 +190,14 @@ def test_tokenizing_jsonl_shows_a_total(tmp_path, tok, monkeypatch):
     assert len(corpus) == 6 and totals == [6]
 
 
+def test_random_bytes_are_not_text(tmp_path, tok):
+    src = write(tmp_path / "src" / "noise.txt", np.random.default_rng(0).bytes(100_000))
+    for _ in range(2):      # nothing is cached, so a rerun is refused as well
+        with pytest.raises(ValueError, match=r"noise\.txt: not UTF-8 text \(\d+ of \d+ characters are invalid"):
+            sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").rglob("*.*"))
+
+
 def test_default_cache_dir_is_the_user_cache(tmp_path, tok, monkeypatch):
     monkeypatch.delenv("LONGQLORA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
