@@ -10,8 +10,9 @@ folder of .txt / .jsonl / .jsonl.gz files (recursive, sorted by relative path, h
 Invalid UTF-8 is replaced by U+FFFD and reported in one warning per source.
 
 The token cache (`python data.py tokenize SRC --model DIR`, or any first use) is a flat token file `<name>.bin`
-beside a JSON index `<name>.json` (document offsets, fingerprints of the tokenizer and the source files); a
-changed tokenizer or source rebuilds it. The index is written last, so its presence marks a complete cache.
+beside a JSON index `<name>.json` (document offsets, content hashes of the tokenizer, the source files and the
+token file); a changed tokenizer, source or token file rebuilds it. The index is written last: it marks a
+complete cache.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from infra import atomic
 from infra.download import PG19_SPLITS
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2       # 2: the index holds the content hash of the token file
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -230,9 +231,17 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def content_hash(path: Path) -> str:
+    h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def source_fingerprint(files, root: Path) -> str:
-    """Changes when a file is added, removed, resized or touched."""
-    return sha256_json([[f.relative_to(root).as_posix(), f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+    """Changes when a file is added, removed or changed, even rewritten in place with its size and time kept."""
+    return sha256_json([[f.relative_to(root).as_posix(), content_hash(f)] for f in files])
 
 
 def cache_paths(source: Path, split, tokenizer: Tokenizer, cache_dir) -> tuple[Path, Path]:
@@ -254,7 +263,8 @@ def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha:
         index = json.loads(index_path.read_text())
         keys = [index.get("format"), index.get("tokenizer_sha256"), index.get("source_sha256")]
         dtype, offsets = np.dtype(index["dtype"]), np.asarray(index["offsets"], dtype=np.int64)
-        if keys != [CACHE_FORMAT, tokenizer_sha, source_sha] or bin_path.stat().st_size != offsets[-1] * dtype.itemsize:
+        if (keys != [CACHE_FORMAT, tokenizer_sha, source_sha] or bin_path.stat().st_size != offsets[-1] * dtype.itemsize
+                or content_hash(bin_path) != index["tokens_blake2b"]):     # stale, or the token file was damaged
             return None
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")
         return TokenCorpus(tokens, offsets, index["names"], bool(index["bos"]), bin_path)
@@ -312,7 +322,8 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
         index = {"format": CACHE_FORMAT, "source": str(source.resolve()), "split": split, "source_sha256": source_sha,
                  "tokenizer": str(tokenizer.path.resolve()), "tokenizer_sha256": tokenizer.fingerprint,
                  "dtype": dtype.name, "bos": tokenizer.bos_id >= 0, "eos": False, "n_documents": len(names),
-                 "n_tokens": offsets[-1], "skipped_empty": skipped, "offsets": offsets, "names": names}
+                 "n_tokens": offsets[-1], "skipped_empty": skipped, "tokens_blake2b": content_hash(tmp),
+                 "offsets": offsets, "names": names}
         # An old index must never describe the new token file, so it goes first.
         index_path.unlink(missing_ok=True)
         os.replace(tmp, bin_path)
@@ -341,6 +352,6 @@ def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=Non
     corpus = read_cache(bin_path, index_path, tokenizer.fingerprint, source_sha)
     if corpus is None:
         corpus = write_cache(path, split, files, tokenizer, bin_path, index_path, source_sha, progress)
-    if vocab is not None:   # a model with fewer ids than the tokenizer, or a cache damaged in place
-        check_token_ids(corpus.tokens, vocab, path if vocab < tokenizer.vocab_size else f"token cache {corpus.path}")
+    if vocab is not None and vocab < tokenizer.vocab_size:     # the cache holds the tokenizer's ids only
+        check_token_ids(corpus.tokens, vocab, path)
     return corpus

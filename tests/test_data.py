@@ -164,13 +164,20 @@ def test_cache_reused_and_invalidated(tmp_path, model_dir):
     assert leftovers(cache) == []
 
 
-def test_token_cache_damaged_in_place_is_refused(tmp_path, tok):
+def test_source_or_cache_rewritten_in_place_is_noticed(tmp_path, model_dir):
+    tok = CountingTokenizer(model_dir / "tokenizer.model")
     src = write(tmp_path / "src" / "a.txt", "It was the best of times, it was the worst of times.")
-    corpus = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
-    corpus.path.write_bytes(np.full(corpus.n_tokens, 60000, dtype=np.uint16).tobytes())   # same size, bad ids
-    with pytest.raises(ValueError, match=r"token cache .*a\.txt-\w+\.bin: token id 60000 at position 0 is outside the "
-                                         rf"model's vocabulary of {TOKENIZER_VOCAB}"):
-        sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    first = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    good = np.array(first.tokens)
+    first.path.write_bytes(np.full(first.n_tokens, 60000, dtype=np.uint16).tobytes())   # same size, bad ids
+    again = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    assert tok.documents_encoded == 2 and np.array_equal(again.tokens, good)           # rebuilt
+    st = src.stat()
+    write(src, "It was the age of wisdom, it was the age of folly!!!")   # same size...
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))                                   # ... and the same time
+    assert src.stat().st_size == st.st_size
+    third = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    assert tok.documents_encoded == 3 and third.document(0).tolist() == tok.encode(src.read_text())
 
 
 def test_tokenizing_jsonl_shows_a_total(tmp_path, tok, monkeypatch):
