@@ -1,22 +1,16 @@
 """PG19 download from DeepMind's public `deepmind-gutenberg` bucket on Google Cloud Storage, every file verified.
 
 One split (`train`, `validation`, `test`: 28,602 / 50 / 100 books) and `metadata.csv` into OUT/<split>/<id>.txt and
-OUT/metadata.csv (PG19's layout, what infra/sources.py reads). Objects are listed with the GCS JSON API
-(`{base_url}/storage/v1/b/{bucket}/o?prefix=validation/`, paged by `nextPageToken`) and fetched from
-`{base_url}/{bucket}/{name}`, with the standard library and tqdm only, so this module loads at once.
+OUT/metadata.csv (PG19's layout, what infra/sources.py reads), listed with the GCS JSON API (paged by
+`nextPageToken`) and fetched from `{base_url}/{bucket}/{name}`; the standard library and tqdm only.
 
-Verification: against the listing's `md5Hash`, else its `crc32c` (composite objects have no MD5); a listing item
-with neither is refused before anything is downloaded. Bytes go to `<name>.part`, hashed as they arrive (a resumed
-`.part` has its prefix hashed first), and are renamed to `<name>` only once size and checksum match, so a file
-under its final name was verified; a mismatch restarts the file from byte 0, as one attempt. Files already present
-are hashed again on every run, and a stale or damaged one is fetched again.
-
-Network: `timeout` is the connect timeout and the per-read stall limit; a transfer slower than `min_rate` over
-`rate_window` is cut (a server trickling a byte now and then never trips the stall timeout; 0 turns it off). Cut
-connections, stalls, HTTP 429 / 5xx and connection errors are retried `retries` times after `backoff * 2**k`
-seconds, resuming with HTTP Range; a server ignoring Range (200, not 206) restarts the file, and so does a 416.
-Errors are one line naming the URL or file: ValueError for bad data (a listing that is not JSON, e.g. a captive
-portal's page; malformed items; unsafe object names: nothing is written then), OSError for the network and disk.
+A file is written to `<name>.part`, hashed as it arrives, and renamed to `<name>` only once its size and the
+listing's `md5Hash` (else `crc32c`: composite objects have no MD5) match: a file under its final name was
+verified, and files already present are verified again on every run. Cut connections, stalls (`timeout`), transfers
+slower than `min_rate` over `rate_window`, HTTP 429 / 5xx and connection errors are retried `retries` times with
+backoff, resuming with HTTP Range. Errors are one line naming the URL or file: ValueError for bad data (a listing
+that is not JSON, e.g. a captive portal's page; an item without a checksum; unsafe object names: nothing is
+written then), OSError for the network and the disk.
 
     python -m infra.download pg19 --split validation --out data/pg19 [--base-url URL] [--bucket NAME]
         [--timeout S] [--min-rate BYTES_PER_S] [--rate-window S] [--retries N] [--no-progress]

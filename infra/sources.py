@@ -54,8 +54,7 @@ class Tokenizer:
             raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from None
         self.fingerprint = hashlib.sha256(raw).hexdigest()        # keys the token cache
         self.vocab_size, self.bos_id, self.eos_id = self.sp.get_piece_size(), self.sp.bos_id(), self.sp.eos_id()
-        pad = self.sp.pad_id()
-        self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id >= 0 else 0)
+        self.pad_id = next(i for i in (self.sp.pad_id(), self.eos_id, 0) if i >= 0)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return self._add_special(self.sp.encode(text, out_type=int), bos, eos)
