@@ -77,9 +77,8 @@ class Checksum(NamedTuple):
         return hashlib.md5() if self.kind == "md5" else Crc32c()
 
 
-def hash_file(path: Path, checksum: Checksum, bar=None):
-    """A hasher of checksum's kind fed with the bytes of path (counted on bar)."""
-    hasher = checksum.hasher()
+def hash_file(path: Path, hasher, bar=None):
+    """A hashlib-style hasher fed with the bytes of path (counted on bar)."""
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             hasher.update(chunk)
@@ -277,7 +276,7 @@ def fetch_part(url: str, part: Path, obj: RemoteObject, bar, net: Network) -> No
     if have > size:  # longer than the object, so not a prefix of it: dropped without spending an attempt
         discard(part, size, bar)
         have = 0
-    hasher = hash_file(part, checksum) if have else checksum.hasher()
+    hasher = hash_file(part, checksum.hasher()) if have else checksum.hasher()
     hint = ""  # a captive portal answers object requests with its login page
     if have < size:
         with open_url(url, net.timeout, {"Range": f"bytes={have}-"} if have else None) as resp:
@@ -326,7 +325,7 @@ def is_verified(path: Path, obj: RemoteObject, bar, log) -> bool:
     """Whether the file under its final name is the listed object; one that is not is deleted, with a log line."""
     if (got := path.stat().st_size) != obj.size:
         problem = f"{got} bytes, the listing says {obj.size}"
-    elif (digest := hash_file(path, obj.checksum, bar).digest()) != obj.checksum.digest:
+    elif (digest := hash_file(path, obj.checksum.hasher(), bar).digest()) != obj.checksum.digest:
         bar.update(-got)
         problem = f"{obj.checksum.kind} {digest.hex()}, the listing says {obj.checksum.digest.hex()}"
     else:

@@ -30,7 +30,7 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from infra import atomic
-from infra.download import PG19_SPLITS
+from infra.download import PG19_SPLITS, hash_file
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
 CACHE_FORMAT = 2       # 2: the index holds the content hash of the token file
 
@@ -231,11 +231,7 @@ def sha256_json(obj) -> str:
 
 
 def content_hash(path: Path) -> str:
-    h = hashlib.blake2b()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path, hashlib.blake2b()).hexdigest()
 
 
 def source_fingerprint(files, root: Path) -> str:
