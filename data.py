@@ -1,8 +1,7 @@
 """Data for LongQLoRA: the token stream cut into the pretraining and SFT sequences the model is fed.
 
-Continued pretraining on long texts (LongQLoRA arXiv 2311.04879, LongLoRA arXiv 2309.12307): sources.py turns a
-source into BOS-led documents (`BOS + text`, tokenized once and cached), and every training sequence is exactly
-`ctx` tokens, made by
+Continued pretraining on long texts (LongQLoRA arXiv 2311.04879, LongLoRA arXiv 2309.12307): infra/sources.py
+turns a source into BOS-led documents (`BOS + text`, tokenized once), and every training sequence is `ctx` tokens:
   * packing (LongLoRA, our default): the stream `BOS d1 EOS BOS d2 EOS ... BOS dn` cut into consecutive chunks
     of ctx tokens, the incomplete tail dropped; labels = input_ids;
   * truncation (LongQLoRA's recipe): one sequence per document, `(BOS + doc)[:ctx]`, shorter documents
@@ -10,13 +9,11 @@ source into BOS-led documents (`BOS + text`, tokenized once and cached), and eve
 SFT on long instructions uses LongQLoRA's template or FastChat's Vicuna v1.1 (`chat_pieces`); only the answers
 (and their EOS) are learned. The sampler shuffles per epoch from the seed and resumes mid-epoch.
 
-A batch is a dict of equal-length tensors; labels are *aligned* with input_ids (the model shifts: the loss at
-position t predicts labels[t + 1] from input_ids[: t + 1]):
-    {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T) with -100 = ignored,
-     "padding_mask": BoolTensor (B, T) with True = real token, or None when every token is real}
+A batch: {"input_ids": LongTensor (B, T), "labels": LongTensor (B, T), -100 = ignored, "padding_mask": BoolTensor
+(B, T), True = real token, or None when every token is real}. labels are *aligned* with input_ids (the model
+shifts: the loss at position t predicts labels[t + 1] from input_ids[: t + 1]).
 
     python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]   (fills the token cache)
-    python data.py download pg19 --split validation --out data/pg19      (download.py's command line)
 """
 from __future__ import annotations
 
@@ -28,7 +25,6 @@ import numpy as np
 import torch
 
 from infra import cli
-from infra import download
 from infra.sources import TokenCorpus, Tokenizer, iter_jsonl, load_tokenizer, tokenize_source, warn_replaced
 
 IGNORE_INDEX = -100
@@ -66,8 +62,7 @@ class PackedDataset:
         is_eos = inside == self.lengths[doc]                             # the EOS that joins doc to doc + 1
         ids = np.asarray(self.corpus.tokens[np.where(is_eos, 0, self.corpus.offsets[doc] + inside)], dtype=np.int64)
         ids[is_eos] = self.eos_id
-        ids = torch.from_numpy(ids)
-        return example(ids, ids.clone())
+        return example(torch.from_numpy(ids), torch.from_numpy(ids.copy()))
 
 
 def pad_right(ids: list[int], labels: list[int], ctx: int, pad_id: int) -> dict:
@@ -98,8 +93,7 @@ class TruncatedDataset:
 
 def collate(examples: list[dict], pad_id: int = 0) -> dict:
     """Stacks examples into a batch, right-padding unequal lengths like `pad_right`."""
-    T = max(len(e["input_ids"]) for e in examples)
-    B = len(examples)
+    B, T = len(examples), max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.bool)
@@ -112,10 +106,10 @@ def collate(examples: list[dict], pad_id: int = 0) -> dict:
 
 
 class ShuffledSampler:
-    """An endless stream of dataset indices: a fresh permutation of range(n) each epoch, depending only on
-    (seed, epoch), so the state is just (epoch, position) and `load_state_dict` resumes at the exact next index.
-    Rank r of world_size takes positions r, r + world_size, ... of the permutation cut to a multiple of
-    world_size: disjoint indices, and as many per rank, so the gradient all-reduces stay in step."""
+    """An endless stream of dataset indices: a permutation of range(n) per epoch, from (seed, epoch) only, so the
+    state is (epoch, position) and `load_state_dict` resumes at the exact next index. Rank r of world_size takes
+    positions r, r + world_size, ... of the permutation cut to a multiple of world_size: disjoint indices, as many
+    per rank, so the gradient all-reduces stay in step."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
@@ -123,8 +117,7 @@ class ShuffledSampler:
         if n < world_size:
             raise ValueError(f"{n} examples cannot be shared among {world_size} ranks")
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
-        self.epoch, self.position = 0, 0
-        self._cached = (None, None)
+        self.epoch, self.position, self._cached = 0, 0, (None, None)     # _cached: (epoch, its indices)
 
     def __len__(self):  # indices per epoch for this rank
         return self.n // self.world_size
@@ -145,8 +138,7 @@ class ShuffledSampler:
         return int(self.epoch_indices(self.epoch)[self.position - 1])
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "epoch": self.epoch, "position": self.position}
+        return {key: getattr(self, key) for key in ("n", "seed", "rank", "world_size", "epoch", "position")}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("n", "seed", "world_size"):
@@ -166,12 +158,9 @@ def batches(dataset, sampler: ShuffledSampler, batch_size: int, pad_id: int = 0)
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("longqlora", "vicuna")
-
-
-def check_template(template: str) -> None:
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}")
+# The prompt of turn k (k = 0 opens with the system sentence); chat_pieces adds the answers and BOS.
+TEMPLATES = {"vicuna": lambda k, human: f"{SYSTEM} " * (k == 0) + f"USER: {human} ASSISTANT:",
+             "longqlora": lambda k, human: SYSTEM * (k == 0) + f"\nUSER: {human}\nASSISTANT: "}
 
 
 def sft_turns(record, where) -> list[tuple[str, str]]:
@@ -182,8 +171,7 @@ def sft_turns(record, where) -> list[tuple[str, str]]:
         if not isinstance(conv, list) or not conv:
             raise ValueError(f"{where}: \"conversation\" must be a non-empty list of turns")
         for k, turn in enumerate(conv):
-            if not (isinstance(turn, dict) and isinstance(turn.get("human"), str)
-                    and isinstance(turn.get("assistant"), str)):
+            if not (isinstance(turn, dict) and all(isinstance(turn.get(f), str) for f in ("human", "assistant"))):
                 raise ValueError(f"{where}: conversation turn {k} needs string fields \"human\" and \"assistant\"")
         return [(turn["human"].strip(), turn["assistant"].strip()) for turn in conv]
     if isinstance(record, dict) and isinstance(record.get("input"), str) and isinstance(record.get("output"), str):
@@ -202,15 +190,11 @@ def chat_pieces(tokenizer: Tokenizer, turns, template: str = "vicuna") -> list[t
     word-boundary marker at the start of each encoded piece, exactly where the whole string would have it.
     A turn whose assistant text is None ends the pieces after its prompt (a generation prompt).
     """
-    check_template(template)
-    vicuna = template == "vicuna"
-    pieces = [([tokenizer.bos_id], False)] if vicuna and tokenizer.bos_id >= 0 else []
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown chat template {template!r}; choose one of {', '.join(sorted(TEMPLATES))}")
+    pieces = [([tokenizer.bos_id], False)] if template == "vicuna" and tokenizer.bos_id >= 0 else []
     for k, (human, assistant) in enumerate(turns):
-        if vicuna:
-            prompt = (SYSTEM + " " if k == 0 else "") + f"USER: {human} ASSISTANT:"
-        else:
-            prompt = (SYSTEM if k == 0 else "") + f"\nUSER: {human}\nASSISTANT: "
-        pieces.append((tokenizer.encode(prompt, bos=False), False))
+        pieces.append((tokenizer.encode(TEMPLATES[template](k, human), bos=False), False))
         if assistant is None:
             break
         pieces.append((tokenizer.encode(assistant, bos=False, eos=True), True))
@@ -219,8 +203,7 @@ def chat_pieces(tokenizer: Tokenizer, turns, template: str = "vicuna") -> list[t
 
 def chat_prompt_ids(tokenizer: Tokenizer, history, message: str, template: str = "vicuna") -> list[int]:
     """Prompt for generating the next answer: the history [(human, assistant)], then the new message."""
-    pieces = chat_pieces(tokenizer, list(history) + [(message.strip(), None)], template)
-    return [i for ids, _ in pieces for i in ids]
+    return [i for ids, _ in chat_pieces(tokenizer, [*history, (message.strip(), None)], template) for i in ids]
 
 
 def build_sft_example(tokenizer: Tokenizer, turns, ctx: int, template: str = "vicuna") -> dict:
@@ -240,7 +223,7 @@ class SFTDataset:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: SFT file not found")
-        check_template(template)
+        chat_pieces(tokenizer, [], template)        # an unknown template is refused now, not at the first batch
         self.tokenizer, self.ctx, self.template = tokenizer, ctx, template
         replaced = {}
         records = iter_jsonl(path, replaced, path.name)
@@ -259,17 +242,13 @@ class SFTDataset:
 # --------------------------------------------------------------------------- command line
 
 def main(argv=None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["download"]:            # `python data.py download pg19 ...` is download.py's command line
-        return download.main(argv[1:])
     parser = cli.one_line_errors(argparse.ArgumentParser(prog="data.py", description=__doc__.split("\n")[0]))
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("download", help="download a public dataset (see python -m infra.download --help)")
-    tok = cli.one_line_errors(sub.add_parser("tokenize", help="tokenize a text source into the cache"))
-    tok.add_argument("source")
+    tok = cli.one_line_errors(parser.add_subparsers(dest="command", required=True).add_parser(
+        "tokenize", help="tokenize a text source into the cache", formatter_class=cli.DefaultsHelp))
+    tok.add_argument("source", help="a .txt, .jsonl(.gz) or .bin file, or a folder of them (see infra/sources.py)")
     tok.add_argument("--model", required=True, help="model folder with tokenizer.model")
     tok.add_argument("--split", default=None, help="split of a PG19-layout folder")
-    tok.add_argument("--cache-dir", default=None, help="token cache folder [$LONGQLORA_CACHE or ~/.cache/longqlora]")
+    tok.add_argument("--cache-dir", default=None, help="token cache (default: $LONGQLORA_CACHE or ~/.cache/longqlora)")
     args = parser.parse_args(argv)
     corpus = tokenize_source(args.source, load_tokenizer(args.model), split=args.split, cache_dir=args.cache_dir)
     print(f"{len(corpus)} documents, {corpus.n_tokens} tokens -> {corpus.path}")

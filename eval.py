@@ -2,7 +2,7 @@
 
 As LongQLoRA reports it (REFERENCE §6, §7): lengths 1024 / 2048 / 4096 / 8192, full causal attention (S²-Attn
 only approximates it in training), the base in NF4. The RoPE scaling is the one the weights were trained with,
-the same at every length (rope.py's inference rule: --rope-factor, else the adapter's longqlora.json, else the
+the same at every length (infra/rope_scaling.py's inference rule: --rope-factor, else the adapter's longqlora.json, else the
 checkpoint's config.json); it is printed and written to the results.
 
 Perplexity. The text is one flat token stream x_0 .. x_{N-1} (tokenized documents back to back, each starting
@@ -18,9 +18,8 @@ nll_t = -log p(x_t | x_s .. x_{t-1}). Three protocols:
              N, scores only its new targets x_{e_prev} .. x_{e-1}, with at least L - stride tokens of context.
              Windows are right-aligned, all exactly L long (the HF docs' last one is shorter); stride defaults to
              L // 2 and must be < L. The scored set is the same at every L, so lengths are comparable.
-"tokens" in the results counts scored predictions (with multiplicity for longlora's overlaps). Logits and loss
-are computed in chunks (model.chunked_cross_entropy), so no (T, vocab) fp32 tensor exists, and attention goes
-through SDPA: an 8k window fits where eager attention would not.
+"tokens" in the results counts scored predictions (with multiplicity for longlora's overlaps). The loss is
+computed in chunks (model.chunked_cross_entropy), so an 8k window never holds (T, vocab) fp32 logits.
 
 Passkey retrieval (LongLoRA, PI): filler text ("The grass is green. The sky is blue. ...") with one line
 "The pass key is K. Remember it. K is the pass key." at a random depth, then "What is the pass key? The pass
@@ -36,129 +35,24 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import re
 import sys
 import time
-from pathlib import Path
-
-from infra import cli
-
-PROTOCOLS = ("longqlora", "longlora", "sliding")
-LONGLORA_STRIDE = 256
-DEFAULT_SEQ_LENS = (1024, 2048, 4096, 8192)
-MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's usable context
-
-
-# --------------------------------------------------------------------------- command line
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0],
-                                formatter_class=cli.DefaultsHelp)
-    p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity", help="what to measure")
-    cli.add_inference_flags(p)
-    p.add_argument("--seq-len", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), help="evaluation lengths")
-    p.add_argument("--attn", choices=("full", "s2"), default="full",
-                   help="full causal attention (the paper's choice at inference) or S²-Attn (ablation)")
-    p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19", help="looked up in --data-dir")
-    p.add_argument("--split", default=None, help="default: validation for pg19, test for proof-pile")
-    p.add_argument("--data-dir", default=os.environ.get("LONGQLORA_DATA", "data"),
-                   help="where --dataset looks ($LONGQLORA_DATA or data/)")
-    p.add_argument("--data-path", default=None, help="any text folder, PG19-layout folder, .txt, .jsonl(.gz) or .bin")
-    p.add_argument("--download", action="store_true", help="download PG19 into DATA_DIR/pg19 when it is missing")
-    p.add_argument("--bin-dtype", choices=("uint16", "uint32"), default=None,
-                   help="element type of a .bin token file (default uint16, or uint32 above 65,536 ids)")
-    p.add_argument("--cache-dir", default=None, help="token cache folder ($LONGQLORA_CACHE or ~/.cache/longqlora)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora", help="perplexity windows (module docstring)")
-    p.add_argument("--stride", type=int, default=None,
-                   help=f"window stride (default: {LONGLORA_STRIDE} longlora, seq_len longqlora, seq_len//2 sliding)")
-    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the stream")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (the result does not change)")
-    p.add_argument("--trials", type=int, default=20, help="passkey trials per length")
-    p.add_argument("--seed", type=int, default=0, help="passkey keys and depths")
-    p.add_argument("--out", default=None, help="results JSON (rewritten after every length)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = cli.one_line_errors(build_parser()).parse_args(argv)
-    for L in args.seq_len:
-        cli.check_range("--seq-len", L, 2)
-    for flag, low in (("batch_size", 1), ("trials", 1), ("stride", 1), ("max_tokens", 2)):
-        if getattr(args, flag) is not None:
-            cli.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), low)
-    if args.rope_factor is not None:
-        cli.check_range("--rope-factor", args.rope_factor, 1)
-    if args.download and args.dataset != "pg19":
-        raise ValueError(f"--download fetches PG19 only, not {args.dataset}")
-    if args.task == "passkey" and args.attn != "full":
-        raise ValueError("passkey decodes with the KV cache, which needs --attn full")
-    return args
-
-
-if __name__ == "__main__":      # flags are parsed before torch loads (seconds): --help and bad flags answer at once
-    ARGS = cli.parse_or_exit(parse_args)
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from infra import atomic
-from infra import download
+from infra import cli
+from infra import eval_data
 from infra import sources
-from generate import generate, load_model, max_length
-from model import Transformer
-from infra.rope_scaling import describe_scaling
 
+# torch (seconds to load) is imported in the functions that use it, so --help and bad flags answer at once.
 
-# --------------------------------------------------------------------------- data
-
-def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
-    """(path, split for the reader) of a named dataset, or FileNotFoundError naming every place looked at and how
-    to get the data. pg19 prefers the text layout (`pg19/<split>/*.txt`), tokenized with the evaluated model's own
-    tokenizer, to LongLoRA's `pg19-<split>.bin` (LLaMA's); proof-pile prefers LongLoRA's `proof-pile-<split>.bin`
-    (the paper's sample of 128 long test documents) to the split's jsonl(.gz) files."""
-    d = Path(data_dir)
-    # (path, reader split, folder that must hold text files; None for a file)
-    if dataset == "pg19":
-        candidates = [(d / "pg19", split, d / "pg19" / split), (d, split, d / split),
-                      (d / f"pg19-{split}.bin", None, None), (d / "pg19" / f"pg19-{split}.bin", None, None)]
-        how = (f"get it with `python data.py download pg19 --split {split} --out {d / 'pg19'}` "
-               f"(or add --download), or pass --data-path")
-    elif dataset == "proof-pile":
-        pp = d / "proof-pile"
-        candidates = [(d / f"proof-pile-{split}.bin", None, None), (pp / f"proof-pile-{split}.bin", None, None),
-                      (pp / split, None, pp / split), (pp / f"{split}.jsonl.gz", None, None),
-                      (pp / f"{split}.jsonl", None, None), (d / f"proof-pile-{split}.jsonl.gz", None, None)]
-        how = ("get LongLoRA's pre-tokenized proof-pile-test.bin (linked from the LongLoRA README) or the Proof-pile "
-               "jsonl.gz test files into that folder, or pass --data-path")
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; choose pg19 or proof-pile, or pass --data-path")
-
-    def found(path, folder):
-        if folder is None:
-            return path.is_file()
-        return folder.is_dir() and any(f.is_file() and f.name.endswith(sources.TEXT_SUFFIXES) for f in folder.rglob("*"))
-
-    for path, reader_split, folder in candidates:
-        if found(path, folder):
-            return path, reader_split
-    looked = ", ".join(str(path) if folder is None else f"{folder}/" for path, _, folder in candidates)
-    raise FileNotFoundError(f"no {dataset} {split} data found; looked for {looked}; {how}")
-
-
-def load_eval_tokens(path, split=None, tokenizer=None, vocab_size=None, bin_dtype=None, cache_dir=None,
-                     max_tokens=None, progress=True) -> np.ndarray:
-    """The flat token stream of a source (sources.tokenize_source: a `.bin` as it is, text tokenized once and
-    cached), every id checked against vocab_size; max_tokens keeps the first tokens only."""
-    if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"--max-tokens must be at least 2, got {max_tokens}")
-    corpus = sources.tokenize_source(path, tokenizer, split=split, cache_dir=cache_dir, vocab_size=vocab_size,
-                                  progress=progress, dtype=bin_dtype)
-    tokens = corpus.tokens[:corpus.n_tokens]
-    return tokens if max_tokens is None else tokens[:max_tokens]
+PROTOCOLS = ("longqlora", "longlora", "sliding")
+LONGLORA_STRIDE = 256
+MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's usable context
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -173,11 +67,9 @@ def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
     targets scored are the tokens at positions first_target .. end - 1 (see the module docstring)."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
-    if stride < 1:
-        raise ValueError(f"stride must be positive, got {stride}")
+    if seq_len < 2 or stride < 1:
+        raise ValueError(f"seq_len must be at least 2 and stride positive, got seq_len {seq_len}, stride {stride}")
     if protocol != "sliding":
         starts = list(range(0, n_tokens - seq_len, stride))[:-1]   # LongLoRA drops the last start
         if not starts:
@@ -198,35 +90,36 @@ def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
     return windows
 
 
-@torch.inference_mode()
-def token_nll(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+def token_nll(model, tokens):
     """nll (B, T - 1) float32: nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
-    return model.loss(tokens, tokens, reduction="none")
+    import torch
+    with torch.inference_mode():
+        return model.loss(tokens, tokens, reduction="none")
 
 
-def evaluate_perplexity(model: Transformer, tokens, seq_len: int, protocol: str = "longqlora",
-                        stride: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
+def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "longqlora", stride: int | None = None,
+                        batch_size: int = 1, progress: bool = True) -> dict:
     """Perplexity of `tokens` (1-D ids) under one protocol: {"seq_len", "stride", "protocol", "ppl", "nll",
     "tokens", "windows", "seconds"}, nll = log(ppl). All windows have the same length, so they batch freely and
     the result does not depend on batch_size."""
+    import torch
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
     windows = perplexity_windows(len(tokens), seq_len, protocol, stride)
     device = model.embed_tokens.weight.device
     window_losses, nll_sum, scored, t0 = [], 0.0, 0, time.perf_counter()
-    bar = tqdm(total=len(windows), desc=f"{protocol} L={seq_len}", unit="win", disable=not progress,
-               dynamic_ncols=True)
-    for i in range(0, len(windows), batch_size):
-        batch = windows[i:i + batch_size]
-        ids = torch.stack([torch.from_numpy(np.asarray(tokens[s:e], dtype=np.int64)) for s, _, e in batch])
-        for row, (s, first, e) in zip(token_nll(model, ids.to(device)).double().cpu(), batch):
-            picked = row[first - s - 1:e - s - 1]        # prediction of token t sits at index t - s - 1
-            window_losses.append(picked.mean().item())
-            nll_sum += picked.sum().item()
-            scored += len(picked)
-        bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(windows), desc=f"{protocol} L={seq_len}", unit="win", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for i in range(0, len(windows), batch_size):
+            batch = windows[i:i + batch_size]
+            ids = torch.from_numpy(np.stack([np.asarray(tokens[s:e], dtype=np.int64) for s, _, e in batch]))
+            for row, (s, first, e) in zip(token_nll(model, ids.to(device)).double().cpu(), batch):
+                picked = row[first - s - 1:e - s - 1]        # prediction of token t sits at index t - s - 1
+                window_losses.append(picked.mean().item())
+                nll_sum += picked.sum().item()
+                scored += len(picked)
+            bar.update(len(batch))
     mean_nll = nll_sum / scored if protocol == "sliding" else sum(window_losses) / len(window_losses)
     return {"seq_len": seq_len, "stride": stride, "protocol": protocol, "ppl": math.exp(mean_nll), "nll": mean_nll,
             "tokens": scored, "windows": len(windows), "seconds": time.perf_counter() - t0}
@@ -247,13 +140,10 @@ def passkey_text(n_filler: int, depth: float, key: str) -> str:
     """The prompt text with n_filler filler words, round(depth * n_filler) of them before the key line. Words,
     not LongLoRA's character count, so the prompt length hits its target within a token or two."""
     words = " ".join(FILLER).split()
-
-    def filler(n):      # the first n words of the filler sentences, repeated
-        return " ".join(words[i % len(words)] for i in range(n))
-
+    filler = [words[i % len(words)] for i in range(n_filler)]      # the filler sentences' words, repeated
     before = round(depth * n_filler)
-    return "\n".join([PASSKEY_TASK, filler(before), PASSKEY_LINE.format(key=key), filler(n_filler - before),
-                      PASSKEY_QUESTION])
+    return "\n".join([PASSKEY_TASK, " ".join(filler[:before]), PASSKEY_LINE.format(key=key),
+                      " ".join(filler[:n_filler - before]), PASSKEY_QUESTION])
 
 
 def passkey_prompt(tokenizer, target_len: int, depth: float, key: str) -> list[int]:
@@ -292,9 +182,9 @@ def passkey_summary(trials: list[dict], n_buckets: int = DEPTH_BUCKETS) -> dict:
             "depth_accuracy": {b: (sum(v) / len(v) if v else None) for b, v in buckets.items()}}
 
 
-def evaluate_passkey(model: Transformer, tokenizer, seq_len: int, trials: int = 20, seed: int = 0,
-                     progress: bool = True) -> dict:
+def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int = 0, progress: bool = True) -> dict:
     """Passkey retrieval at one length: `trials` random (key, depth) pairs, greedy answers with the KV cache."""
+    from generate import generate
     if trials < 1:
         raise ValueError(f"--trials must be positive, got {trials}")
     rng = random.Random(seed * 1_000_003 + seq_len)     # the same trials for a length whatever else runs
@@ -309,72 +199,73 @@ def evaluate_passkey(model: Transformer, tokenizer, seq_len: int, trials: int = 
             "seconds": time.perf_counter() - t0, "records": records}
 
 
-# --------------------------------------------------------------------------- command line run
-
-def results_table(task: str, results: list[dict]) -> str:
-    """The results as a markdown table."""
-    if task == "perplexity":
-        header = ["seq_len", "perplexity", "tokens", "windows", "seconds"]
-        rows = [[r["seq_len"], r["ppl"], r["tokens"], r["windows"], f"{r['seconds']:.1f}"] for r in results]
-    else:
-        buckets = list(results[0]["depth_accuracy"]) if results else []
-        header = ["seq_len", "accuracy", *[f"depth {b}" for b in buckets], "trials", "seconds"]
-        rows = [[r["seq_len"], r["accuracy"], *r["depth_accuracy"].values(), r["trials"], f"{r['seconds']:.1f}"]
-                for r in results]
-
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 1e4 else f"{v:.4g}"
-        return "-" if v is None else str(v)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+# --------------------------------------------------------------------------- command line
 
 
-def resolve_source(args) -> tuple[Path, str | None, str, str | None]:
-    """(path, reader split, dataset name, split name) of the evaluation data."""
-    if args.data_path is not None:
-        path = Path(args.data_path)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: --data-path not found")
-        split = (args.split or "validation") if sources.is_pg19_layout(path) else None
-        return path, split, str(path), split
-    split = args.split or ("validation" if args.dataset == "pg19" else "test")
-    try:
-        path, reader_split = find_dataset(args.dataset, split, args.data_dir)
-    except FileNotFoundError:
-        if not args.download:
-            raise
-        download.download_pg19(split, Path(args.data_dir) / "pg19", progress=not args.no_progress)
-        path, reader_split = find_dataset(args.dataset, split, args.data_dir)
-    return path, reader_split, args.dataset, split
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelp)
+    p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity", help="what to measure")
+    cli.add_inference_flags(p)
+    p.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="evaluation lengths")
+    p.add_argument("--attn", choices=("full", "s2"), default="full",
+                   help="full causal attention (the paper's choice at inference) or S²-Attn (ablation)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora",
+                   help="perplexity windows: longqlora = non-overlapping windows of seq_len tokens (the paper's "
+                        "table), longlora = windows every --stride tokens, sliding = every token scored once, "
+                        "after at least seq_len - stride tokens of context")
+    p.add_argument("--stride", type=int, default=None, help=f"window stride (default: {LONGLORA_STRIDE} for "
+                   "longlora, seq_len for longqlora, seq_len // 2 for sliding)")
+    p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19", help="looked up in --data-dir")
+    p.add_argument("--split", default=None, help="dataset split (default: validation for pg19, test for proof-pile)")
+    p.add_argument("--data-dir", default=None, help="where --dataset looks (default: $LONGQLORA_DATA or data)")
+    p.add_argument("--data-path", default=None, help="any text folder, PG19-layout folder, .txt, .jsonl(.gz) or .bin")
+    p.add_argument("--download", action="store_true", help="download PG19 into DATA_DIR/pg19 when it is missing")
+    p.add_argument("--bin-dtype", choices=("uint16", "uint32"), default=None,
+                   help="element type of a .bin token file (default: uint16, or uint32 above 65,536 ids)")
+    p.add_argument("--cache-dir", default=None, help="token cache (default: $LONGQLORA_CACHE or ~/.cache/longqlora)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only (default: all)")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward (the result does not change)")
+    p.add_argument("--trials", type=int, default=20, help="passkey trials per length")
+    p.add_argument("--seed", type=int, default=0, help="passkey keys and depths")
+    p.add_argument("--out", default=None, help="results JSON (rewritten after every length)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
 
 
-def check_seq_lens(seq_lens, model, factor) -> int:
-    """Bounds every --seq-len by the model's usable context (returned) before any time is spent on one: a
-    passkey prompt for an absurd length would take long to build."""
-    usable = max_length(model)
-    for L in seq_lens:
-        if L > MAX_CONTEXT_MULTIPLE * usable:
-            raise ValueError(f"--seq-len {L}: more than {MAX_CONTEXT_MULTIPLE}x this model's usable context of "
-                             f"{usable} tokens (max_position_embeddings {model.args.max_position_embeddings}, "
-                             f"RoPE factor {factor})")
-    return usable
+def parse_args(argv=None) -> argparse.Namespace:
+    args = cli.one_line_errors(build_parser()).parse_args(argv)
+    for L in args.seq_len:
+        cli.check_range("--seq-len", L, 2)
+    for flag, low in (("batch_size", 1), ("trials", 1), ("stride", 1), ("max_tokens", 2), ("rope_factor", 1)):
+        if getattr(args, flag) is not None:
+            cli.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), low)
+    if args.download and args.dataset != "pg19":
+        raise ValueError(f"--download fetches PG19 only, not {args.dataset}")
+    if args.task == "passkey" and args.attn != "full":
+        raise ValueError("passkey decodes with the KV cache, which needs --attn full")
+    return args
 
 
 def run(args) -> dict:
+    from generate import load_model, max_length
+    from infra.rope_scaling import describe_scaling
     show, perplexity = not args.no_progress, args.task == "perplexity"
     if perplexity:  # missing data fails before the model is loaded
-        path, reader_split, dataset, split = resolve_source(args)
+        path, reader_split, dataset, split = eval_data.eval_source(args)
     tokenizer = sources.load_tokenizer(args.model) if not perplexity or path.suffix != ".bin" else None
     device = cli.device(args.device)
     model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
                                args.rope_factor, device)
     model.set_attention(args.attn)
-    factor = describe_scaling(model.args.rope_scaling)
-    usable = check_seq_lens(args.seq_len, model, factor)
+    factor, usable = describe_scaling(model.args.rope_scaling), max_length(model)
+    for L in args.seq_len:      # before any time is spent: a passkey prompt for an absurd length takes long to build
+        if L > MAX_CONTEXT_MULTIPLE * usable:
+            raise ValueError(f"--seq-len {L}: more than {MAX_CONTEXT_MULTIPLE}x this model's usable context of "
+                             f"{usable} tokens (max_position_embeddings {model.args.max_position_embeddings}, "
+                             f"RoPE factor {factor})")
     if perplexity:
-        tokens = load_eval_tokens(path, reader_split, tokenizer, model.args.vocab_size, args.bin_dtype,
-                                  args.cache_dir, args.max_tokens, progress=show)
+        tokens = sources.tokenize_source(path, tokenizer, reader_split, args.cache_dir, model.args.vocab_size, show,
+                                         args.bin_dtype).tokens[:args.max_tokens]
     for L in args.seq_len:      # an impossible length fails before time is spent on the others
         if perplexity:
             perplexity_windows(len(tokens), L, args.protocol, args.stride)
@@ -393,7 +284,7 @@ def run(args) -> dict:
         report["results"].append({**r, "rope_factor": factor})
         if args.out:  # after every length, so a crash at 8k keeps the shorter results
             atomic.write_json(args.out, report)
-    print(results_table(args.task, report["results"]))
+    print(eval_data.results_table(args.task, report["results"]))
     if args.out:
         print(f"results: {args.out}")
     return report
@@ -406,4 +297,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, ARGS))
+    sys.exit(cli.run(main, cli.parse_or_exit(parse_args)))

@@ -6,17 +6,16 @@ Decoding, one token at a time after one forward pass over the prompt (the "prefi
     repeat: p = softmax(W_head h_last / temperature), restricted to the top-p nucleus
             x = argmax p (temperature 0) or a sample of p;  h = model(x, cache)
 
-Only the last position's logits are computed, so an 8k-token prompt never produces an (8k x vocab) tensor;
-the KV cache makes each new token cost one position, and greedy decoding with it gives exactly the tokens
-that recomputing the full forward at every step gives (tests/test_generate.py). The cache grows as tokens
-arrive, and generation stops at the model's usable context (max_position_embeddings x its PI factor).
+Only the last position's logits are computed (an 8k prompt never makes an (8k x vocab) tensor). With the KV
+cache, which grows as tokens arrive, a new token costs one position, and greedy decoding gives exactly the tokens
+of recomputing the whole forward at every step. Generation stops at the usable context (max_position_embeddings
+x PI factor); a longer prompt is refused, or cut to its last tokens with --keep-last.
 
 Top-p (nucleus) sampling: sort the probabilities in decreasing order and keep the smallest prefix whose mass
 reaches top_p (the most likely token is always kept), renormalise, sample.
 
-The RoPE scaling follows rope.py's inference rule: --rope-factor, else the adapter's recorded training
-factor, else the checkpoint's config, the same at every length. Chat uses the template the adapter was
-trained with (data.chat_pieces), or --template.
+The RoPE scaling follows the inference rule of infra/rope_scaling.py (--rope-factor, else the adapter's recorded training factor,
+else the checkpoint's config), the same at every length. Chat uses the adapter's training template, or --template.
 
     python generate.py --model DIR --prompt "It was a dark and stormy night"
     python generate.py --model DIR --adapter ADAPTER --prompt-file book.txt --max-new-tokens 200
@@ -25,6 +24,7 @@ trained with (data.chat_pieces), or --template.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -37,14 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_inference_flags(p)
     p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file (long prompts)")
-    p.add_argument("--chat", action="store_true",
-                   help="chat; without --prompt/--prompt-file, user turns are read from stdin")
-    p.add_argument("--template", choices=("longqlora", "vicuna"), default=None,
-                   help="chat template (default: the adapter's training template, else vicuna)")
+    p.add_argument("--keep-last", type=int, default=None, help="keep BOS + the prompt's last N tokens (default: all)")
+    p.add_argument("--chat", action="store_true", help="chat; user turns from stdin unless --prompt/--prompt-file")
+    p.add_argument("--template", choices=("longqlora", "vicuna"), help="(default: the adapter's template, else vicuna)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="stops earlier at EOS or the usable context")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the top tokens of this mass")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (none: a different sample each run)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, a different sample each run)")
     return p
 
 
@@ -54,11 +53,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt is None and args.prompt_file is None and not args.chat:
         raise ValueError("give --prompt, --prompt-file or --chat")
+    if args.keep_last is not None and args.chat:
+        raise ValueError("--keep-last cuts a plain prompt; --chat drops the oldest turns itself")
     cli.check_range("--max-new-tokens", args.max_new_tokens, 1)
     cli.check_range("--temperature", args.temperature, 0)
     cli.check_range("--top-p", args.top_p, 0, 1, open_low=True)
-    if args.rope_factor is not None:
-        cli.check_range("--rope-factor", args.rope_factor, 1)
+    for flag, value in (("--rope-factor", args.rope_factor), ("--keep-last", args.keep_last)):
+        if value is not None:
+            cli.check_range(flag, value, 1)
     return args
 
 
@@ -68,20 +70,17 @@ if __name__ == "__main__":      # flags are parsed before torch loads (seconds):
 import torch
 
 import data
-from infra import sources
 from infra import hf
+from infra import sources
 from infra.adapter import load_adapter
 from model import KVCache
 from infra.rope_scaling import describe_scaling, inference_scaling, usable_context
 
 
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):
-    """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's
-    frozen base) and with a PEFT LoRA adapter on top (unmerged: its fp32 update is added in every forward, as
-    in training), its RoPE scaling set by infra.rope_scaling.inference_scaling."""
-    if quant not in ("none", "nf4"):
-        raise ValueError(f"--quant must be 'none' or 'nf4', got {quant!r}")
-    model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else "nf4")
+    """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's frozen
+    base), with a PEFT LoRA adapter unmerged on top (as in training), RoPE scaling by infra.rope_scaling.inference_scaling."""
+    model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else quant)
     training = None
     if adapter is not None:
         load_adapter(model, adapter)
@@ -100,11 +99,13 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     if temperature <= 0:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if not torch.isfinite(probs).all():     # NaN in the model, or logits / temperature overflowing
+        raise ValueError(f"cannot sample: the logits / temperature {temperature:g} are not finite numbers "
+                         f"(NaN in the model's weights, or a temperature too small: 0 means greedy)")
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep a token if the mass before it is still below top_p; the first token always stays.
-        keep = (torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p
-        sorted_probs = sorted_probs * keep
+        sorted_probs = sorted_probs * ((torch.cumsum(sorted_probs, 0) - sorted_probs) < top_p)
         return int(order[torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
 
@@ -112,15 +113,18 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
 @torch.inference_mode()
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, on_token=None, limit: int | None = None) -> list[int]:
-    """Up to max_new_tokens after prompt_ids, stopping after the tokenizer's EOS (not returned) or when prompt +
-    output reach `limit` tokens (default: none). on_token(id) is called for every new token as soon as it
-    exists (streaming). tokenizer may be None: then generation never stops at EOS."""
+    """Up to max_new_tokens after prompt_ids, stopping at the tokenizer's EOS (not returned; never when tokenizer
+    is None) or when prompt + output reach `limit` tokens. on_token(id) gets each new token at once (streaming)."""
     if not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
+    if bad := [i for i in prompt_ids if not 0 <= i < model.args.vocab_size]:
+        raise ValueError(f"token id {bad[0]} of the prompt is outside the model's vocabulary of "
+                         f"{model.args.vocab_size} ids (a tokenizer of another model?)")
     if limit is not None and len(prompt_ids) >= limit:
-        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's usable context is {limit}")
+        raise ValueError(f"the prompt has {len(prompt_ids)} tokens; the model's usable context is {limit} "
+                         f"(--keep-last {max(1, limit - 1 - max_new_tokens)} keeps the end of a longer prompt)")
     steps = max_new_tokens if limit is None else min(max_new_tokens, limit - len(prompt_ids))
     device = model.embed_tokens.weight.device
     eos = None if tokenizer is None or tokenizer.eos_id < 0 else tokenizer.eos_id
@@ -141,30 +145,26 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: flo
 
 
 class TextStream:
-    """Turns generated ids into text increments for printing as they arrive.
-
-    Sentencepiece text is only well defined for a whole sequence (a word's leading space belongs to its first
-    piece, a multi-byte character can span byte-fallback tokens), so every step decodes `anchor + generated`
-    and emits what is new; the anchor (the prompt's last token) keeps the first word's leading space, and text
-    ending in an incomplete character (U+FFFD) is held back until the next token completes it."""
+    """Turns generated ids into text increments for printing as they arrive. Sentencepiece text is only well
+    defined for a whole sequence (a word's leading space belongs to its first piece, a multi-byte character can
+    span byte-fallback tokens), so every step decodes `anchor + generated` and emits what is new; the anchor (the
+    prompt's last token) keeps the first word's leading space, and text ending in an incomplete character
+    (U+FFFD) is held back until the next token completes it."""
 
     def __init__(self, tokenizer, prompt_ids):
-        self.tokenizer = tokenizer
-        self.anchor = list(prompt_ids[-1:])
+        self.tokenizer, self.anchor = tokenizer, list(prompt_ids[-1:])
         self.skip = len(tokenizer.decode(self.anchor))
         self.ids, self.emitted = [], 0
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.text()
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.emitted = text[self.emitted:], len(text)
-        return new
+        return self.flush(hold_incomplete=True)
 
-    def flush(self) -> str:
-        """What is still held back (an incomplete character the model never completed)."""
+    def flush(self, hold_incomplete: bool = False) -> str:
+        """The text not emitted yet; at the end, also an incomplete character the model never completed."""
         text = self.text()
+        if hold_incomplete and text.endswith("\ufffd"):
+            return ""
         new, self.emitted = text[self.emitted:], len(text)
         return new
 
@@ -172,28 +172,19 @@ class TextStream:
         return self.tokenizer.decode(self.anchor + self.ids)[self.skip:]
 
 
-def respond(model, tokenizer, prompt_ids, args, out=None) -> list[int]:
-    """Generate an answer to prompt_ids, printing its text to `out` (stdout) as it is produced."""
-    out = sys.stdout if out is None else out
+def respond(model, tokenizer, prompt_ids, args, out) -> list[int]:
+    """Generate an answer to prompt_ids, printing its text to `out` as it is produced."""
     stream = TextStream(tokenizer, prompt_ids)
-
-    def on_token(token_id):
-        piece = stream.push(token_id)
-        if piece:
-            out.write(piece)
-            out.flush()
-
     ids = generate(model, tokenizer, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                   on_token=on_token, limit=max_length(model))
-    out.write(stream.flush() + "\n")
-    out.flush()
+                   on_token=lambda token: print(stream.push(token), end="", file=out, flush=True),
+                   limit=max_length(model))
+    print(stream.flush(), file=out, flush=True)
     return ids
 
 
-def chat_loop(model, tokenizer, args, lines, out=None):
-    """Multi-turn chat: each line of `lines` is a user turn; /reset forgets the history, /exit ends. When the
-    conversation outgrows the model's usable context, its oldest turns are dropped (and a note printed)."""
-    out = sys.stdout if out is None else out
+def chat_loop(model, tokenizer, args, lines, out):
+    """Multi-turn chat: each line of `lines` is a user turn, the answers go to `out`; /reset forgets the history,
+    /exit ends. When the conversation outgrows the usable context, its oldest turns are dropped (with a note)."""
     history, limit = [], max_length(model)
     for line in lines:
         message = line.strip()
@@ -204,24 +195,12 @@ def chat_loop(model, tokenizer, args, lines, out=None):
         if message == "/reset":
             history = []
             continue
-        prompt = data.chat_prompt_ids(tokenizer, history, message, args.template)
-        while history and len(prompt) >= limit:
+        while len(prompt := data.chat_prompt_ids(tokenizer, history, message, args.template)) >= limit and history:
             history.pop(0)
             print(f"[the conversation outgrew {limit} tokens: oldest turn dropped]", file=sys.stderr)
-            prompt = data.chat_prompt_ids(tokenizer, history, message, args.template)
         out.write("ASSISTANT: ")
-        answer = respond(model, tokenizer, prompt, args, out)
-        history.append((message, tokenizer.decode(answer).strip()))
+        history.append((message, tokenizer.decode(respond(model, tokenizer, prompt, args, out)).strip()))
     return history
-
-
-def stdin_lines(prompt: str):
-    """Lines typed by the user (with a prompt on a terminal), until EOF."""
-    while True:
-        try:
-            yield input(prompt if sys.stdin.isatty() else "")
-        except EOFError:
-            return
 
 
 def main(argv=None) -> None:
@@ -244,12 +223,17 @@ def main(argv=None) -> None:
     args.template = args.template or training.get("template") or "vicuna"
     print(f"[RoPE factor {describe_scaling(model.args.rope_scaling)} from {source}; usable context "
           f"{max_length(model)} tokens]", file=sys.stderr)
-    if text is not None and args.chat:
-        respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template), args)
-    elif text is not None:
-        respond(model, tokenizer, tokenizer.encode(text, bos=True), args)
+    if text is None:
+        with contextlib.suppress(EOFError):     # user turns are typed on stdin until EOF (Ctrl-D)
+            chat_loop(model, tokenizer, args, iter(lambda: input("USER: " if sys.stdin.isatty() else ""), None),
+                      sys.stdout)
+    elif args.chat:
+        respond(model, tokenizer, data.chat_prompt_ids(tokenizer, [], text, args.template), args, sys.stdout)
     else:
-        chat_loop(model, tokenizer, args, stdin_lines("USER: "))
+        ids = tokenizer.encode(text, bos=True)
+        if args.keep_last is not None and len(ids) > 1 + args.keep_last:
+            ids = ids[:1] + ids[-args.keep_last:]
+        respond(model, tokenizer, ids, args, sys.stdout)
 
 
 if __name__ == "__main__":

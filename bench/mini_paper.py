@@ -176,9 +176,8 @@ def run(args) -> dict:
 
     t = time.perf_counter()
     tokenizer = sources.load_tokenizer(base_dir)
-    tokens = evaluation.load_eval_tokens(data_dir, "validation", tokenizer, tokenizer.vocab_size,
-                                        cache_dir=cache_dir / "tokens", max_tokens=cfg["eval"]["max_tokens"],
-                                        progress=False)
+    tokens = sources.tokenize_source(data_dir, tokenizer, "validation", cache_dir / "tokens", tokenizer.vocab_size,
+                                     progress=False).tokens[:cfg["eval"]["max_tokens"]]
     results = []
     for name in [v for v in specs if v in wanted]:
         t_v, ev = time.perf_counter(), specs[name]["eval"]

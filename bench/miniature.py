@@ -8,7 +8,7 @@ and the extended models loaded for evaluation through eval.py's loader.
                min_lr_ratio, gradient clipping, fp32, on packed short_ctx-token sequences; the loss is
                model.loss (the chunked cross-entropy train.py uses); saved as an HF folder transformers loads;
     extend     train.main(flags) in this process: every variant is a train.py command line;
-    evaluate   eval.load_model with the variant's RoPE factor, quantization and attention at every length.
+    evaluate   generate.load_model with the variant's RoPE factor, quantization and attention at every length.
 
 Tokenizer and base are cached under --cache-dir by everything that defines them (config_key), so a rerun
 skips them. The data defaults to the sample shipped with the repository (infra/pg19-mini).
@@ -27,7 +27,7 @@ import torch
 import benchlib
 from benchlib import log
 import data                 # the project's modules: benchlib put the repository root on sys.path
-import eval as evaluation
+import generate
 import train
 from infra import PG19_MINI, hf, sources
 from model import ModelArgs, Transformer
@@ -214,7 +214,7 @@ def load_variant(base_dir: Path, output: Path | None, ev: dict):
     (or the whole model a full fine-tuning saved there), RoPE factor ev["rope_factor"] at every length, and
     ev's attention ("full" unless given; S²-Attn: groups of 1/4 of the window, segment shift) in every forward."""
     whole = output is not None and (output / "config.json").is_file()
-    model, _ = evaluation.load_model(output if whole else base_dir, None if whole else output, ev["quant"],
+    model, _ = generate.load_model(output if whole else base_dir, None if whole else output, ev["quant"],
                                      torch.float32, rope_factor=ev["rope_factor"])
     model.set_attention(ev.get("attn", "full"))
     return model

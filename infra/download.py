@@ -1,33 +1,17 @@
 """PG19 download from DeepMind's public `deepmind-gutenberg` bucket on Google Cloud Storage, every file verified.
 
-One split (`train`, `validation`, `test`: 28,602 / 50 / 100 books) and `metadata.csv`, into OUT/metadata.csv
-and OUT/<split>/<book id>.txt (PG19's layout, what data.py reads). The objects are listed with the GCS JSON API
-(`{base_url}/storage/v1/b/{bucket}/o?prefix=validation/`, paged by `nextPageToken`) and fetched from
-`{base_url}/{bucket}/{name}`. Only the standard library and tqdm are used: this module loads at once.
+One split (`train`, `validation`, `test`: 28,602 / 50 / 100 books) and `metadata.csv` into OUT/<split>/<id>.txt and
+OUT/metadata.csv (PG19's layout, what infra/sources.py reads), listed with the GCS JSON API (paged by
+`nextPageToken`) and fetched from `{base_url}/{bucket}/{name}`; the standard library and tqdm only.
 
-Verification (size alone is never enough):
-- The checksum is the listing's `md5Hash`, else its `crc32c` (composite objects have no MD5; pure Python
-  here, ~8 MB/s). A listing with an item that has neither is refused before anything is downloaded.
-- Bytes go to `<name>.part`, hashed as they arrive (a resumed `.part` has its prefix hashed first), renamed
-  to `<name>` only once size and checksum match: a file under its final name was verified.
-- A mismatch (same-size wrong content, an HTML page instead of the book, a `.part` from another source that a
-  resume spliced onto) deletes the `.part` and restarts from byte 0, as one attempt. Once the attempts are used
-  up: ValueError naming the URL with the expected and received checksums, no file under the final name.
-- Files already present are hashed again on every run (no cache of verified files: validation takes a
-  moment, the 11 GB train split some 20-30 s with MD5); a stale or damaged one is logged and fetched again.
+A file is written to `<name>.part`, hashed as it arrives, and renamed to `<name>` only once its size and the
+listing's `md5Hash` (else `crc32c`: composite objects have no MD5) match: a file under its final name was
+verified, and files already present are verified again on every run. Cut connections, stalls (`timeout`), transfers
+slower than `min_rate` over `rate_window`, HTTP 429 / 5xx and connection errors are retried `retries` times with
+backoff, resuming with HTTP Range. Errors are one line naming the URL or file: ValueError for bad data (a listing
+that is not JSON, e.g. a captive portal's page; an item without a checksum; unsafe object names: nothing is
+written then), OSError for the network and the disk.
 
-Network: `timeout` (30 s) is the connect timeout and the per-read stall limit, so a server that never
-answers, or stops sending, fails the attempt in `timeout` seconds. A transfer slower than `min_rate` (1024 B/s)
-over a `rate_window` (30 s) is cut: a server trickling a byte now and then never trips the stall timeout (the
-defaults only cut what would take days; 0 turns the rule off). Cut connections, stalls, too-slow transfers,
-HTTP 429 / 5xx and connection errors are retried `retries` times (5) after `backoff * 2**k` seconds, resuming
-with HTTP Range; a server ignoring Range (200, not 206) restarts the file from byte 0, and so does a 416.
-
-Errors, one line naming the URL or file: ValueError for bad data (a listing that is not JSON, e.g. a captive
-portal's page; malformed items; unsafe object names, absolute or with `..` or backslashes: nothing is written
-then), OSError for the network and the disk.
-
-Command line:
     python -m infra.download pg19 --split validation --out data/pg19 [--base-url URL] [--bucket NAME]
         [--timeout S] [--min-rate BYTES_PER_S] [--rate-window S] [--retries N] [--no-progress]
 """
@@ -36,6 +20,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import hashlib
 import http.client
 import json
@@ -59,14 +44,8 @@ CHUNK = 1 << 20
 MAX_LISTING_PAGE = 256 << 20  # a page of 1,000 items is ~1 MB; anything far larger is not a GCS listing
 
 
-def crc32c_of_byte(crc: int) -> int:
-    """The reflected CRC32C register after shifting byte `crc` through it (Castagnoli, 0x82F63B78)."""
-    for _ in range(8):
-        crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    return crc
-
-
-CRC32C_TABLE = [crc32c_of_byte(b) for b in range(256)]
+# The reflected CRC32C register (Castagnoli polynomial 0x82F63B78) after shifting each byte value through it.
+CRC32C_TABLE = [functools.reduce(lambda c, _: c >> 1 ^ (0x82F63B78 if c & 1 else 0), range(8), b) for b in range(256)]
 
 
 def crc32c(data: bytes, crc: int = 0) -> int:
@@ -98,9 +77,8 @@ class Checksum(NamedTuple):
         return hashlib.md5() if self.kind == "md5" else Crc32c()
 
 
-def hash_file(path: Path, checksum: Checksum, bar=None):
-    """A hasher of checksum's kind fed with the bytes of path (counted on bar)."""
-    hasher = checksum.hasher()
+def hash_file(path: Path, hasher, bar=None):
+    """A hashlib-style hasher fed with the bytes of path (counted on bar)."""
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             hasher.update(chunk)
@@ -129,8 +107,8 @@ class TransientError(Exception):
         self.final, self.discard = final, discard
 
 
-# What a flaky network raises while connecting or reading (HTTPError, a URLError, is sorted out in open_url).
-# socket.timeout is TimeoutError; ssl.SSLError covers a TLS connection cut mid-record.
+# What a flaky network raises while connecting or reading (HTTPError, a URLError, is sorted out in open_url);
+# socket.timeout is TimeoutError, ssl.SSLError a TLS connection cut mid-record.
 NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException, ssl.SSLError)
 
 
@@ -158,12 +136,9 @@ def open_url(url: str, timeout: float, headers: dict | None = None):
 
 
 def copy_body(resp, sink, limit: int, net: Network, clock=time.monotonic) -> int:
-    """Feeds the body to sink(chunk) until EOF or just past `limit` bytes; returns the bytes read.
-
-    A transfer bringing less than net.min_rate bytes/s over a window of net.rate_window seconds is cut: the
-    socket timeout catches a server that stops sending, this a server that sends a byte now and then. read1
-    returns what has arrived instead of waiting for a full chunk, so such a trickle is seen.
-    """
+    """Feeds the body to sink(chunk) until EOF or just past `limit` bytes; returns the bytes read. A transfer
+    bringing less than net.min_rate bytes/s over net.rate_window seconds is cut (the socket timeout catches a
+    server that stops sending, this one that sends a byte now and then: read1 returns what has arrived)."""
     n, window_start, window_n = 0, clock(), 0
     while n <= limit and (chunk := resp.read1(min(CHUNK, limit - n + 1))):
         sink(chunk)
@@ -235,7 +210,7 @@ def listed_object(item, url: str, prefix: str) -> RemoteObject:
 
 def gcs_list(base_url: str, bucket: str, prefix: str, net: Network) -> list[RemoteObject]:
     """The objects whose names start with prefix, following nextPageToken; folder placeholders skipped."""
-    objects, token = [], None
+    objects, token, seen = [], None, set()
     while True:
         url = listing_url(base_url, bucket, prefix, token)
         page = with_retries(lambda: fetch_json(url, net), url, net)
@@ -244,6 +219,9 @@ def gcs_list(base_url: str, bucket: str, prefix: str, net: Network) -> list[Remo
         objects += [listed_object(item, url, prefix) for item in items]
         if not (token := page.get("nextPageToken")):
             return [obj for obj in objects if not obj.name.endswith("/")]
+        if token in seen:   # a server paging in a circle would be listed forever
+            raise ValueError(f"{url}: the listing repeats the page token {token!r}; it would never end")
+        seen.add(token)
 
 
 def is_safe_name(name: str) -> bool:
@@ -298,7 +276,7 @@ def fetch_part(url: str, part: Path, obj: RemoteObject, bar, net: Network) -> No
     if have > size:  # longer than the object, so not a prefix of it: dropped without spending an attempt
         discard(part, size, bar)
         have = 0
-    hasher = hash_file(part, checksum) if have else checksum.hasher()
+    hasher = hash_file(part, checksum.hasher()) if have else checksum.hasher()
     hint = ""  # a captive portal answers object requests with its login page
     if have < size:
         with open_url(url, net.timeout, {"Range": f"bytes={have}-"} if have else None) as resp:
@@ -347,7 +325,7 @@ def is_verified(path: Path, obj: RemoteObject, bar, log) -> bool:
     """Whether the file under its final name is the listed object; one that is not is deleted, with a log line."""
     if (got := path.stat().st_size) != obj.size:
         problem = f"{got} bytes, the listing says {obj.size}"
-    elif (digest := hash_file(path, obj.checksum, bar).digest()) != obj.checksum.digest:
+    elif (digest := hash_file(path, obj.checksum.hasher(), bar).digest()) != obj.checksum.digest:
         bar.update(-got)
         problem = f"{obj.checksum.kind} {digest.hex()}, the listing says {obj.checksum.digest.hex()}"
     else:
@@ -389,24 +367,24 @@ def download_pg19(split: str, out_dir, base_url: str = DEFAULT_BASE_URL, bucket:
 
 
 def main(argv=None) -> None:
-    p = cli.one_line_errors(argparse.ArgumentParser(prog="python -m infra.download", description=__doc__.split("\n")[0]))
+    p = cli.one_line_errors(argparse.ArgumentParser(prog="python -m infra.download", description=__doc__.split("\n")[0],
+                                                    formatter_class=cli.DefaultsHelp))
     p.add_argument("dataset", help="pg19 (the only one)")
-    p.add_argument("--split", default="validation", help="train | validation | test [validation]")
-    p.add_argument("--out", default="data/pg19", help="output folder, PG19 layout [data/pg19]")
-    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help=f"[{DEFAULT_BASE_URL}]")
-    p.add_argument("--bucket", default=DEFAULT_BUCKET, help=f"[{DEFAULT_BUCKET}]")
-    p.add_argument("--timeout", type=float, default=30.0, help="connect and per-read stall limit, seconds [30]")
-    p.add_argument("--min-rate", type=float, default=1024.0, help="cut slower transfers, B/s (0: never) [1024]")
-    p.add_argument("--rate-window", type=float, default=30.0, help="seconds the --min-rate is averaged over [30]")
-    p.add_argument("--retries", type=int, default=5, help="further attempts per request, backoff 1, 2, 4... s [5]")
+    p.add_argument("--split", default="validation", help="train | validation | test")
+    p.add_argument("--out", dest="out_dir", default="data/pg19", help="output folder, PG19 layout")
+    p.add_argument("--base-url", default=DEFAULT_BASE_URL, help="the storage server")
+    p.add_argument("--bucket", default=DEFAULT_BUCKET, help="the bucket holding PG19")
+    p.add_argument("--timeout", type=float, default=30.0, help="connect and per-read stall limit, seconds")
+    p.add_argument("--min-rate", type=float, default=1024.0, help="cut slower transfers, B/s (0: never)")
+    p.add_argument("--rate-window", type=float, default=30.0, help="seconds the --min-rate is averaged over")
+    p.add_argument("--retries", type=int, default=5, help="further attempts per request, backoff 1, 2, 4... s")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = p.parse_args(argv)
-    if args.dataset != "pg19":
-        raise ValueError(f"unknown dataset {args.dataset!r}; only pg19 can be downloaded")
-    files = download_pg19(args.split, args.out, base_url=args.base_url, bucket=args.bucket, timeout=args.timeout,
-                          retries=args.retries, min_rate=args.min_rate, rate_window=args.rate_window,
-                          progress=not args.no_progress)
-    print(f"{len(files)} files in {Path(args.out) / args.split}")
+    args = vars(p.parse_args(argv))
+    dataset, progress = args.pop("dataset"), not args.pop("no_progress")
+    if dataset != "pg19":
+        raise ValueError(f"unknown dataset {dataset!r}; only pg19 can be downloaded")
+    files = download_pg19(**args, progress=progress)
+    print(f"{len(files)} files in {Path(args['out_dir']) / args['split']}")
 
 
 if __name__ == "__main__":

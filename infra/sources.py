@@ -1,8 +1,7 @@
 """Text to tokens, once: the text sources LongQLoRA reads, the model's tokenizer, and the token cache.
 
-Every document is tokenized with the model's sentencepiece `tokenizer.model` as `BOS + text` (the model is
-fed BOS-led documents, LongLoRA arXiv 2309.12307 and LongQLoRA arXiv 2311.04879 alike); data.py cuts the
-resulting token stream into training sequences.
+Every document is tokenized with the model's sentencepiece `tokenizer.model` as `BOS + text` (LongLoRA and
+LongQLoRA feed BOS-led documents); data.py cuts the resulting token stream into training sequences.
 
 A source is a .txt file (one document), a .jsonl / .jsonl.gz file (one {"text": ...} object per line), a .bin
 token file (LongLoRA's pre-tokenized PG19 / Proof-pile: uint16, or uint32 for vocabularies of more than 65,536
@@ -10,12 +9,10 @@ ids), a PG19-layout folder (train/, validation/, test/ of .txt books: a split mu
 folder of .txt / .jsonl / .jsonl.gz files (recursive, sorted by relative path, hidden entries skipped).
 Invalid UTF-8 is replaced by U+FFFD and reported in one warning per source.
 
-Text is tokenized once and cached as a flat token file (`<name>.bin`, uint16/uint32) beside a small JSON index
-(`<name>.json`) with the document offsets and the fingerprints of the tokenizer and of the source files; a
-second run memory-maps the cache, a changed tokenizer or source rebuilds it. Both files are written
-atomically (temporary file, then `os.replace`; the index last, so its presence marks a complete cache).
-
-    python data.py tokenize SRC --model DIR [--split validation] [--cache-dir DIR]
+The token cache (`python data.py tokenize SRC --model DIR`, or any first use) is a flat token file `<name>.bin`
+beside a JSON index `<name>.json` (document offsets, content hashes of the tokenizer, the source files and the
+token file); a changed tokenizer, source or token file rebuilds it. The index is written last: it marks a
+complete cache.
 """
 from __future__ import annotations
 
@@ -33,10 +30,9 @@ import sentencepiece as spm
 from tqdm import tqdm
 
 from infra import atomic
-
-PG19_SPLITS = ("train", "validation", "test")
+from infra.download import PG19_SPLITS, hash_file
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2       # 2: the index holds the content hash of the token file
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -58,8 +54,7 @@ class Tokenizer:
             raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from None
         self.fingerprint = hashlib.sha256(raw).hexdigest()        # keys the token cache
         self.vocab_size, self.bos_id, self.eos_id = self.sp.get_piece_size(), self.sp.bos_id(), self.sp.eos_id()
-        pad = self.sp.pad_id()
-        self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id >= 0 else 0)
+        self.pad_id = next(i for i in (self.sp.pad_id(), self.eos_id, 0) if i >= 0)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return self._add_special(self.sp.encode(text, out_type=int), bos, eos)
@@ -159,7 +154,11 @@ def iter_documents(path, split=None):
     for f in files:
         rel = f.relative_to(root).as_posix()
         if f.name.endswith(".txt"):
-            yield rel, decode_utf8(f.read_bytes(), replaced, rel).removeprefix("\ufeff")  # a BOM is not text
+            text = decode_utf8(f.read_bytes(), replaced, rel).removeprefix("\ufeff")  # a BOM is not text
+            if replaced.get(rel, 0) > max(100, len(text) // 100):   # a few bad bytes are replaced, not a binary
+                raise ValueError(f"{f}: not UTF-8 text ({replaced[rel]} of {len(text)} characters are invalid; "
+                                 f"a binary file, or another encoding?)")
+            yield rel, text
             continue
         for lineno, obj in iter_jsonl(f, replaced, rel):
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
@@ -191,9 +190,7 @@ def load_token_file(path, vocab_size=None, dtype=None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: token file not found")
-    if dtype is None:
-        dtype = token_dtype(vocab_size) if vocab_size else np.uint16
-    dtype = np.dtype(dtype)
+    dtype = np.dtype(dtype or (token_dtype(vocab_size) if vocab_size else np.uint16))
     if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
         raise ValueError(f"{path}: token dtype must be uint16 or uint32, not {dtype}")
     size = path.stat().st_size
@@ -233,17 +230,19 @@ def sha256_json(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
+def content_hash(path: Path) -> str:
+    return hash_file(path, hashlib.blake2b()).hexdigest()
+
+
 def source_fingerprint(files, root: Path) -> str:
-    """Changes when a file is added, removed, resized or touched."""
-    stats = [(f, f.stat()) for f in files]
-    return sha256_json([[f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns] for f, st in stats])
+    """Changes when a file is added, removed or changed, even rewritten in place with its size and time kept."""
+    return sha256_json([[f.relative_to(root).as_posix(), content_hash(f)] for f in files])
 
 
 def cache_paths(source: Path, split, tokenizer: Tokenizer, cache_dir) -> tuple[Path, Path]:
-    """(token file, index) of a source's cache entry, named readably (source name, split) and uniquely (a hash
-    of the absolute source path, split and tokenizer), so one folder serves every source. The default folder is
-    `$LONGQLORA_CACHE`, else `$XDG_CACHE_HOME/longqlora` (~/.cache/longqlora), never beside the source: data
-    folders are often shared or read-only, and root passes every writability probe anyway."""
+    """(token file, index) of a source's cache entry, named by source name, split and a hash of the absolute
+    source path, split and tokenizer. The folder: `$LONGQLORA_CACHE`, else `$XDG_CACHE_HOME/longqlora`
+    (~/.cache/longqlora), never beside the source (data folders are often shared or read-only)."""
     if cache_dir is None:
         cache_dir = os.environ.get("LONGQLORA_CACHE") or (
             Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longqlora")
@@ -257,17 +256,27 @@ def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha:
     """The cached corpus, or None when it is missing, stale or inconsistent (then it is rebuilt)."""
     try:
         index = json.loads(index_path.read_text())
-        if (index.get("format") != CACHE_FORMAT or index.get("tokenizer_sha256") != tokenizer_sha
-                or index.get("source_sha256") != source_sha):
-            return None
-        dtype = np.dtype(index["dtype"])
-        offsets = np.asarray(index["offsets"], dtype=np.int64)
-        if bin_path.stat().st_size != int(offsets[-1]) * dtype.itemsize:
+        keys = [index.get("format"), index.get("tokenizer_sha256"), index.get("source_sha256")]
+        dtype, offsets = np.dtype(index["dtype"]), np.asarray(index["offsets"], dtype=np.int64)
+        if (keys != [CACHE_FORMAT, tokenizer_sha, source_sha] or bin_path.stat().st_size != offsets[-1] * dtype.itemsize
+                or content_hash(bin_path) != index["tokens_blake2b"]):     # stale, or the token file was damaged
             return None
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")
         return TokenCorpus(tokens, offsets, index["names"], bool(index["bos"]), bin_path)
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def count_documents(file: Path) -> int:
+    """Documents in a text file, counted before tokenizing (cheap next to it) so that the progress bar has a total
+    and an ETA: one per .txt, one per non-blank .jsonl line."""
+    if file.name.endswith(".txt"):
+        return 1
+    try:
+        with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as lines:
+            return sum(1 for line in lines if line.strip())
+    except (EOFError, gzip.BadGzipFile, zlib.error):
+        return 0        # iter_jsonl reports a damaged .gz, naming it, when it reads it
 
 
 def batched_documents(docs, max_docs=64, max_chars=64 << 20):
@@ -290,18 +299,15 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     offsets, names, skipped = [0], [], 0
-    with_total = all(f.name.endswith(".txt") for f in files)     # a .txt file is one document
-    bar = tqdm(total=len(files) if with_total else None, unit="doc", desc=f"tokenizing {source.name}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sum(map(count_documents, files)) if progress else None, unit="doc",
+               desc=f"tokenizing {source.name}", disable=not progress, dynamic_ncols=True)
     try:
         with open(tmp, "wb") as out:
             for group in batched_documents(iter_documents(source, split)):
-                for (name, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group], bos=False)):
-                    if not ids:
+                for (name, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group])):
+                    if len(ids) == (tokenizer.bos_id >= 0):     # BOS alone: an empty document, skipped
                         skipped += 1
                         continue
-                    if tokenizer.bos_id >= 0:
-                        ids = [tokenizer.bos_id] + ids
                     out.write(np.asarray(ids, dtype=dtype).tobytes())
                     offsets.append(offsets[-1] + len(ids))
                     names.append(name)
@@ -311,7 +317,8 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
         index = {"format": CACHE_FORMAT, "source": str(source.resolve()), "split": split, "source_sha256": source_sha,
                  "tokenizer": str(tokenizer.path.resolve()), "tokenizer_sha256": tokenizer.fingerprint,
                  "dtype": dtype.name, "bos": tokenizer.bos_id >= 0, "eos": False, "n_documents": len(names),
-                 "n_tokens": offsets[-1], "skipped_empty": skipped, "offsets": offsets, "names": names}
+                 "n_tokens": offsets[-1], "skipped_empty": skipped, "tokens_blake2b": content_hash(tmp),
+                 "offsets": offsets, "names": names}
         # An old index must never describe the new token file, so it goes first.
         index_path.unlink(missing_ok=True)
         os.replace(tmp, bin_path)
@@ -340,6 +347,6 @@ def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=Non
     corpus = read_cache(bin_path, index_path, tokenizer.fingerprint, source_sha)
     if corpus is None:
         corpus = write_cache(path, split, files, tokenizer, bin_path, index_path, source_sha, progress)
-    if vocab is not None and vocab < tokenizer.vocab_size:
+    if vocab is not None and vocab < tokenizer.vocab_size:     # the cache holds the tokenizer's ids only
         check_token_ids(corpus.tokens, vocab, path)
     return corpus

@@ -164,6 +164,47 @@ def test_cache_reused_and_invalidated(tmp_path, model_dir):
     assert leftovers(cache) == []
 
 
+def test_source_or_cache_rewritten_in_place_is_noticed(tmp_path, model_dir):
+    tok = CountingTokenizer(model_dir / "tokenizer.model")
+    src = write(tmp_path / "src" / "a.txt", "It was the best of times, it was the worst of times.")
+    first = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    good = np.array(first.tokens)
+    first.path.write_bytes(np.full(first.n_tokens, 60000, dtype=np.uint16).tobytes())   # same size, bad ids
+    again = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    assert tok.documents_encoded == 2 and np.array_equal(again.tokens, good)           # rebuilt
+    st = src.stat()
+    write(src, "It was the age of wisdom, it was the age of folly!!!")   # same size...
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))                                   # ... and the same time
+    assert src.stat().st_size == st.st_size
+    third = sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    assert tok.documents_encoded == 3 and third.document(0).tolist() == tok.encode(src.read_text())
+
+
+def test_tokenizing_jsonl_shows_a_total(tmp_path, tok, monkeypatch):
+    totals = []
+
+    class Bar(sources.tqdm):
+        def __init__(self, *args, **kwargs):
+            totals.append(kwargs.get("total"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sources, "tqdm", Bar)
+    write(tmp_path / "src" / "a.jsonl", '{"text": "one"}\n\n{"text": "two"}\n{"text": "three"}\n')
+    with gzip.open(tmp_path / "src" / "b.jsonl.gz", "wt") as f:
+        f.write('{"text": "four"}\n{"text": "five"}')
+    write(tmp_path / "src" / "c.txt", "six")
+    corpus = sources.tokenize_source(tmp_path / "src", tok, cache_dir=tmp_path / "cache", progress=True)
+    assert len(corpus) == 6 and totals == [6]
+
+
+def test_random_bytes_are_not_text(tmp_path, tok):
+    src = write(tmp_path / "src" / "noise.txt", np.random.default_rng(0).bytes(100_000))
+    for _ in range(2):      # nothing is cached, so a rerun is refused as well
+        with pytest.raises(ValueError, match=r"noise\.txt: not UTF-8 text \(\d+ of \d+ characters are invalid"):
+            sources.tokenize_source(src, tok, cache_dir=tmp_path / "cache", progress=False)
+    assert not list((tmp_path / "cache").rglob("*.*"))
+
+
 def test_default_cache_dir_is_the_user_cache(tmp_path, tok, monkeypatch):
     monkeypatch.delenv("LONGQLORA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

@@ -45,6 +45,7 @@ class FakeBucket:
         self.checksums = {"md5Hash", "crc32c"}  # which fields the listing items carry
         self.extra_items = []                  # raw items appended to every listing page 0
         self.listing_body = None               # (content type, body) served instead of the listing
+        self.page_token_loop = False           # every page points back to the first (for 50 pages, then 404)
         self.cut_once = set()  # names whose next GET stops half-way and closes the connection
         self.cut_always = set()
         self.ignore_range = False
@@ -119,6 +120,8 @@ def make_handler(bucket: FakeBucket):
                 content_type, body = bucket.listing_body
                 return self.send(200, body, [("Content-Type", content_type)])
             prefix = query["prefix"][0]
+            if bucket.page_token_loop and len(bucket.log) > 50:
+                return self.send(404, b"the test server gave up")
             start = int(query.get("pageToken", ["0"])[0])
             names = sorted(n for n in bucket.files if n.startswith(prefix))
             page = names[start:start + bucket.page_size]
@@ -127,6 +130,8 @@ def make_handler(bucket: FakeBucket):
                 body["items"] += [it for it in bucket.extra_items if it["name"].startswith(prefix)]
             if start + bucket.page_size < len(names):
                 body["nextPageToken"] = str(start + bucket.page_size)
+            if bucket.page_token_loop:
+                body["nextPageToken"] = "2" if start == 0 else "0"
             self.send(200, json.dumps(body).encode(), [("Content-Type", "application/json; charset=UTF-8")])
 
         def object(self, name):
@@ -680,3 +685,10 @@ def test_cli_unreachable_server(silent_url, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith(
             f"error: {url}/storage/v1/b/{BUCKET}/o?prefix=validation%2F: failed after 1 attempt (")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_listing_whose_page_token_repeats_forever_stops(gcs, tmp_path):
+    gcs.page_token_loop = True
+    with pytest.raises(ValueError, match="repeats the page token '2'"):
+        fetch(gcs, tmp_path / "out")
+    assert len(gcs.log) == 3 and not (tmp_path / "out").exists()

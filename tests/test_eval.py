@@ -11,8 +11,10 @@ import torch
 from conftest import PG19_MINI, ROOT, hf_model, make_hf_checkpoint
 
 from infra import cli
+from infra import eval_data
 from infra import sources
 import eval as ev
+import generate as gen
 
 N_TOKENS = 420
 
@@ -33,7 +35,7 @@ def rel(a, b):
 
 def load(path, **kw):
     """eval.py's model loader (generate.load_model) without the note of where the RoPE scaling came from."""
-    return ev.load_model(path, **{"dtype": torch.float32, **kw})[0]
+    return gen.load_model(path, **{"dtype": torch.float32, **kw})[0]
 
 
 # --------------------------------------------------------------------------- HF reference, written independently
@@ -101,13 +103,13 @@ def test_inference_rope_rule_is_the_same_at_every_length(ckpt, tokens, tmp_path)
     lora.add_lora(model, r=4, alpha=8, dropout=0.0)
     save_adapter(model, tmp_path / "with", training={"rope_scaling": pi(2.0), "ctx": 256})
     save_adapter(model, tmp_path / "without")
-    loaded, source = ev.load_model(ckpt, adapter=tmp_path / "with", dtype=torch.float32)
+    loaded, source = gen.load_model(ckpt, adapter=tmp_path / "with", dtype=torch.float32)
     assert loaded.args.rope_scaling == pi(2.0) and source == str(tmp_path / "with" / "longqlora.json")
     ours = ev.evaluate_perplexity(loaded, tokens, 64, "longlora", stride=16, progress=False)
     ref, _ = hf_reference_ppl(ckpt, tokens, 64, "longlora", 16, 2.0)       # PI 2 at 64 < the trained 128 tokens
     assert rel(ours["ppl"], ref) < 1e-4
     with pytest.raises(ValueError, match="without: the RoPE scaling this adapter was trained with is unknown"):
-        ev.load_model(ckpt, adapter=tmp_path / "without")
+        gen.load_model(ckpt, adapter=tmp_path / "without")
     assert load(ckpt, adapter=tmp_path / "without", rope_factor=2).args.rope_scaling == pi(2.0)
 
 
@@ -212,13 +214,13 @@ def text_source(tmp_path_factory):
 
 def test_bin_and_text_sources_agree(ckpt, text_source, tmp_path):
     tok = sources.load_tokenizer(ckpt)
-    text_tokens = ev.load_eval_tokens(text_source, tokenizer=tok, vocab_size=512, cache_dir=tmp_path / "cache",
-                                      progress=False)
+    text_tokens = sources.tokenize_source(text_source, tok, vocab_size=512, cache_dir=tmp_path / "cache",
+                                          progress=False).tokens
     assert len(text_tokens) > 1000 and text_tokens[0] == tok.bos_id
     np.asarray(text_tokens, dtype=np.uint16).tofile(tmp_path / "u16.bin")
     np.asarray(text_tokens, dtype=np.uint32).tofile(tmp_path / "u32.bin")
-    u16 = ev.load_eval_tokens(tmp_path / "u16.bin", vocab_size=512)
-    u32 = ev.load_eval_tokens(tmp_path / "u32.bin", vocab_size=512, bin_dtype="uint32")
+    u16 = sources.tokenize_source(tmp_path / "u16.bin", None, vocab_size=512).tokens
+    u32 = sources.tokenize_source(tmp_path / "u32.bin", None, vocab_size=512, dtype="uint32").tokens
     assert np.array_equal(u16, text_tokens) and np.array_equal(u32, text_tokens)
 
     model = load(ckpt, dtype=torch.float32)
@@ -226,31 +228,31 @@ def test_bin_and_text_sources_agree(ckpt, text_source, tmp_path):
            for name, t in (("text", text_tokens), ("u16", u16), ("u32", u32))}
     assert ppl["text"] == ppl["u16"] == ppl["u32"]
     # max_tokens keeps a prefix
-    assert np.array_equal(ev.load_eval_tokens(tmp_path / "u16.bin", max_tokens=100), text_tokens[:100])
+    assert np.array_equal(sources.tokenize_source(tmp_path / "u16.bin", None).tokens[:100], text_tokens[:100])
 
 
 def test_find_dataset_layouts(tmp_path):
     shutil.copytree(PG19_MINI / "validation", tmp_path / "pg19" / "validation")
-    assert ev.find_dataset("pg19", "validation", tmp_path) == (tmp_path / "pg19", "validation")
+    assert eval_data.find_dataset("pg19", "validation", tmp_path) == (tmp_path / "pg19", "validation")
     (tmp_path / "pg19-test.bin").write_bytes(np.arange(10, dtype=np.uint16).tobytes())
-    assert ev.find_dataset("pg19", "test", tmp_path) == (tmp_path / "pg19-test.bin", None)
-    assert ev.find_dataset("pg19", "validation", tmp_path / "pg19") == (tmp_path / "pg19", "validation")
+    assert eval_data.find_dataset("pg19", "test", tmp_path) == (tmp_path / "pg19-test.bin", None)
+    assert eval_data.find_dataset("pg19", "validation", tmp_path / "pg19") == (tmp_path / "pg19", "validation")
     (tmp_path / "proof-pile").mkdir()
     (tmp_path / "proof-pile" / "test.jsonl").write_text('{"text": "a b c"}\n')
-    assert ev.find_dataset("proof-pile", "test", tmp_path) == (tmp_path / "proof-pile" / "test.jsonl", None)
+    assert eval_data.find_dataset("proof-pile", "test", tmp_path) == (tmp_path / "proof-pile" / "test.jsonl", None)
     (tmp_path / "proof-pile-test.bin").write_bytes(np.arange(10, dtype=np.uint16).tobytes())
-    assert ev.find_dataset("proof-pile", "test", tmp_path) == (tmp_path / "proof-pile-test.bin", None)
+    assert eval_data.find_dataset("proof-pile", "test", tmp_path) == (tmp_path / "proof-pile-test.bin", None)
 
 
 def test_missing_data_says_where_it_looked_and_how_to_get_it(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
-        ev.find_dataset("pg19", "validation", tmp_path)
+        eval_data.find_dataset("pg19", "validation", tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "pg19" / "validation") in msg and str(tmp_path / "pg19-validation.bin") in msg
-    assert f"python data.py download pg19 --split validation --out {tmp_path / 'pg19'}" in msg
+    assert f"python -m infra.download pg19 --split validation --out {tmp_path / 'pg19'}" in msg
     assert "--download" in msg
     with pytest.raises(FileNotFoundError, match="proof-pile-test.bin"):
-        ev.find_dataset("proof-pile", "test", tmp_path)
+        eval_data.find_dataset("proof-pile", "test", tmp_path)
 
 
 # --------------------------------------------------------------------------- passkey
@@ -357,7 +359,7 @@ def test_cli_missing_data(ckpt, tmp_path, capsys):
     code, _, err = run_cli(capsys, "--model", ckpt, "--data-dir", tmp_path, "--seq-len", "64", "--no-progress")
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: no pg19 validation data found")
-    assert "python data.py download pg19" in err and str(tmp_path / "pg19" / "validation") in err
+    assert "python -m infra.download pg19" in err and str(tmp_path / "pg19" / "validation") in err
 
 
 def test_cli_bin_with_ids_beyond_the_vocabulary(ckpt, tmp_path, capsys):

@@ -171,3 +171,43 @@ def test_chat_uses_the_template_the_adapter_was_trained_with(ckpt, tmp_path, mon
                                   "Who is Hamlet?", "--max-new-tokens", "2", "--dtype", "fp32", *extra]) == 0
         assert seen[-1] == data.chat_prompt_ids(tok, [], "Who is Hamlet?", template)
     assert seen[0] != seen[1]
+
+
+def test_keep_last_keeps_the_end_of_a_prompt_longer_than_the_context(ckpt, tmp_path, monkeypatch, capsys):
+    book = "To be, or not to be, that is the question. " * 200
+    (tmp_path / "book.txt").write_text(book)
+    tok = sources.load_tokenizer(ckpt)
+    ids = tok.encode(book, bos=True)
+    assert len(ids) > 512                                       # the checkpoint's usable context
+    base = ["--model", str(ckpt), "--prompt-file", str(tmp_path / "book.txt"), "--max-new-tokens", "4",
+            "--temperature", "0", "--dtype", "fp32"]
+    assert cli.run(gen.main, base) == 2
+    err = capsys.readouterr().err
+    assert f"the prompt has {len(ids)} tokens" in err and "--keep-last 507" in err
+    seen, real = [], gen.generate
+    monkeypatch.setattr(gen, "generate", lambda model, tok, prompt, *a, **k: seen.append(prompt) or real(
+        model, tok, prompt, *a, **k))
+    assert cli.run(gen.main, base + ["--keep-last", "100"]) == 0
+    assert seen == [ids[:1] + ids[-100:]]
+    assert cli.run(gen.main, base + ["--keep-last", "0"]) == 2
+    assert cli.run(gen.main, base + ["--keep-last", "100", "--chat"]) == 2     # chat drops its oldest turns itself
+    assert "--keep-last" in capsys.readouterr().err
+
+
+def test_token_ids_outside_the_vocabulary_and_unsampleable_logits_are_clear_errors(tmp_path):
+    import eval as ev
+    small = gen.load_model(make_hf_checkpoint(tmp_path / "small", vocab_size=100), dtype=torch.float32)[0]
+    tok = sources.load_tokenizer(tmp_path / "small")                # the tokenizer has more ids than the model
+    with pytest.raises(ValueError, match="token id 300 of the prompt is outside the model's vocabulary of 100"):
+        gen.generate(small, None, [1, 5, 300], 3)
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 100 ids"):
+        ev.evaluate_passkey(small, tok, 200, trials=1, progress=False)
+    args = types.SimpleNamespace(template="vicuna", max_new_tokens=2, temperature=0.0, top_p=1.0, seed=0)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        gen.chat_loop(small, tok, args, ["Who is Hamlet?"], io.StringIO())
+    logits = torch.randn(50)
+    with pytest.raises(ValueError, match="temperature too small"):
+        gen.next_token(logits * 1e3, temperature=1e-310)
+    with pytest.raises(ValueError, match="NaN in the model's weights"):
+        gen.next_token(torch.full((50,), float("nan")), temperature=0.7)
+    assert 0 <= gen.next_token(logits, temperature=1e-3) < 50       # a small temperature that works
