@@ -68,13 +68,33 @@ if __name__ == "__main__":      # flags are parsed before torch loads (seconds):
     ARGS = cli.parse_or_exit(parse_args)
 
 import torch
+import torch.nn.functional as F
 
 import data
 from infra import hf
 from infra import sources
 from infra.adapter import load_adapter
-from model import KVCache
 from infra.rope_scaling import describe_scaling, inference_scaling, usable_context
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding. The storage doubles when full, so a long
+    generation limit costs memory only for the tokens actually generated."""
+
+    def __init__(self, args, batch_size: int, dtype=torch.float32, device="cpu", capacity: int = 256):
+        shape = (args.n_layers, batch_size, args.n_kv_heads, capacity, args.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0     # positions already stored; advanced by Transformer.hidden_states after all layers
+
+    def update(self, layer: int, k, v):
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            more = max(end, 2 * self.k.shape[3]) - self.k.shape[3]
+            self.k, self.v = F.pad(self.k, (0, 0, 0, more)), F.pad(self.v, (0, 0, 0, more))
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):

@@ -18,8 +18,6 @@ for training; "full" at inference), gradient_checkpointing, set_memory_savings(m
 Module names mirror the HF checkpoint minus its leading "model.", so checkpoint and PEFT keys map to ours
 by one rule (infra/hf.py, which also does all loading and saving).
 """
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -73,8 +71,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        """w * x / sqrt(mean(x^2) + eps), the statistics in fp32 even for 16-bit x (the mean of squares over
-        4096 values overflows fp16), cast back before the weight, as HF computes it."""
+        """w * x / sqrt(mean(x^2) + eps), statistics in fp32 (x^2 overflows fp16), cast back before w, as HF does."""
         if self.fused:
             return _RMSNorm.apply(x, self.weight, self.eps)
         x32 = x.float()
@@ -91,14 +88,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def forward(self, x, cos, sin, attend, cache=None):
-        B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2) for proj in (self.q_proj, self.k_proj,
-                                                                                       self.v_proj))
+        q, k, v = (proj(x).unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = attend(q, k, v)                                   # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).flatten(2))
 
 
 class MLP(nn.Module):
@@ -107,8 +103,7 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.dim, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.dim, bias=False)
-        self.fused = args.fused
-        self.chunk = 0      # > 0: in training, tokens per separately recomputed tile (see Transformer)
+        self.fused, self.chunk = args.fused, 0    # chunk > 0: in training, tokens per recomputed tile (forward)
 
     def swiglu(self, x):
         """W_down · (silu(W_gate · x) * (W_up · x))."""
@@ -136,26 +131,6 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class KVCache:
-    """Keys and values of every layer for incremental decoding. The storage doubles when full, so a long
-    generation limit costs memory only for the tokens actually generated."""
-
-    def __init__(self, args: ModelArgs, batch_size: int, dtype=torch.float32, device="cpu", capacity: int = 256):
-        shape = (args.n_layers, batch_size, args.n_kv_heads, capacity, args.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0     # positions already stored; advanced by Transformer.forward after all layers
-
-    def update(self, layer: int, k, v):
-        end = self.length + k.shape[2]
-        if end > self.k.shape[3]:
-            more = max(end, 2 * self.k.shape[3]) - self.k.shape[3]
-            self.k, self.v = F.pad(self.k, (0, 0, 0, more)), F.pad(self.v, (0, 0, 0, more))
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -167,8 +142,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.attention, self.group_size_ratio, self.s2_shift = "full", 0.25, "segment"
-        self.gradient_checkpointing, self.offload_checkpoints = False, False
-        self.loss_chunk = 1024
+        self.gradient_checkpointing, self.offload_checkpoints, self.loss_chunk = False, False, 1024
         if self.embed_tokens.weight.device.type != "meta":   # hf.load_model builds on meta: nothing to init
             self.init_weights()
 
@@ -183,11 +157,9 @@ class Transformer(nn.Module):
     def set_attention(self, mode: str, group_size_ratio: float = 0.25, shift: str = "segment") -> None:
         """"full": causal attention over everything. "s2": S²-Attn in groups of int(T * group_size_ratio)
         tokens, half of the heads shifted by half a group (attention.py); a training-time approximation."""
-        if mode not in ("full", "s2"):
-            raise ValueError(f"attention must be 'full' or 's2', got {mode!r}")
-        if not 0 < group_size_ratio <= 1 or shift not in S2_SHIFTS:
-            raise ValueError(f"S²-Attn needs 0 < group_size_ratio <= 1 and a shift in {S2_SHIFTS}, "
-                             f"got {group_size_ratio!r}, {shift!r}")
+        if mode not in ("full", "s2") or not 0 < group_size_ratio <= 1 or shift not in S2_SHIFTS:
+            raise ValueError(f"attention must be 'full' or 's2' with 0 < group_size_ratio <= 1 and a shift in "
+                             f"{S2_SHIFTS}, got {mode!r}, {group_size_ratio!r}, {shift!r}")
         self.attention, self.group_size_ratio, self.s2_shift = mode, group_size_ratio, shift
 
     def rope_tables(self, positions, dtype):
@@ -195,15 +167,16 @@ class Transformer(nn.Module):
         dynamic NTK depends on the longest position seen."""
         a, scaling = self.args, self.args.rope_scaling
         if scaling is None or scaling["rope_type"] == "linear":
-            pi = 1.0 if scaling is None else scaling["factor"]
-            inv_freq, attention_factor = pi_inv_freq(a.head_dim, float(a.rope_theta), pi), 1.0
+            factor = 1.0 if scaling is None else scaling["factor"]
+            inv_freq, attention_factor = pi_inv_freq(a.head_dim, float(a.rope_theta), factor), 1.0
         else:
             inv_freq, attention_factor = a.rope_rule(a.head_dim, a.rope_theta, scaling, a.max_position_embeddings,
                                                      int(positions[-1]) + 1)
         return rope_cos_sin(inv_freq.to(positions.device), positions, attention_factor, dtype)
 
-    def hidden_states(self, tokens, cache: KVCache | None = None, padding_mask=None):
-        """tokens (B, T) -> final-norm hidden states (B, T, dim). padding_mask (B, T): True on real tokens."""
+    def hidden_states(self, tokens, cache=None, padding_mask=None):
+        """tokens (B, T) -> final-norm hidden states (B, T, dim). padding_mask (B, T): True on real tokens. cache:
+        the keys and values of earlier positions when decoding (generate.KVCache), extended by these T tokens."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=tokens.device)
@@ -222,7 +195,7 @@ class Transformer(nn.Module):
             cache.length += T
         return self.norm(h)
 
-    def forward(self, tokens, cache: KVCache | None = None, padding_mask=None):
+    def forward(self, tokens, cache=None, padding_mask=None):
         """tokens (B, T) -> logits (B, T, vocab)."""
         return self.lm_head(self.hidden_states(tokens, cache, padding_mask))
 
@@ -241,22 +214,19 @@ class Transformer(nn.Module):
         self.offload_checkpoints = offload_checkpoints
 
     def _attend(self, T: int, padding_mask, cache):
-        if self.attention == "s2" and cache is None:
+        if cache is not None and (self.attention == "s2" or padding_mask is not None):
+            raise ValueError("with a KV cache, decode with attention 'full' (S²-Attn is a training-time "
+                             "approximation) and no padding mask")
+        if self.attention == "s2":
             group_size = max(1, int(T * self.group_size_ratio))
             return lambda q, k, v: s2_attention(q, k, v, group_size=group_size, shift=self.s2_shift,
                                                 key_padding_mask=padding_mask)
-        if self.attention == "s2":
-            raise ValueError("S²-Attn is a training-time approximation; decode with attention 'full'")
-        if padding_mask is not None and cache is not None:
-            raise ValueError("a padding mask with a KV cache is not supported")
         return lambda q, k, v: causal_attention(q, k, v, key_padding_mask=padding_mask)
 
 
 def cross_entropy(hidden, head_weight, labels, reduction: str = "mean"):
-    """Next-token cross-entropy of the logits hidden @ head_weight.T, as HF computes it (16-bit logits, then fp32).
-    hidden (B, T, dim): final-norm hidden states; labels (B, T) aligned with the input ids (position t predicts
-    labels[:, t + 1]; -100 is ignored). reduction "mean" (over counted tokens), "sum", or "none" ((B, T - 1), 0
-    where ignored)."""
+    """Next-token cross-entropy of hidden (B, T, dim) @ head_weight.T, as HF computes it (16-bit logits, then fp32):
+    position t predicts labels[:, t + 1], -100 is ignored. reduction: "mean" over counted tokens, "sum", "none"."""
     logits = (hidden[:, :-1] @ head_weight.t()).float()
     return _reduce(F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="none"), labels, reduction)
 
@@ -269,9 +239,8 @@ def _reduce(nll, labels, reduction: str):
     return nll.sum() if reduction == "sum" else nll.sum() / (labels[:, 1:] != -100).sum().clamp(min=1)
 
 
-# ------------------------------------------ The fused and memory-saving paths (ModelArgs.fused, set_memory_savings):
-# the computations above with less kept for backward. RMSNorm and SwiGLU give the plain modules' forward bits; the
-# chunked loss and the gradients agree with the plain path to rounding (tests/test_model.py).
+# ------------------------------------- The fused and memory-saving paths (ModelArgs.fused, set_memory_savings): the
+# computations above with less kept for backward; the same forward bits, gradients equal to rounding (test_model).
 
 class _RMSNorm(torch.autograd.Function):
     """RMSNorm saving only x, which a checkpointed layer keeps anyway, instead of autograd's fp32 copy of it;
@@ -302,9 +271,8 @@ def _normalized(x, eps):
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(g) * u with the bits of F.silu(g) * u, forward and backward. Saves g and u only (autograd would also
-    keep silu(g), a third (tokens x intermediate) tensor) and recomputes silu(g) in backward; the forward
-    writes the product over silu(g) instead of allocating another such tensor."""
+    """silu(g) * u with the bits of F.silu(g) * u, forward and backward, saving g and u only (autograd would also
+    keep silu(g), a third (tokens x intermediate) tensor): backward recomputes it."""
 
     @staticmethod
     def forward(ctx, g, u):
@@ -356,8 +324,7 @@ class _ChunkedCE(torch.autograd.Function):
         n, valid = h.shape[0], targets != -100
         nll = torch.empty(n, dtype=torch.float32, device=h.device)
         dnll_dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if ctx.needs_input_grad[0] else None
-        # Work buffers shared by every chunk, not a fresh (chunk x vocab) tensor per chunk and softmax step. The
-        # logits are computed in h's dtype (as HF, then cast to fp32); all else happens in place in the fp32 one.
+        # Work buffers shared by all chunks; logits in h's dtype (as HF), cast into the fp32 one, all else in place.
         buf32 = torch.empty(min(chunk_size, n), weight.shape[0], dtype=torch.float32, device=h.device)
         buf16 = None if h.dtype == torch.float32 else torch.empty_like(buf32, dtype=h.dtype)
         for s in range(0, n, chunk_size):

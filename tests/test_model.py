@@ -8,7 +8,8 @@ import torch
 from conftest import hf_model, make_hf_checkpoint
 
 from infra import hf
-from model import MLP, KVCache, ModelArgs, RMSNorm, Transformer, chunked_cross_entropy, cross_entropy
+from generate import KVCache
+from model import MLP, ModelArgs, RMSNorm, Transformer, chunked_cross_entropy, cross_entropy
 
 
 def rel_err(ours, ref):
