@@ -25,11 +25,12 @@ One optimizer step, following a token from the data to the update (the functions
      Then the gradient norm is clipped to 0.3 and AdamW steps (bitsandbytes PagedAdamW32bit on CUDA: its
      states page to CPU under memory pressure; torch AdamW on CPU), LR constant after a linear warmup.
 LoRA weights, their gradients and the optimizer state are fp32; the frozen base computes in --dtype.
-infra/run.py: the run around the loop (--out, resume, log); memory.py: --dry-run; demo.py: the offline demo.
+infra/run.py: the run around the loop (--out, resume, log, --eval-every); memory.py: --dry-run; demo.py: the demo.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 import time
@@ -94,6 +95,12 @@ RUN = [         # how the run is carried out: free to change on --resume
                                  "more MLP forward (0: untiled)"),
     ("offload_activations", False, None, "keep the checkpointed layer inputs in pinned CPU memory (CUDA only)"),
     ("compile", False, None, "torch.compile every decoder layer (slower on the CPUs measured so far, see README)"),
+    ("eval_every", 0, "[0, inf)", "every N steps and at the end, the loss and ppl of held-out sequences at --ctx "
+                                  "with full attention, in metrics.jsonl and the log (0: never)"),
+    ("eval_data", str, None, "held-out data for --eval-every, read like --data [the validation split of a PG19-layout "
+                             "--data; fresh synthetic sequences for the demo]"),
+    ("eval_sequences", 8, "[1, inf)", "held-out sequences per evaluation"),
+    ("tensorboard", False, None, "also write the metrics for TensorBoard to <out>/tensorboard (needs tensorboard)"),
 ]
 # The paper's recipes (REFERENCE §2; its LoRA and optimizer settings are the defaults above), LongQLoRA's roll
 # shift only on request (see --s2-shift); and the offline demo's (no --model; infra/demo.py says why).
@@ -105,7 +112,7 @@ PRESETS = {
                               loss_weighting="micro-batch"),
 }
 DEMO = dict(max_steps=80, lr=4e-3, warmup=5, max_grad_norm=1.0, lora_r=16, lora_alpha=64.0, train_embed_norm=True,
-            save_every=0, log_every=5, out="out/demo", data="synthetic")
+            save_every=0, log_every=5, out="out/demo", data="synthetic", eval_every=40, eval_sequences=4)
 COMMAND = [     # what this invocation does; not saved with the run
     ("preset", str, tuple(PRESETS), "the paper's recipe; explicit flags override it"),
     ("resume", False, None, "continue from the newest complete checkpoint in --out"),
@@ -155,6 +162,10 @@ def check_args(args) -> None:
         raise ValueError("--resume and --overwrite contradict each other")
     if args.budget is not None and not args.dry_run:
         raise ValueError("--budget goes with --dry-run")
+    if args.demo and args.eval_data not in (None, "synthetic"):
+        raise ValueError(f"--eval-data {args.eval_data}: the demo evaluates on synthetic sequences (no tokenizer)")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 # --------------------------------------------------------------------------- data, model, one optimizer step
@@ -285,6 +296,7 @@ def train(args) -> dict:
                 if not result["skipped"]:
                     scheduler.step()              # a skipped step does not advance the schedule
                 r.record(step, result, t0, scaler)                       # metrics.jsonl, the bar, the log
+                r.evaluate_if_due(step)                                  # --eval-every: held-out loss at --ctx
                 r.save_if_due(step, optimizer, scheduler, scaler)        # --save-every, or Ctrl-C: save and stop
         return r.finish()
 

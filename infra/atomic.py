@@ -14,13 +14,16 @@ import tempfile
 from pathlib import Path
 
 
-def write_text(path, text: str) -> Path:
-    """Replace `path` with `text` atomically."""
+def write_text(path, text) -> Path:
+    """Replace `path` with `text` (str, or bytes) atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        if isinstance(text, bytes):
+            tmp.write_bytes(text)
+        else:
+            tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
         raise OSError(f"{path}: cannot write ({e.strerror or e})") from None

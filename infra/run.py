@@ -8,6 +8,7 @@ and the rules of --resume).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -20,11 +21,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from infra import atomic, checkpoint, cli, demo, hf
+from infra import atomic, checkpoint, cli, demo, hf, report
 from model import DECODER_LINEARS
 
 PRETRAIN_STEPS = 1000   # the paper's 1000 steps when --max-steps is not given (SFT: one epoch)
 MAX_SKIPPED = 50        # fp16 steps skipped in a row (overflow at every loss scale) before the run is declared broken
+
+
+def now() -> str:
+    """The wall-clock time, for the metrics rows and the summary: ISO 8601 in UTC, to the second."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 class Run:
@@ -80,6 +86,7 @@ class Run:
         if not args.demo:       # bad model or data are reported before a conflict with --out
             self.dataset, self.pad_id = build_dataset(args, model_args)
             start = checkpoint.resume_point(out, args.resume, args.overwrite, args.max_steps)
+        self.heldout = report.held_out_dataset(args, model_args, build_dataset) if args.eval_every else None
         self.sampler = data.ShuffledSampler(len(self.dataset), args.seed, self.rank, self.world)
         if args.max_steps is None:
             args.max_steps = max(1, len(self.sampler) // (args.batch_size * args.grad_accum)) if args.sft \
@@ -145,12 +152,16 @@ class Run:
         """The progress bar, metrics.jsonl open for appending, Ctrl-C turned into a stop after the step."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.rows, self.skipped, t_start = [], 0, time.perf_counter()
+        self.rows, self.skipped, t_start, self.started = [], 0, time.perf_counter(), now()
+        self.tb = report.tensorboard_writer(self.out / "tensorboard") if self.args.tensorboard and self.rank == 0 \
+            else None
         with tqdm(total=self.args.max_steps, initial=start, desc="train", unit="step", disable=self.rank != 0,
                   dynamic_ncols=True) as self.bar, cli.StopRequest() as self.stop, \
                 open(self.out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a") as self.metrics:
             yield
         self.elapsed = time.perf_counter() - t_start
+        if self.tb is not None:
+            self.tb.close()
 
     def check(self, step: int, r: dict, scaler) -> None:
         """Stop, nothing saved, at a non-finite step, or when fp16 loss scaling skipped MAX_SKIPPED steps in a
@@ -172,16 +183,34 @@ class Run:
         row = {"step": step, **{k: r[k] for k in ("loss", "grad_norm", "lr", "tokens")},
                "tokens_per_s": r["tokens"] / (time.perf_counter() - t0),
                "peak_mem_bytes": cli.peak_memory_bytes(self.device), "skipped": int(r["skipped"]),
-               **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
+               **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}), "time": now()}
         self.rows.append(row)
-        self.metrics.write(json.dumps(row) + "\n")
-        self.metrics.flush()
+        self.write_row(row)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         if step % self.args.log_every == 0 or len(self.rows) == 1:
             self.log(f"step {step}/{self.args.max_steps} loss {row['loss']:.4f} lr {row['lr']:.3g} grad_norm "
                      f"{row['grad_norm'] or 0:.4g} {row['tokens_per_s']:.0f} tok/s peak "
                      f"{row['peak_mem_bytes'] / 2**30:.2f} GiB" + (" SKIPPED (fp16 overflow)" if r["skipped"] else ""))
+
+    def write_row(self, row: dict) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            report.log_scalars(self.tb, row)
+
+    def evaluate_if_due(self, step: int) -> None:
+        """Every --eval-every steps and at the last: the held-out loss at --ctx (rank 0; the others wait)."""
+        if not self.args.eval_every or (step % self.args.eval_every and step != self.args.max_steps):
+            return
+        if self.rank == 0:
+            result = report.held_out_loss(self.model, self.heldout, self.args.eval_sequences, self.args.batch_size,
+                                          self.pad_id)
+            self.write_row({"step": step, **result, "time": now()})
+            self.log(f"step {step}/{self.args.max_steps} held-out loss {result['eval_loss']:.4f} ppl "
+                     f"{result['eval_ppl']:.2f} ({result['eval_tokens']} tokens, full attention)")
+        if self.world > 1:
+            dist.barrier()
 
     def save_weights(self, folder: Path) -> None:
         checkpoint.save_weights(self.model, folder, self.args.full_finetune, self.args.model, self.training)
@@ -208,13 +237,19 @@ class Run:
             self.save_weights(out)
         if self.world > 1:
             dist.barrier()
-        all_rows = checkpoint.read_metrics(out / "metrics.jsonl") if self.rank == 0 else rows
+        metrics = checkpoint.read_metrics(out / "metrics.jsonl") if self.rank == 0 else rows
+        all_rows, evals = [r for r in metrics if "loss" in r], [r for r in metrics if "eval_loss" in r]
         summary = {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": len(rows),
                    "first_loss": all_rows[0]["loss"] if all_rows else None,
                    "last_loss": all_rows[-1]["loss"] if all_rows else None,
                    "tokens_per_s": sum(r["tokens"] for r in rows) / self.elapsed if rows else 0.0,
                    "peak_mem_bytes": cli.peak_memory_bytes(self.device), "seconds": self.elapsed,
-                   "output": str(self.output)}
+                   "output": str(self.output), "started": self.started, "finished": now(),
+                   **({k: evals[-1][k] for k in ("eval_loss", "eval_ppl")} if evals else {})}
+        if self.rank == 0:      # the summary and the loss curve stay in the run folder
+            atomic.write_json(out / "summary.json", summary)
+            if all_rows:
+                report.plot_metrics(out / "metrics.jsonl", out / "loss.png")
         if all_rows:
             self.log(f"loss: first step {summary['first_loss']:.4f} -> last step {summary['last_loss']:.4f}; "
                      f"{summary['tokens_per_s']:.0f} tok/s; peak {summary['peak_mem_bytes'] / 2**30:.2f} GiB; "
