@@ -57,15 +57,12 @@ class Tokenizer:
         self.pad_id = next(i for i in (self.sp.pad_id(), self.eos_id, 0) if i >= 0)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return self._add_special(self.sp.encode(text, out_type=int), bos, eos)
+        return self.encode_batch([text], bos, eos)[0]
 
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        head, tail = [self.bos_id] * (bos and self.bos_id >= 0), [self.eos_id] * (eos and self.eos_id >= 0)
         out = self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)  # all cores
-        return [self._add_special(ids, bos, eos) for ids in out]
-
-    def _add_special(self, ids, bos, eos):
-        head = [self.bos_id] if bos and self.bos_id >= 0 else []
-        return head + ids + ([self.eos_id] if eos and self.eos_id >= 0 else [])
+        return [head + ids + tail for ids in out]
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -147,11 +144,8 @@ def iter_documents(path, split=None):
     """(name, text) for each document of a text source: a .txt is named by its path relative to the source,
     a .jsonl line `file:line`. Invalid UTF-8 is replaced, and reported in one warning at the end."""
     path = Path(path)
-    files = source_files(path, split)
-    if files == [path] and path.suffix == ".bin":
-        raise ValueError(f"{path}: a pre-tokenized token file has no text; use load_token_file()")
     root, replaced = source_root(path, split), {}
-    for f in files:
+    for f in source_files(path, split):    # a .bin has no text: tokenize_source memory-maps it instead
         rel = f.relative_to(root).as_posix()
         if f.name.endswith(".txt"):
             text = decode_utf8(f.read_bytes(), replaced, rel).removeprefix("\ufeff")  # a BOM is not text
@@ -190,9 +184,7 @@ def load_token_file(path, vocab_size=None, dtype=None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: token file not found")
-    dtype = np.dtype(dtype or (token_dtype(vocab_size) if vocab_size else np.uint16))
-    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        raise ValueError(f"{path}: token dtype must be uint16 or uint32, not {dtype}")
+    dtype = np.dtype(dtype or (token_dtype(vocab_size) if vocab_size else np.uint16))   # eval.py: uint16 or uint32
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"{path}: empty token file")
