@@ -331,9 +331,8 @@ def is_verified(path: Path, obj: RemoteObject, bar, log) -> bool:
 def download_pg19(split: str, out_dir, base_url: str = DEFAULT_BASE_URL, bucket: str = DEFAULT_BUCKET,
                   timeout: float = 30.0, retries: int = 5, backoff: float = 1.0, progress: bool = True,
                   min_rate: float = 1024.0, rate_window: float = 30.0, log=None) -> list[Path]:
-    """Downloads PG19 `split` (+ metadata.csv) into out_dir in the PG19 layout, every file verified against
-    the listing's checksum (see the module docstring); returns the paths of the split's files and metadata.csv.
-    `log(message)` receives the one-line notes (a stale file downloaded again); None: stderr."""
+    """PG19 `split` and metadata.csv into out_dir, each file verified (see the module docstring); returns their
+    paths. `log(message)` receives the one-line notes (a stale file downloaded again); None: stderr."""
     if split not in PG19_SPLITS:
         raise ValueError(f"unknown PG19 split {split!r}; choose one of {', '.join(PG19_SPLITS)}")
     cli.check_range("--timeout", timeout, 0, open_low=True)
