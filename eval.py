@@ -118,8 +118,8 @@ def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "longqlora"
                 picked = row[first - s - 1:e - s - 1]        # prediction of token t sits at index t - s - 1
                 window_losses.append(loss := picked.mean().item())
                 if not loss < math.log(sys.float_info.max):     # nan, inf, or a perplexity past the float range
-                    raise ValueError(f"{name}: the mean loss of window tokens[{s}:{e}] (seq_len {seq_len}) is {loss:g}, "
-                                     f"so the perplexity is not finite (overflowing weights?)")
+                    raise ValueError(f"{name}: the mean loss of window tokens[{s}:{e}] (seq_len {seq_len}) is "
+                                     f"{loss:g}, so the perplexity is not finite (overflowing weights?)")
                 nll_sum += picked.sum().item()
                 scored += len(picked)
             bar.update(len(batch))

@@ -413,7 +413,8 @@ def test_cli_non_finite_loss_is_an_error(ckpt, tmp_path, capsys):
     (np.arange(1000, dtype=np.uint16) % 512).tofile(tmp_path / "ok.bin")
     capsys.readouterr()
     code, out, err = run_cli(capsys, "--model", ckpt, "--adapter", tmp_path / "adapter", "--data-path",
-                             tmp_path / "ok.bin", "--seq-len", "64", "--dtype", "fp32", "--rope-factor", "1", "--no-progress")
+                             tmp_path / "ok.bin", "--seq-len", "64", "--dtype", "fp32", "--rope-factor", "1",
+                             "--no-progress")
     assert code == 2 and err.count("\n") == 1, err
     assert str(ckpt) in err and str(tmp_path / "adapter") in err and "tokens[0:64]" in err and "|" not in out
 
