@@ -234,9 +234,11 @@ class SFTDataset:
         if not self.conversations:
             raise ValueError(f"{path}: empty SFT file")
         # The first answer (at least its EOS) follows BOS + the first prompt; where that fills ctx, no answer token
-        # is left, and if that is every example, training runs at loss 0 and grad-norm 0. One call, on all cores.
-        prompts = tokenizer.encode_batch([TEMPLATES[template](0, turns[0][0]) for turns in self.conversations], False)
-        lost = sum(head + len(ids) >= ctx for ids in prompts)
+        # is left, and if that is every example, training runs at loss 0 and grad-norm 0. 256 prompts a call, on
+        # all cores, so that a large file is never held as token lists all at once.
+        prompts = [TEMPLATES[template](0, turns[0][0]) for turns in self.conversations]
+        lost = sum(head + len(ids) >= ctx for i in range(0, len(prompts), 256)
+                   for ids in tokenizer.encode_batch(prompts[i:i + 256], False))
         what = f"examples have no answer token within ctx {ctx} (prompt too long)"
         if lost == len(self):
             raise ValueError(f"{path}: all {lost} {what}; nothing to learn")

@@ -640,3 +640,5 @@ def test_sft_without_any_answer_token_within_ctx_is_refused(tmp_path, tok):
     with pytest.warns(UserWarning, match=r"mixed\.jsonl: 2 of 3 examples have no answer token within ctx 128"):
         ds = data.SFTDataset(write(tmp_path / "mixed.jsonl", long + short + long), tok, ctx=128)
     assert len(ds) == 3 and (ds[1]["labels"][1:] != -100).any() and (ds[2]["labels"] == -100).all()
+    with pytest.warns(UserWarning, match=r"big\.jsonl: 300 of 301 examples"):     # counted across encode calls
+        data.SFTDataset(write(tmp_path / "big.jsonl", long * 300 + short), tok, ctx=128)
