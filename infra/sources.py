@@ -117,20 +117,23 @@ def decode_utf8(raw: bytes, replaced: dict, name: str) -> str:
         return text
 
 
-def iter_jsonl(path: Path, replaced: dict, name: str):
-    """(line number, parsed object) for each non-blank line of a .jsonl(.gz)."""
+def jsonl_lines(path: Path):
+    """(line number, raw line) for each non-blank line of a .jsonl(.gz)."""
     try:
         with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(decode_utf8(raw, replaced, name))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                yield lineno, obj
+            yield from ((lineno, raw) for lineno, raw in enumerate(f, start=1) if raw.strip())
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path}: corrupt gzip file ({e})") from None
+
+
+def iter_jsonl(path: Path, replaced: dict, name: str):
+    """(line number, parsed object) for each non-blank line of a .jsonl(.gz)."""
+    for lineno, raw in jsonl_lines(path):
+        try:
+            obj = json.loads(decode_utf8(raw, replaced, name))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        yield lineno, obj
 
 
 def warn_replaced(replaced: dict):
@@ -259,18 +262,6 @@ def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha:
         return None
 
 
-def count_documents(file: Path) -> int:
-    """Documents in a text file, counted before tokenizing (cheap next to it) so that the progress bar has a total
-    and an ETA: one per .txt, one per non-blank .jsonl line."""
-    if file.name.endswith(".txt"):
-        return 1
-    try:
-        with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as lines:
-            return sum(1 for line in lines if line.strip())
-    except (EOFError, gzip.BadGzipFile, zlib.error):
-        return 0        # iter_jsonl reports a damaged .gz, naming it, when it reads it
-
-
 def batched_documents(docs, max_docs=64, max_chars=64 << 20):
     """Groups of (name, text) pairs, for sentencepiece to encode each group on all cores at once."""
     group, chars = [], 0
@@ -291,8 +282,9 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     offsets, names, skipped = [0], [], 0
-    bar = tqdm(total=sum(map(count_documents, files)) if progress else None, unit="doc",
-               desc=f"tokenizing {source.name}", disable=not progress, dynamic_ncols=True)
+    # The documents are counted first (cheap next to tokenizing them) so that the bar has a total and an ETA.
+    total = sum(1 if f.name.endswith(".txt") else sum(1 for _ in jsonl_lines(f)) for f in files) if progress else None
+    bar = tqdm(total=total, unit="doc", desc=f"tokenizing {source.name}", disable=not progress, dynamic_ncols=True)
     try:
         with open(tmp, "wb") as out:
             for group in batched_documents(iter_documents(source, split)):
