@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,8 @@ class SFTDataset:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: SFT file not found")
-        chat_pieces(tokenizer, [], template)        # an unknown template is refused now, not at the first batch
+        # BOS or nothing; an unknown template is refused now, not at the first batch
+        head = sum(len(ids) for ids, _ in chat_pieces(tokenizer, [], template))
         self.tokenizer, self.ctx, self.template = tokenizer, ctx, template
         replaced = {}
         records = iter_jsonl(path, replaced, path.name)
@@ -231,6 +233,17 @@ class SFTDataset:
         warn_replaced(replaced)
         if not self.conversations:
             raise ValueError(f"{path}: empty SFT file")
+        # The first answer (at least its EOS) follows BOS + the first prompt; where that fills ctx, no answer token
+        # is left, and if that is every example, training runs at loss 0 and grad-norm 0. 256 prompts a call, on
+        # all cores, so that a large file is never held as token lists all at once.
+        prompts = [TEMPLATES[template](0, turns[0][0]) for turns in self.conversations]
+        lost = sum(head + len(ids) >= ctx for i in range(0, len(prompts), 256)
+                   for ids in tokenizer.encode_batch(prompts[i:i + 256], False))
+        what = f"examples have no answer token within ctx {ctx} (prompt too long)"
+        if lost == len(self):
+            raise ValueError(f"{path}: all {lost} {what}; nothing to learn")
+        if lost:
+            warnings.warn(f"{path}: {lost} of {len(self)} {what}; they add nothing to the loss", stacklevel=2)
 
     def __len__(self):
         return len(self.conversations)

@@ -98,10 +98,10 @@ def token_nll(model, tokens):
 
 
 def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "longqlora", stride: int | None = None,
-                        batch_size: int = 1, progress: bool = True) -> dict:
+                        batch_size: int = 1, progress: bool = True, name: str = "model") -> dict:
     """Perplexity of `tokens` (1-D ids) under one protocol: {"seq_len", "stride", "protocol", "ppl", "nll",
     "tokens", "windows", "seconds"}, nll = log(ppl). All windows have the same length, so they batch freely and
-    the result does not depend on batch_size."""
+    the result does not depend on batch_size. A window whose loss is not finite is an error naming `name`."""
     import torch
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
@@ -116,7 +116,10 @@ def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "longqlora"
             ids = torch.from_numpy(np.stack([np.asarray(tokens[s:e], dtype=np.int64) for s, _, e in batch]))
             for row, (s, first, e) in zip(token_nll(model, ids.to(device)).double().cpu(), batch):
                 picked = row[first - s - 1:e - s - 1]        # prediction of token t sits at index t - s - 1
-                window_losses.append(picked.mean().item())
+                window_losses.append(loss := picked.mean().item())
+                if not loss < math.log(sys.float_info.max):     # nan, inf, or a perplexity past the float range
+                    raise ValueError(f"{name}: the mean loss of window tokens[{s}:{e}] (seq_len {seq_len}) is "
+                                     f"{loss:g}, so the perplexity is not finite (overflowing weights?)")
                 nll_sum += picked.sum().item()
                 scored += len(picked)
             bar.update(len(batch))
@@ -278,7 +281,8 @@ def run(args) -> dict:
     for L in args.seq_len:
         if perplexity:
             r = {"dataset": dataset, "split": split,
-                 **evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, show)}
+                 **evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, show,
+                                     f"{args.model}" + (f" with adapter {args.adapter}" if args.adapter else ""))}
         else:
             r = evaluate_passkey(model, tokenizer, L, args.trials, args.seed, show)
         report["results"].append({**r, "rope_factor": factor})

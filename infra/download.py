@@ -69,9 +69,11 @@ class Crc32c:
         return self.crc.to_bytes(4, "big")
 
 
-class Checksum(NamedTuple):
-    kind: str      # "md5" or "crc32c"
-    digest: bytes  # raw: 16 bytes for md5, 4 for crc32c
+class RemoteObject(NamedTuple):
+    name: str
+    size: int
+    kind: str | None       # the checksum: "md5" or "crc32c"; None when the listing gives neither
+    digest: bytes | None   # raw: 16 bytes for md5, 4 for crc32c
 
     def hasher(self):
         return hashlib.md5() if self.kind == "md5" else Crc32c()
@@ -87,15 +89,15 @@ def hash_file(path: Path, hasher, bar=None):
     return hasher
 
 
-def listed_checksum(item: dict) -> Checksum | None:
+def listed_checksum(item: dict) -> tuple[str | None, bytes | None]:
     """The checksum to verify an object with: its MD5 when the listing has one, else its CRC32C."""
     for field, kind, length in (("md5Hash", "md5", 16), ("crc32c", "crc32c", 4)):
         if (text := item.get(field)) is not None:
             with contextlib.suppress(TypeError, ValueError):  # binascii.Error is a ValueError
                 if len(raw := base64.b64decode(text, validate=True)) == length:
-                    return Checksum(kind, raw)
+                    return kind, raw
             raise ValueError(f"{field} is not the base64 of {length} bytes: {text!r}")
-    return None
+    return None, None
 
 
 class TransientError(Exception):
@@ -167,12 +169,6 @@ def with_retries(action, what: str, net: Network):
             time.sleep(net.backoff * 2 ** attempt)
 
 
-class RemoteObject(NamedTuple):
-    name: str
-    size: int
-    checksum: Checksum | None
-
-
 def listing_url(base_url: str, bucket: str, prefix: str, page_token: str | None = None) -> str:
     query = {"prefix": prefix, **({"pageToken": page_token} if page_token else {})}
     return f"{base_url.rstrip('/')}/storage/v1/b/{bucket}/o?{urllib.parse.urlencode(query)}"
@@ -195,19 +191,6 @@ def fetch_json(url: str, net: Network):
                          f"(a captive portal or proxy?)") from None
 
 
-def listed_object(item, url: str, prefix: str) -> RemoteObject:
-    try:
-        obj = RemoteObject(item["name"], int(item["size"]), listed_checksum(item))
-        if not isinstance(obj.name, str) or obj.size < 0:
-            raise ValueError(f"bad name or size {item['name']!r}, {item['size']!r}")
-    except (KeyError, TypeError, ValueError) as e:
-        what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
-        raise ValueError(f"{url}: unexpected listing item ({what})") from None
-    if not obj.name.startswith(prefix):
-        raise ValueError(f"{url}: listing for prefix {prefix!r} returned {obj.name!r}")
-    return obj
-
-
 def gcs_list(base_url: str, bucket: str, prefix: str, net: Network) -> list[RemoteObject]:
     """The objects whose names start with prefix, following nextPageToken; folder placeholders skipped."""
     objects, token, seen = [], None, set()
@@ -216,7 +199,17 @@ def gcs_list(base_url: str, bucket: str, prefix: str, net: Network) -> list[Remo
         page = with_retries(lambda: fetch_json(url, net), url, net)
         if not isinstance(items := page.get("items", []) if isinstance(page, dict) else None, list):
             raise ValueError(f"{url}: unexpected listing (not a JSON object with a list of items)")
-        objects += [listed_object(item, url, prefix) for item in items]
+        for item in items:
+            try:
+                obj = RemoteObject(item["name"], int(item["size"]), *listed_checksum(item))
+                if not isinstance(obj.name, str) or obj.size < 0:
+                    raise ValueError(f"bad name or size {item['name']!r}, {item['size']!r}")
+            except (KeyError, TypeError, ValueError) as e:
+                what = f"missing field {e}" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"{url}: unexpected listing item ({what})") from None
+            if not obj.name.startswith(prefix):
+                raise ValueError(f"{url}: listing for prefix {prefix!r} returned {obj.name!r}")
+            objects.append(obj)
         if not (token := page.get("nextPageToken")):
             return [obj for obj in objects if not obj.name.endswith("/")]
         if token in seen:   # a server paging in a circle would be listed forever
@@ -240,7 +233,7 @@ def list_pg19(split: str, base_url: str, bucket: str, net: Network) -> list[Remo
     for obj in objects:
         if not is_safe_name(obj.name):
             raise ValueError(f"{base_url.rstrip('/')}/{bucket}: refusing unsafe object name {obj.name!r}")
-    if unchecked := [obj.name for obj in objects if obj.checksum is None]:
+    if unchecked := [obj.name for obj in objects if obj.kind is None]:
         more = f" (and {len(unchecked) - 1} more)" if len(unchecked) > 1 else ""
         raise ValueError(f"{base_url.rstrip('/')}/storage/v1/b/{bucket}/o: the listing gives no md5Hash or crc32c "
                          f"for {unchecked[0]}{more}; refusing files that cannot be verified")
@@ -272,11 +265,11 @@ def body_start(resp, have: int, size: int, hint: str) -> int:
 
 def fetch_part(url: str, part: Path, obj: RemoteObject, bar, net: Network) -> None:
     """One attempt at completing `part` (resumed with Range); TransientError unless size and checksum match."""
-    size, checksum, have = obj.size, obj.checksum, size_of(part)
+    size, have = obj.size, size_of(part)
     if have > size:  # longer than the object, so not a prefix of it: dropped without spending an attempt
         discard(part, size, bar)
         have = 0
-    hasher = hash_file(part, checksum.hasher()) if have else checksum.hasher()
+    hasher = hash_file(part, obj.hasher()) if have else obj.hasher()
     hint = ""  # a captive portal answers object requests with its login page
     if have < size:
         with open_url(url, net.timeout, {"Range": f"bytes={have}-"} if have else None) as resp:
@@ -284,7 +277,7 @@ def fetch_part(url: str, part: Path, obj: RemoteObject, bar, net: Network) -> No
                 hint = "; the server sent text/html: a captive portal or proxy?"
             if (start := body_start(resp, have, size, hint)) != have:  # Range ignored: the whole object
                 bar.update(start - have)
-                have, hasher = start, checksum.hasher()
+                have, hasher = start, obj.hasher()
             with open(part, "ab" if have else "wb") as f:
                 def sink(chunk):
                     f.write(chunk)
@@ -293,8 +286,8 @@ def fetch_part(url: str, part: Path, obj: RemoteObject, bar, net: Network) -> No
                 have += copy_body(resp, sink, size - have, net)
     if have < size:
         raise TransientError(f"connection closed after {have} of {size} bytes")
-    if (got := hasher.digest()) != checksum.digest:  # also where the body ran past the listing's size
-        raise TransientError(f"{checksum.kind} mismatch: expected {checksum.digest.hex()}, got {got.hex()}{hint}",
+    if (got := hasher.digest()) != obj.digest:  # also where the body ran past the listing's size
+        raise TransientError(f"{obj.kind} mismatch: expected {obj.digest.hex()}, got {got.hex()}{hint}",
                              ValueError, discard=True)
 
 
@@ -325,9 +318,9 @@ def is_verified(path: Path, obj: RemoteObject, bar, log) -> bool:
     """Whether the file under its final name is the listed object; one that is not is deleted, with a log line."""
     if (got := path.stat().st_size) != obj.size:
         problem = f"{got} bytes, the listing says {obj.size}"
-    elif (digest := hash_file(path, obj.checksum.hasher(), bar).digest()) != obj.checksum.digest:
+    elif (digest := hash_file(path, obj.hasher(), bar).digest()) != obj.digest:
         bar.update(-got)
-        problem = f"{obj.checksum.kind} {digest.hex()}, the listing says {obj.checksum.digest.hex()}"
+        problem = f"{obj.kind} {digest.hex()}, the listing says {obj.digest.hex()}"
     else:
         return True
     log(f"{path}: {problem} (stale or damaged): downloading it again")
@@ -338,9 +331,8 @@ def is_verified(path: Path, obj: RemoteObject, bar, log) -> bool:
 def download_pg19(split: str, out_dir, base_url: str = DEFAULT_BASE_URL, bucket: str = DEFAULT_BUCKET,
                   timeout: float = 30.0, retries: int = 5, backoff: float = 1.0, progress: bool = True,
                   min_rate: float = 1024.0, rate_window: float = 30.0, log=None) -> list[Path]:
-    """Downloads PG19 `split` (+ metadata.csv) into out_dir in the PG19 layout, every file verified against
-    the listing's checksum (see the module docstring); returns the paths of the split's files and metadata.csv.
-    `log(message)` receives the one-line notes (a stale file downloaded again); None: stderr."""
+    """PG19 `split` and metadata.csv into out_dir, each file verified (see the module docstring); returns their
+    paths. `log(message)` receives the one-line notes (a stale file downloaded again); None: stderr."""
     if split not in PG19_SPLITS:
         raise ValueError(f"unknown PG19 split {split!r}; choose one of {', '.join(PG19_SPLITS)}")
     cli.check_range("--timeout", timeout, 0, open_low=True)

@@ -30,13 +30,9 @@ def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
                "jsonl.gz test files into that folder, or pass --data-path")
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose pg19 or proof-pile, or pass --data-path")
-
-    def found(path, folder):    # a file, or a folder with text files somewhere inside
-        return path.is_file() if folder is None else folder.is_dir() and any(
-            f.is_file() and f.name.endswith(sources.TEXT_SUFFIXES) for f in folder.rglob("*"))
-
-    for path, reader_split, folder in candidates:
-        if found(path, folder):
+    for path, reader_split, folder in candidates:    # a file, or a folder with text files somewhere inside
+        if path.is_file() if folder is None else any(
+                f.is_file() and f.name.endswith(sources.TEXT_SUFFIXES) for f in folder.rglob("*")):
             return path, reader_split
     looked = ", ".join(str(path) if folder is None else f"{folder}/" for path, _, folder in candidates)
     raise FileNotFoundError(f"no {dataset} {split} data found; looked for {looked}; {how}")

@@ -57,15 +57,12 @@ class Tokenizer:
         self.pad_id = next(i for i in (self.sp.pad_id(), self.eos_id, 0) if i >= 0)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        return self._add_special(self.sp.encode(text, out_type=int), bos, eos)
+        return self.encode_batch([text], bos, eos)[0]
 
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False) -> list[list[int]]:
+        head, tail = [self.bos_id] * (bos and self.bos_id >= 0), [self.eos_id] * (eos and self.eos_id >= 0)
         out = self.sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)  # all cores
-        return [self._add_special(ids, bos, eos) for ids in out]
-
-    def _add_special(self, ids, bos, eos):
-        head = [self.bos_id] if bos and self.bos_id >= 0 else []
-        return head + ids + ([self.eos_id] if eos and self.eos_id >= 0 else [])
+        return [head + ids + tail for ids in out]
 
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -120,20 +117,23 @@ def decode_utf8(raw: bytes, replaced: dict, name: str) -> str:
         return text
 
 
-def iter_jsonl(path: Path, replaced: dict, name: str):
-    """(line number, parsed object) for each non-blank line of a .jsonl(.gz)."""
+def jsonl_lines(path: Path):
+    """(line number, raw line) for each non-blank line of a .jsonl(.gz)."""
     try:
         with (gzip.open if path.name.endswith(".gz") else open)(path, "rb") as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(decode_utf8(raw, replaced, name))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-                yield lineno, obj
+            yield from ((lineno, raw) for lineno, raw in enumerate(f, start=1) if raw.strip())
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise ValueError(f"{path}: corrupt gzip file ({e})") from None
+
+
+def iter_jsonl(path: Path, replaced: dict, name: str):
+    """(line number, parsed object) for each non-blank line of a .jsonl(.gz)."""
+    for lineno, raw in jsonl_lines(path):
+        try:
+            obj = json.loads(decode_utf8(raw, replaced, name))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        yield lineno, obj
 
 
 def warn_replaced(replaced: dict):
@@ -147,11 +147,8 @@ def iter_documents(path, split=None):
     """(name, text) for each document of a text source: a .txt is named by its path relative to the source,
     a .jsonl line `file:line`. Invalid UTF-8 is replaced, and reported in one warning at the end."""
     path = Path(path)
-    files = source_files(path, split)
-    if files == [path] and path.suffix == ".bin":
-        raise ValueError(f"{path}: a pre-tokenized token file has no text; use load_token_file()")
     root, replaced = source_root(path, split), {}
-    for f in files:
+    for f in source_files(path, split):    # a .bin has no text: tokenize_source memory-maps it instead
         rel = f.relative_to(root).as_posix()
         if f.name.endswith(".txt"):
             text = decode_utf8(f.read_bytes(), replaced, rel).removeprefix("\ufeff")  # a BOM is not text
@@ -190,9 +187,7 @@ def load_token_file(path, vocab_size=None, dtype=None) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: token file not found")
-    dtype = np.dtype(dtype or (token_dtype(vocab_size) if vocab_size else np.uint16))
-    if dtype not in (np.dtype(np.uint16), np.dtype(np.uint32)):
-        raise ValueError(f"{path}: token dtype must be uint16 or uint32, not {dtype}")
+    dtype = np.dtype(dtype or (token_dtype(vocab_size) if vocab_size else np.uint16))   # eval.py: uint16 or uint32
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"{path}: empty token file")
@@ -267,18 +262,6 @@ def read_cache(bin_path: Path, index_path: Path, tokenizer_sha: str, source_sha:
         return None
 
 
-def count_documents(file: Path) -> int:
-    """Documents in a text file, counted before tokenizing (cheap next to it) so that the progress bar has a total
-    and an ETA: one per .txt, one per non-blank .jsonl line."""
-    if file.name.endswith(".txt"):
-        return 1
-    try:
-        with (gzip.open if file.name.endswith(".gz") else open)(file, "rb") as lines:
-            return sum(1 for line in lines if line.strip())
-    except (EOFError, gzip.BadGzipFile, zlib.error):
-        return 0        # iter_jsonl reports a damaged .gz, naming it, when it reads it
-
-
 def batched_documents(docs, max_docs=64, max_chars=64 << 20):
     """Groups of (name, text) pairs, for sentencepiece to encode each group on all cores at once."""
     group, chars = [], 0
@@ -299,8 +282,9 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = bin_path.with_name(f"{bin_path.name}.tmp-{os.getpid()}")
     offsets, names, skipped = [0], [], 0
-    bar = tqdm(total=sum(map(count_documents, files)) if progress else None, unit="doc",
-               desc=f"tokenizing {source.name}", disable=not progress, dynamic_ncols=True)
+    # The documents are counted first (cheap next to tokenizing them) so that the bar has a total and an ETA.
+    total = sum(1 if f.name.endswith(".txt") else sum(1 for _ in jsonl_lines(f)) for f in files) if progress else None
+    bar = tqdm(total=total, unit="doc", desc=f"tokenizing {source.name}", disable=not progress, dynamic_ncols=True)
     try:
         with open(tmp, "wb") as out:
             for group in batched_documents(iter_documents(source, split)):

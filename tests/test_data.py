@@ -628,3 +628,17 @@ def test_cli_tokenize_and_errors(tmp_path, model_dir, capsys):
         data.main(["tokenize"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_sft_without_any_answer_token_within_ctx_is_refused(tmp_path, tok):
+    """A prompt longer than ctx leaves no answer token: all such examples would train at loss 0 with grad-norm 0."""
+    long = json.dumps({"input": "word " * 300, "output": "An answer."}) + "\n"
+    short = json.dumps({"input": "Who?", "output": "An answer."}) + "\n"
+    path = write(tmp_path / "long.jsonl", long * 3)
+    with pytest.raises(ValueError, match=r"long\.jsonl: all 3 examples have no answer token within ctx 128"):
+        data.SFTDataset(path, tok, ctx=128)
+    with pytest.warns(UserWarning, match=r"mixed\.jsonl: 2 of 3 examples have no answer token within ctx 128"):
+        ds = data.SFTDataset(write(tmp_path / "mixed.jsonl", long + short + long), tok, ctx=128)
+    assert len(ds) == 3 and (ds[1]["labels"][1:] != -100).any() and (ds[2]["labels"] == -100).all()
+    with pytest.warns(UserWarning, match=r"big\.jsonl: 300 of 301 examples"):     # counted across encode calls
+        data.SFTDataset(write(tmp_path / "big.jsonl", long * 300 + short), tok, ctx=128)

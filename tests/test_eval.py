@@ -394,3 +394,34 @@ def test_cli_impossible_length_fails_before_evaluating(ckpt, tmp_path, capsys):
     code, out, err = run_cli(capsys, "--model", ckpt, "--data-path", tmp_path / "short.bin", "--seq-len", "32", "256",
                              "--dtype", "fp32", "--no-progress")
     assert code == 2 and "seq_len 256" in err and out == ""
+
+
+def test_cli_non_finite_loss_is_an_error(ckpt, tmp_path, capsys):
+    """Overflowing weights (LoRA weights of 1e18) make the loss nan: an error naming the model, the adapter and
+    the window, exit 2, instead of a `nan` perplexity."""
+    from infra import hf
+    import lora
+    from infra.adapter import save_adapter
+
+    model = hf.load_model(ckpt, dtype=torch.float32)
+    lora.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.fill_(1e18)
+    save_adapter(model, tmp_path / "adapter")
+    (np.arange(1000, dtype=np.uint16) % 512).tofile(tmp_path / "ok.bin")
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "--model", ckpt, "--adapter", tmp_path / "adapter", "--data-path",
+                             tmp_path / "ok.bin", "--seq-len", "64", "--dtype", "fp32", "--rope-factor", "1",
+                             "--no-progress")
+    assert code == 2 and err.count("\n") == 1, err
+    assert str(ckpt) in err and str(tmp_path / "adapter") in err and "tokens[0:64]" in err and "|" not in out
+
+
+def test_non_finite_norm_weights_are_an_error(ckpt, tokens):
+    model = load(ckpt)
+    with torch.no_grad():
+        model.norm.weight.fill_(1e30)
+    with pytest.raises(ValueError, match=r"tokens\[0:64\].*not finite"):
+        ev.evaluate_perplexity(model, tokens, 64, progress=False)
