@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -161,6 +162,10 @@ def _safe_open(file: Path):
 def _load_bin(file: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # weights_only: no pickle code
+    except pickle.UnpicklingError as e:  # torch's refusal, whose advice (weights_only=False) runs the file's code
+        why = re.search(r"WeightsUnpickler error: (.*?)(\.(\s|$)|$)", str(e), re.M)
+        raise ValueError(f"{file}: refused: it pickles Python objects besides tensors ({why[1] if why else e}), "
+                         "and nothing but tensors is ever unpickled here; convert it to safetensors") from None
     except Exception as e:  # zip / pickle errors of a damaged file come in many types
         raise ValueError(f"{file}: cannot read PyTorch checkpoint, truncated or corrupt? ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

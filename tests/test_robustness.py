@@ -405,6 +405,24 @@ def test_integer_dtype_in_a_base_weight_is_refused(tiny, tmp_path):
         hf.load_model(model, dtype=torch.float32)
 
 
+def test_bin_checkpoint_that_pickles_objects_is_refused_in_one_line(tiny, tmp_path):
+    """torch's own refusal is four lines advising weights_only=False, which would run the file's code."""
+    import argparse
+    model = copy_model(tiny["model"], tmp_path / "bin")
+    state = {}
+    for f in model.glob("model*.safetensors*"):
+        state.update(load_file(f) if f.suffix == ".safetensors" else {})
+        f.unlink()
+    torch.save({**state, "args": argparse.Namespace(lr=1)}, model / "pytorch_model.bin")
+    with pytest.raises(ValueError) as e:
+        hf.load_model(model)
+    assert str(e.value).startswith(f"{model / 'pytorch_model.bin'}: refused") and "argparse.Namespace" in str(e.value)
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
+    p = run_train("--model", model, "--data", "synthetic", "--out", tmp_path / "out", "--ctx", 64)
+    assert "weights_only` set to `False`" not in p.stderr
+    one_error_line(p, "pytorch_model.bin: refused", "argparse.Namespace")
+
+
 @pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/passwd", "sub/../../x.safetensors", ""])
 def test_index_naming_a_shard_outside_the_folder_is_refused(tiny, tmp_path, shard):
     model = copy_model(tiny["model"], tmp_path / "m")
