@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -173,16 +174,17 @@ def _load_bin(file: Path) -> dict:
     return state
 
 
-def tensor_names(file: Path) -> list[str]:
+def tensor_shapes(file: Path) -> dict[str, tuple]:
+    """{name: shape} of the tensors of a .safetensors file (its header alone) or a .bin file."""
     if file.suffix != ".safetensors":
-        return list(_load_bin(file))
+        return {name: tuple(t.shape) for name, t in _load_bin(file).items()}
     with _safe_open(file) as f:
-        return list(f.keys())
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
 def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one .safetensors or .bin file."""
-    return {name: t for name, t, _ in read_tensors(dict.fromkeys(tensor_names(file), file))}
+    return {name: t for name, t, _ in read_tensors(dict.fromkeys(tensor_shapes(file), file))}
 
 
 def read_tensors(files: dict[str, Path]):
@@ -190,7 +192,7 @@ def read_tensors(files: dict[str, Path]):
     gives it). A .bin file is memory-mapped whole; a safetensors tensor is copied into its own memory."""
     for file in dict.fromkeys(files.values()):
         state = None if file.suffix == ".safetensors" else _load_bin(file)
-        present = set(tensor_names(file) if state is None else state)
+        present = set(tensor_shapes(file) if state is None else state)
         for name in (n for n, f in files.items() if f == file):
             if name not in present:
                 raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
@@ -211,7 +213,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
             return _files_from_index(index)
     for single in (path / "model.safetensors", path / "pytorch_model.bin"):
         if single.is_file():
-            return dict.fromkeys(tensor_names(single), single)
+            return dict.fromkeys(tensor_shapes(single), single)
     raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
 
 
@@ -261,17 +263,36 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, q
     args = read_config(path)
     if rope_scaling is not None:
         args.rope_scaling = normalize_rope_scaling(rope_scaling)
+    files = checkpoint_files(path)
+    check_shapes(args, files, path / "config.json")
     with torch.device("meta"):
         model = Transformer(args)
     nf4 = dict(compute_dtype=dtype, backend=quant_backend) if quantize == "nf4" else None
-    _load_weights(model, path, dtype, torch.device(device), nf4)
+    _load_weights(model, path, files, dtype, torch.device(device), nf4)
     return model.eval()
 
 
-def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | None) -> None:
-    """Fill the meta-device model from the checkpoint's tensors, one at a time. nf4: Linear4bit's arguments
-    when the decoder linears are to be kept in NF4, else None."""
-    files = checkpoint_files(path)
+def check_shapes(args: ModelArgs, files: dict[str, Path], config_file: Path) -> None:
+    """config.json's shapes against the checkpoint's (safetensors headers), before the model is built: a config
+    stating a million layers would otherwise be built first, for hours. Every layer has layer 0's shapes."""
+    layers = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if args.n_layers > len(layers):
+        raise ValueError(f"{config_file}: num_hidden_layers={args.n_layers}, but the checkpoint holds weights for "
+                         f"{len(layers)} layers")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(replace(args, n_layers=1)).state_dict().items()}
+    packed = {name.removesuffix(".absmax") for name in files if name.endswith(".weight.absmax")}  # bnb's NF4 bytes
+    for file in dict.fromkeys(files.values()):
+        for name, shape in tensor_shapes(file).items():
+            key = re.sub(r"^layers\.\d+\.", "layers.0.", our_key(name))
+            if key in expected and name not in packed and shape != expected[key]:
+                raise ValueError(f"{config_file}: does not match the weights: tensor {name} has shape {shape} in "
+                                 f"{file}, expected {expected[key]}")
+
+
+def _load_weights(model: Transformer, path: Path, files: dict[str, Path], dtype, device, nf4: dict | None):
+    """Fill the meta-device model from the checkpoint's tensors (shapes checked by check_shapes), one at a time.
+    nf4: Linear4bit's arguments when the decoder linears are to be kept in NF4, else None."""
     tied = model.args.tie_word_embeddings
     expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()
                 if not (tied and k == "lm_head.weight")}
@@ -289,8 +310,6 @@ def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | Non
         if base in prequantized:
             stats.setdefault(base, {})[name] = tensor
             continue
-        if tuple(tensor.shape) != expected[key]:
-            raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
         if not tensor.is_floating_point():  # every weight of the model is: an int tensor is a damaged header
             raise ValueError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected a floating-point weight")
         if tensor.numel():

@@ -92,6 +92,20 @@ def test_bad_config_fields_name_the_file_and_field(tiny, tmp_path, changes, frag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("changes,fragment", [
+    ({"num_hidden_layers": 1_000_000}, "num_hidden_layers=1000000, but the checkpoint holds weights for 2 layers"),
+    ({"hidden_size": 1 << 30, "num_attention_heads": 1 << 20}, "does not match the weights: tensor"),
+    ({"vocab_size": 10**12}, "does not match the weights: tensor"),
+])
+def test_absurd_config_shapes_are_refused_before_the_model_is_built(tiny, tmp_path, changes, fragment):
+    """Checked against the safetensors headers: building a million-layer model first would take hours."""
+    model = copy_model(tiny["model"], tmp_path / "m")
+    edit_config(model, **changes)
+    p = subprocess.run([sys.executable, "-c", f"from infra import hf; hf.load_model({str(model)!r})"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert f"ValueError: {model / 'config.json'}: " in p.stderr and fragment in p.stderr, p.stderr[-2000:]
+
+
 def test_nan_or_overflowing_base_weights_are_reported_at_load(tiny, tmp_path):
     model = copy_model(tiny["model"], tmp_path / "nan")
     shard = sorted(model.glob("model-*.safetensors"))[-1]
