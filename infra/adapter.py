@@ -16,12 +16,11 @@ import math
 import re
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
 from infra import atomic
-from infra.hf import hf_key, load_json, our_key, read_tensor_file
+from infra.hf import hf_key, load_json, our_key, read_tensor_file, save_safetensors
 from lora import LoRALinear, adapter_parameters, add_lora, is_embed_or_norm
 from quant import Linear4bit
 from infra.rope_scaling import normalize_rope_scaling
@@ -124,9 +123,9 @@ def write_adapter(out_dir, r: int, alpha: float, dropout: float, targets, tensor
 
     def write(tmp: Path):
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        safetensors.torch.save_file(lora, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(lora, tmp / ADAPTER_WEIGHTS)
         if extra:
-            safetensors.torch.save_file(extra, str(tmp / TRAINABLE_PARAMS), metadata={"format": "pt"})
+            save_safetensors(extra, tmp / TRAINABLE_PARAMS)
         if training is not None:
             (tmp / TRAINING_INFO).write_text(json.dumps(training, indent=2) + "\n")
 

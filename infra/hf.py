@@ -14,6 +14,7 @@ memory, so file pages do not pile up in RSS), quantising the seven decoder linea
 asked: a 7B model never sits in memory twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is an
 error naming the tensor.
 """
+import errno
 import hashlib
 import json
 import math
@@ -382,7 +383,7 @@ def save_checkpoint(tensors, config: dict, out_dir, max_shard_bytes: int = 2 * 1
         shards, current, size = [], {}, 0
 
         def flush():
-            safetensors.torch.save_file(current, str(tmp / f"shard-{len(shards)}"), metadata={"format": "pt"})
+            save_safetensors(current, tmp / f"shard-{len(shards)}")
             shards.append(list(current))
 
         for name, t in tensors:
@@ -408,6 +409,16 @@ def save_checkpoint(tensors, config: dict, out_dir, max_shard_bytes: int = 2 * 1
                 shutil.copy2(f, tmp / f.name)
 
     return atomic.write_dir(out_dir, write)
+
+
+def save_safetensors(tensors: dict, file: Path) -> None:
+    """safetensors.torch.save_file; a failed write (a full disk) raised as the OSError it wraps, which
+    atomic.write_dir reports in one line naming the folder, after removing its temporary."""
+    try:
+        safetensors.torch.save_file(tensors, str(file), metadata={"format": "pt"})
+    except safetensors.SafetensorError as e:   # e.g. 'IoError(Os { code: 28, ..., message: "No space left on device" })'
+        os_error = re.search(r'code: (\d+).*message: "(.*?)"', str(e))
+        raise OSError(int(os_error[1]), os_error[2]) if os_error else OSError(errno.EIO, str(e)) from None
 
 
 def save_model(model: Transformer, out_dir, max_shard_bytes: int = 2 * 1024**3, copy_from=None) -> Path:
