@@ -86,6 +86,9 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
                 except ValueError as e:
                     raise ValueError(f"{adapter_dir / adapter.ADAPTER_WEIGHTS}: {name}: {e} (an adapter for a "
                                      "different model?)") from None
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{adapter_dir / adapter.ADAPTER_WEIGHTS}: the LoRA update of {name} overflows "
+                                     f"{t.dtype} (LoRA weights of a diverged run?)")
             yield name, t
 
     out = hf.save_checkpoint(tensors(), out_config, out_dir, max_shard_bytes, copy_from=tokenizer_dir)

@@ -801,3 +801,29 @@ def test_merge_out_of_disk_is_one_error_naming_the_folder_and_leaves_nothing(ckp
     err = capsys.readouterr().err
     assert err == f"error: {out}: cannot write (No space left on device)\n"
     assert list((tmp_path / "out").iterdir()) == []          # the atomic writer's temporary folder is gone
+
+
+def test_adapter_weights_that_are_not_finite_or_overflow_the_merge_are_refused(ckpt, saved_adapter, tmp_path):
+    """NaN / inf in an adapter file: refused at load, naming the tensor and the file. 1e18 is finite, but a merged
+    weight of 1e36 is inf in fp16: the merge refuses it rather than write inf."""
+    a = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    b = a.replace("lora_A", "lora_B")
+
+    def poke(value):
+        def edit(sd):
+            sd[a].view(-1)[0], sd[b].view(-1)[0] = value, value
+            return sd
+        return edit
+
+    for value in (float("nan"), float("inf")):
+        bad = copy_adapter(saved_adapter, tmp_path / f"a{value}", tensor_filter=poke(value))
+        for load in (lambda: load_adapter(load_ours(ckpt), bad),
+                     lambda: merge_and_export(ckpt, bad, tmp_path / "out", rope_factor=1)):
+            with pytest.raises(ValueError, match=f"{bad / 'adapter_model.safetensors'}: {a} holds NaN or inf"):
+                load()
+    huge = copy_adapter(saved_adapter, tmp_path / "huge", tensor_filter=poke(1e18))
+    half = make_hf_checkpoint(tmp_path / "half", dtype=torch.float16, rope_theta=20000.0)
+    with pytest.raises(ValueError, match=f"{huge / 'adapter_model.safetensors'}: the LoRA update of "
+                                         "model.layers.0.mlp.up_proj.weight overflows torch.float16"):
+        merge_and_export(half, huge, tmp_path / "out", rope_factor=1)
+    assert not (tmp_path / "out").exists()
