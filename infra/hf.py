@@ -406,7 +406,7 @@ def save_safetensors(tensors: dict, file: Path) -> None:
     atomic.write_dir reports in one line naming the folder, after removing its temporary."""
     try:
         safetensors.torch.save_file(tensors, str(file), metadata={"format": "pt"})
-    except safetensors.SafetensorError as e:   # e.g. 'IoError(Os { code: 28, ..., message: "No space left on device" })'
+    except safetensors.SafetensorError as e:  # e.g. IoError(Os { code: 28, .., message: "No space left on device" })
         os_error = re.search(r'code: (\d+).*message: "(.*?)"', str(e))
         raise OSError(int(os_error[1]), os_error[2]) if os_error else OSError(errno.EIO, str(e)) from None
 
