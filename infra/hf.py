@@ -9,10 +9,10 @@ real checkpoints:
   *-bnb-4bit checkpoints   ->  Linear4bit    bitsandbytes' serialised NF4 state, read by infra/bnb.py
   HF model folders         <-  tensors       save_checkpoint (sharded, atomic), save_model
 
-load_model builds the Transformer on the `meta` device and fills it tensor by tensor (each copied into its own
-memory, so file pages do not pile up in RSS), quantising the seven decoder linears to NF4 as they are read when
-asked: a 7B model never sits in memory twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is an
-error naming the tensor.
+load_model checks the checkpoint's names and shapes (headers only) against config.json, builds the Transformer on
+the `meta` device and fills it tensor by tensor (each copied into its own memory, so file pages do not pile up in
+RSS), quantising the seven decoder linears to NF4 as they are read when asked: a 7B model never sits in memory
+twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is an error naming the tensor.
 """
 import errno
 import hashlib
