@@ -75,9 +75,8 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     lacking = sorted(set(targets) - {n.rsplit(".", 1)[-1] for n in modules})
     if lacking:
         raise ValueError(f"{config_file}: target modules {lacking} are not linear layers of this model")
-    expected = {}
-    for name, m in modules.items():
-        expected[name + ".lora_A"], expected[name + ".lora_B"] = (r, m.in_features), (m.out_features, r)
+    expected = {f"{name}.lora_{which}": shape for name, m in modules.items()
+                for which, shape in (("A", (r, m.in_features)), ("B", (m.out_features, r)))}
     missing, unexpected = sorted(set(expected) - set(lora)), sorted(set(lora) - set(expected))
     if unexpected:
         raise ValueError(f"{weights_file}: {len(unexpected)} tensor(s) for modules this model lacks or the config "
