@@ -16,23 +16,25 @@ import math
 import re
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
 from infra import atomic
-from infra.hf import hf_key, load_json, our_key, read_tensor_file
+from infra.hf import hf_key, load_json, our_key, read_tensor_file, save_safetensors
 from lora import LoRALinear, adapter_parameters, add_lora, is_embed_or_norm
 from quant import Linear4bit
 from infra.rope_scaling import normalize_rope_scaling
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN = "adapter_model.safetensors", "adapter_model.bin"  # .bin: older PEFT
-TRAINABLE_PARAMS, TRAINABLE_PARAMS_BIN = "trainable_params.safetensors", "trainable_params.bin"  # LoRA+ (LongLoRA)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"        # (or adapter_model.bin: older PEFT)
+TRAINABLE_PARAMS = "trainable_params.safetensors"     # LoRA+ embeddings and norms, as LongLoRA saves them (or .bin)
 TRAINING_INFO = "longqlora.json"      # how the adapter was trained: its RoPE scaling and context
 # PEFT wraps the HF model twice (PeftModel.base_model = LoraModel, LoraModel.model = LlamaForCausalLM)
 PEFT_PREFIX = "base_model.model."
 _PEFT_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.(?P<which>lora_A|lora_B)(\.default)?\.weight$")
+# PEFT options that change the computation; refusing beats silently computing something else
+_UNSUPPORTED = ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
+                "layers_to_transform")
 
 
 def peft_key(key: str) -> str:
@@ -65,22 +67,16 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     config_file, weights_file = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
     r, alpha, targets = config["r"], config["lora_alpha"], tuple(sorted(set(config["target_modules"])))
     current = getattr(model, "lora_config", None)
-    if current is not None:
-        if current["r"] != r:
-            raise ValueError(f"{config_file}: adapter has r={r} but the model's LoRA has r={current['r']}")
-        if set(current["targets"]) != set(targets):
-            raise ValueError(f"{config_file}: adapter targets {list(targets)} but the model's LoRA targets "
-                             f"{sorted(current['targets'])}")
-        modules = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
-    else:
-        modules = {n: m for n, m in model.named_modules()
-                   if n.rsplit(".", 1)[-1] in targets and isinstance(m, (nn.Linear, Linear4bit))}
-        lacking = sorted(set(targets) - {n.rsplit(".", 1)[-1] for n in modules})
-        if lacking:
-            raise ValueError(f"{config_file}: target modules {lacking} are not linear layers of this model")
-    expected = {}
-    for name, m in modules.items():
-        expected[name + ".lora_A"], expected[name + ".lora_B"] = (r, m.in_features), (m.out_features, r)
+    if current is not None and (current["r"], set(current["targets"])) != (r, set(targets)):
+        raise ValueError(f"{config_file}: adapter has r={r} and targets {list(targets)} but the model's LoRA has "
+                         f"r={current['r']} and targets {sorted(current['targets'])}")
+    modules = {n: m for n, m in model.named_modules()     # a LoRALinear wraps its base as `<name>.base_layer`
+               if n.rsplit(".", 1)[-1] in targets and isinstance(m, (LoRALinear, nn.Linear, Linear4bit))}
+    lacking = sorted(set(targets) - {n.rsplit(".", 1)[-1] for n in modules})
+    if lacking:
+        raise ValueError(f"{config_file}: target modules {lacking} are not linear layers of this model")
+    expected = {f"{name}.lora_{which}": shape for name, m in modules.items()
+                for which, shape in (("A", (r, m.in_features)), ("B", (m.out_features, r)))}
     missing, unexpected = sorted(set(expected) - set(lora)), sorted(set(lora) - set(expected))
     if unexpected:
         raise ValueError(f"{weights_file}: {len(unexpected)} tensor(s) for modules this model lacks or the config "
@@ -124,9 +120,9 @@ def write_adapter(out_dir, r: int, alpha: float, dropout: float, targets, tensor
 
     def write(tmp: Path):
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        safetensors.torch.save_file(lora, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        save_safetensors(lora, tmp / ADAPTER_WEIGHTS)
         if extra:
-            safetensors.torch.save_file(extra, str(tmp / TRAINABLE_PARAMS), metadata={"format": "pt"})
+            save_safetensors(extra, tmp / TRAINABLE_PARAMS)
         if training is not None:
             (tmp / TRAINING_INFO).write_text(json.dumps(training, indent=2) + "\n")
 
@@ -141,13 +137,11 @@ def read_adapter(adapter_dir):
     if not adapter_dir.is_dir():
         raise FileNotFoundError(f"{adapter_dir}: adapter directory not found")
     config_file = adapter_dir / ADAPTER_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing (not a PEFT adapter directory?)")
-    config = load_json(config_file)
+    config = load_json(config_file, "missing (not a PEFT adapter directory?)")
     _check_lora_config(config, config_file)
-    weights = _first_file(adapter_dir, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN)
+    weights = _safetensors_or_bin(adapter_dir / ADAPTER_WEIGHTS)
     if weights is None:
-        raise FileNotFoundError(f"{adapter_dir / ADAPTER_WEIGHTS}: missing (nor is there {ADAPTER_WEIGHTS_BIN})")
+        raise FileNotFoundError(f"{adapter_dir / ADAPTER_WEIGHTS}: missing (nor is there adapter_model.bin)")
     lora = {}
     for key, t in read_tensor_file(weights).items():
         ours = lora_key_from_peft(key)
@@ -162,7 +156,7 @@ def read_adapter(adapter_dir):
         raise ValueError(f"{weights}: holds no LoRA weights")
     if isinstance(config["target_modules"], str):   # a PEFT regex: the tensors say which modules it matched
         config["target_modules"] = sorted({k.rsplit(".", 2)[-2] for k in lora})
-    extra_file = _first_file(adapter_dir, TRAINABLE_PARAMS, TRAINABLE_PARAMS_BIN)
+    extra_file = _safetensors_or_bin(adapter_dir / TRAINABLE_PARAMS)
     extra = {} if extra_file is None else {
         our_key(k.removeprefix(PEFT_PREFIX)): t for k, t in read_tensor_file(extra_file).items()}
     for file, group, key in ((weights, lora, peft_key), (extra_file, extra, hf_key)):
@@ -178,27 +172,23 @@ def read_adapter(adapter_dir):
     return config, lora, extra, training
 
 
-def _first_file(folder: Path, *names) -> Path | None:
-    return next((folder / n for n in names if (folder / n).is_file()), None)
+def _safetensors_or_bin(file: Path) -> Path | None:
+    return next((f for f in (file, file.with_suffix(".bin")) if f.is_file()), None)
 
 
 def _check_lora_config(config: dict, config_file: Path) -> None:
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type is {config.get('peft_type')!r}, only 'LORA' is supported")
-    r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout") or 0.0
-    if type(r) is not int or r <= 0:
-        raise ValueError(f"{config_file}: r must be a positive integer, got {r!r}")
-    if type(alpha) not in (int, float) or not math.isfinite(alpha):
-        raise ValueError(f"{config_file}: lora_alpha must be a finite number, got {alpha!r}")
-    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
-        raise ValueError(f"{config_file}: lora_dropout must be in [0, 1), got {dropout!r}")
-    targets = config.get("target_modules")
-    if not (isinstance(targets, str) or isinstance(targets, list) and targets and all(type(t) is str for t in targets)):
-        raise ValueError(f"{config_file}: target_modules must be a list of module names, got {targets!r}")
-    # PEFT options that change the computation; refusing beats silently computing something else
-    for key in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "modules_to_save",
-                "layers_to_transform"):
-        if config.get(key):
-            raise ValueError(f"{config_file}: {key}={config[key]!r} is not supported")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"{config_file}: bias={config['bias']!r} is not supported (only 'none')")
+    r, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    dropout = config.get("lora_dropout") or 0.0
+    problem = next((message for bad, message in (
+        (config.get("peft_type") != "LORA", f"peft_type is {config.get('peft_type')!r}, only 'LORA' is supported"),
+        (type(r) is not int or r <= 0, f"r must be a positive integer, got {r!r}"),
+        (type(alpha) not in (int, float) or not math.isfinite(alpha), f"lora_alpha must be a finite number, got "
+                                                                      f"{alpha!r}"),
+        (type(dropout) not in (int, float) or not 0 <= dropout < 1, f"lora_dropout must be in [0, 1), got {dropout!r}"),
+        (not (isinstance(targets, str) or isinstance(targets, list) and targets
+              and all(type(t) is str for t in targets)), f"target_modules must be a list of module names, got {targets!r}"),
+        *((bool(config.get(key)), f"{key}={config.get(key)!r} is not supported") for key in _UNSUPPORTED),
+        (config.get("bias", "none") != "none", f"bias={config.get('bias')!r} is not supported (only 'none')"),
+    ) if bad), None)
+    if problem is not None:
+        raise ValueError(f"{config_file}: {problem}")

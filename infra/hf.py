@@ -9,17 +9,20 @@ real checkpoints:
   *-bnb-4bit checkpoints   ->  Linear4bit    bitsandbytes' serialised NF4 state, read by infra/bnb.py
   HF model folders         <-  tensors       save_checkpoint (sharded, atomic), save_model
 
-load_model builds the Transformer on the `meta` device and fills it tensor by tensor (each copied into its own
-memory, so file pages do not pile up in RSS), quantising the seven decoder linears to NF4 as they are read when
-asked: a 7B model never sits in memory twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is an
-error naming the tensor.
+load_model checks the checkpoint's names and shapes (headers only) against config.json, builds the Transformer on
+the `meta` device and fills it tensor by tensor (each copied into its own memory, so file pages do not pile up in
+RSS), quantising the seven decoder linears to NF4 as they are read when asked: a 7B model never sits in memory
+twice, nor at all in 16-bit with NF4. NaN or inf in a base weight is an error naming the tensor.
 """
+import errno
 import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -28,16 +31,16 @@ import torch.nn as nn
 
 from infra import atomic
 from infra.bnb import nf4_state_from_tensors
+from infra.rope_scaling import hf_rope_scaling, normalize_rope_scaling, rope_inv_freq
 from model import DECODER_LINEARS, ModelArgs, Transformer
 from quant import Linear4bit, dequantize_nf4
-from infra.rope_scaling import normalize_rope_scaling, rope_inv_freq
 
 # --------------------------------------------------------------------------- config.json
 
-def load_json(file: Path) -> dict:
+def load_json(file: Path, missing: str = "not found") -> dict:
     """A JSON object from `file`; a missing, unreadable or non-object file is one error naming it."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: not found")
+        raise FileNotFoundError(f"{file}: {missing}")
     try:
         obj = json.loads(file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -47,24 +50,24 @@ def load_json(file: Path) -> dict:
     return obj
 
 
-def load_config(path) -> dict:
-    """`config.json` of a model folder (or the file itself) as a dict."""
+def config_file(path) -> Path:
+    """The config.json of a model folder, or `path` itself when it names the file."""
     path = Path(path)
-    file = path / "config.json" if path.is_dir() or not path.suffix else path
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no config.json (is {path} an HF model directory?)")
-    return load_json(file)
+    return path / "config.json" if path.is_dir() or not path.suffix else path
+
+
+def load_config(path) -> dict:
+    return load_json(config_file(path), f"no config.json (is {path} an HF model directory?)")
 
 
 def read_config(path) -> ModelArgs:
     """ModelArgs of an HF LLaMA folder; an unsupported, missing or out-of-range field is one error naming
     config.json and the field."""
-    path = Path(path)
     cfg = load_config(path)
     try:
         return config_to_args(cfg)
     except ValueError as e:
-        raise ValueError(f"{path / 'config.json' if path.is_dir() else path}: {e}") from None
+        raise ValueError(f"{config_file(path)}: {e}") from None
 
 
 def _get(cfg: dict, key: str, kind: str, default=None):
@@ -126,17 +129,6 @@ def config_json(args: ModelArgs) -> dict:
     return cfg
 
 
-def hf_rope_scaling(scaling: dict | None) -> dict | None:
-    """A normalised scaling dict as config.json gets it: linear/dynamic in the legacy {"type", "factor"} form
-    that transformers 4.31 through 5.x all read, other rules with "rope_type"."""
-    if scaling is None:
-        return None
-    params = {k: v for k, v in scaling.items() if k != "rope_type"}
-    if scaling["rope_type"] in ("linear", "dynamic") and set(params) == {"factor"}:
-        return {"type": scaling["rope_type"], "factor": params["factor"]}
-    return {"rope_type": scaling["rope_type"], **params}
-
-
 def hf_key(key: str) -> str:
     """Our state-dict key -> the HF checkpoint key."""
     return key if key.startswith("lm_head.") else "model." + key
@@ -161,6 +153,10 @@ def _safe_open(file: Path):
 def _load_bin(file: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)  # weights_only: no pickle code
+    except pickle.UnpicklingError as e:  # torch's refusal, whose advice (weights_only=False) runs the file's code
+        why = re.search(r"WeightsUnpickler error: (.*?)(\.(\s|$)|$)", str(e), re.M)
+        raise ValueError(f"{file}: refused: it pickles Python objects besides tensors ({why[1] if why else e}), "
+                         "and nothing but tensors is ever unpickled here; convert it to safetensors") from None
     except Exception as e:  # zip / pickle errors of a damaged file come in many types
         raise ValueError(f"{file}: cannot read PyTorch checkpoint, truncated or corrupt? ({e})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -168,16 +164,17 @@ def _load_bin(file: Path) -> dict:
     return state
 
 
-def tensor_names(file: Path) -> list[str]:
+def tensor_shapes(file: Path) -> dict[str, tuple]:
+    """{name: shape} of the tensors of a .safetensors file (its header alone) or a .bin file."""
     if file.suffix != ".safetensors":
-        return list(_load_bin(file))
+        return {name: tuple(t.shape) for name, t in _load_bin(file).items()}
     with _safe_open(file) as f:
-        return list(f.keys())
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
 def read_tensor_file(file: Path) -> dict[str, torch.Tensor]:
     """Every tensor of one .safetensors or .bin file."""
-    return {name: t for name, t, _ in read_tensors(dict.fromkeys(tensor_names(file), file))}
+    return {name: t for name, t, _ in read_tensors(dict.fromkeys(tensor_shapes(file), file))}
 
 
 def read_tensors(files: dict[str, Path]):
@@ -185,29 +182,28 @@ def read_tensors(files: dict[str, Path]):
     gives it). A .bin file is memory-mapped whole; a safetensors tensor is copied into its own memory."""
     for file in dict.fromkeys(files.values()):
         state = None if file.suffix == ".safetensors" else _load_bin(file)
-        present = set(tensor_names(file) if state is None else state)
+        present = set(tensor_shapes(file) if state is None else state)
         for name in (n for n, f in files.items() if f == file):
             if name not in present:
                 raise ValueError(f"{file}: tensor {name} named by the index is not in this file")
-            yield name, _read_safetensor(file, name) if state is None else state[name], file
+            if state is None:
+                with _safe_open(file) as f:  # a mapping made for this tensor alone: file pages never pile up in RSS
+                    tensor = f.get_tensor(name).clone()
+            yield name, tensor if state is None else state[name], file
         del state
 
 
-def _read_safetensor(file: Path, name: str) -> torch.Tensor:
-    with _safe_open(file) as f:  # a mapping made for this tensor alone: file pages never pile up in RSS
-        return f.get_tensor(name).clone()
-
-
 def checkpoint_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file holding it: from model.safetensors.index.json, model.safetensors, or .bin files."""
+    """tensor name -> file holding it: from model.safetensors.index.json, model.safetensors, or .bin files; less
+    the `rotary_emb.inv_freq` some older checkpoints carry, which is recomputed here, never loaded."""
     path = Path(path)
-    for index in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json"):
-        if index.is_file():
-            return _files_from_index(index)
-    for single in (path / "model.safetensors", path / "pytorch_model.bin"):
-        if single.is_file():
-            return dict.fromkeys(tensor_names(single), single)
-    raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+    found = [f for f in (path / "model.safetensors.index.json", path / "pytorch_model.bin.index.json",
+                         path / "model.safetensors", path / "pytorch_model.bin") if f.is_file()]
+    if not found:
+        raise FileNotFoundError(f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model*.bin")
+    first = found[0]
+    files = _files_from_index(first) if first.suffix == ".json" else dict.fromkeys(tensor_shapes(first), first)
+    return {name: file for name, file in files.items() if not name.endswith("rotary_emb.inv_freq")}
 
 
 def _files_from_index(index: Path) -> dict[str, Path]:
@@ -240,8 +236,6 @@ def fingerprint(path) -> str:
 
 # --------------------------------------------------------------------------- loading a model
 
-# Tensors some older checkpoints carry that are recomputed here, never loaded.
-_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 _DECODER_LINEAR = re.compile(r"^layers\.\d+\.(self_attn|mlp)\.(%s)\.weight$" % "|".join(DECODER_LINEARS))
 
 
@@ -252,40 +246,65 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, q
     linears of every layer in NF4 (quant.Linear4bit), quantised as each tensor is read."""
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
-    path = Path(path)
     args = read_config(path)
     if rope_scaling is not None:
         args.rope_scaling = normalize_rope_scaling(rope_scaling)
+    files = checkpoint_files(path)
+    check_checkpoint(args, files, config_file(path))
     with torch.device("meta"):
         model = Transformer(args)
     nf4 = dict(compute_dtype=dtype, backend=quant_backend) if quantize == "nf4" else None
-    _load_weights(model, path, dtype, torch.device(device), nf4)
+    _load_weights(model, files, dtype, torch.device(device), nf4)
     return model.eval()
 
 
-def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | None) -> None:
-    """Fill the meta-device model from the checkpoint's tensors, one at a time. nf4: Linear4bit's arguments
-    when the decoder linears are to be kept in NF4, else None."""
-    files = checkpoint_files(path)
-    tied = model.args.tie_word_embeddings
-    expected = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()
-                if not (tied and k == "lm_head.weight")}
-    prequantized = {n.removesuffix(".absmax") for n in files if n.endswith(".weight.absmax")}
-    stats: dict[str, dict] = {}              # each pre-quantised weight with its statistics, gathered as read
-    loaded = set()
-    for name, tensor, file in read_tensors(files):
-        base = name.partition(".weight.")[0] + ".weight" if ".weight." in name else name  # bnb's `.weight.absmax`
-        key = our_key(base)
-        if _IGNORED.search(name) or (tied and key == "lm_head.weight"):
-            continue                         # (tied checkpoints sometimes store the shared matrix twice)
-        if key not in expected:
-            raise ValueError(f"{file}: unexpected tensor {name} (not part of a {model.args.n_layers}-layer LLaMA)")
-        loaded.add(key)
-        if base in prequantized:
-            stats.setdefault(base, {})[name] = tensor
+def _weight_name(name: str) -> str:
+    """The weight a tensor belongs to: itself, or for bitsandbytes' statistics (`x.weight.absmax`) `x.weight`."""
+    return name.partition(".weight.")[0] + ".weight" if ".weight." in name else name
+
+
+def check_checkpoint(args: ModelArgs, files: dict[str, Path], config_file: Path) -> None:
+    """The checkpoint's tensor names and shapes (safetensors headers) against config.json's, before the model is
+    built: a config stating a million layers would otherwise be built first, for hours. Every layer has layer 0's
+    shapes; a tied lm_head is not read (tied checkpoints sometimes store the shared matrix twice)."""
+    layers = {int(m[1]) for name in files if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if args.n_layers > len(layers):
+        raise ValueError(f"{config_file}: num_hidden_layers={args.n_layers}, but the checkpoint holds weights for "
+                         f"{len(layers)} layers")
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(replace(args, n_layers=1)).state_dict().items()
+                  if not (args.tie_word_embeddings and k == "lm_head.weight")}
+    expected = {re.sub(r"^layers\.0\.", f"layers.{i}.", k) for i in range(args.n_layers) for k in shapes}
+    packed = {name.removesuffix(".absmax") for name in files if name.endswith(".weight.absmax")}  # bnb's NF4 bytes
+    headers = {file: tensor_shapes(file) for file in set(files.values())}
+    for name, file in files.items():
+        key = our_key(_weight_name(name))
+        if args.tie_word_embeddings and key == "lm_head.weight":
             continue
-        if tuple(tensor.shape) != expected[key]:
-            raise ValueError(f"{file}: tensor {name} has shape {tuple(tensor.shape)}, expected {expected[key]}")
+        if key not in expected:
+            raise ValueError(f"{file}: unexpected tensor {name} (not part of a {args.n_layers}-layer LLaMA)")
+        shape, want = headers[file].get(name), shapes[re.sub(r"^layers\.\d+\.", "layers.0.", key)]
+        if name == hf_key(key) and name not in packed and shape is not None and shape != want:
+            raise ValueError(f"{config_file}: does not match the weights: tensor {name} has shape {shape} in "
+                             f"{file}, expected {want}")
+    missing = sorted(expected - {our_key(_weight_name(name)) for name in files})
+    if missing:
+        shown = ", ".join(hf_key(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(f"{config_file.parent}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+
+def _load_weights(model: Transformer, files: dict[str, Path], dtype, device, nf4: dict | None) -> None:
+    """Fill the meta-device model from the checkpoint's tensors (checked by check_checkpoint), one at a time.
+    nf4: Linear4bit's arguments when the decoder linears are to be kept in NF4, else None."""
+    tied = model.args.tie_word_embeddings
+    stats: dict[str, dict] = {}              # each pre-quantised weight with its statistics, gathered as read
+    for name, tensor, file in read_tensors(files):
+        key = our_key(_weight_name(name))
+        if tied and key == "lm_head.weight":
+            continue
+        if _weight_name(name) + ".absmax" in files:
+            stats.setdefault(_weight_name(name), {})[name] = tensor
+            continue
         if not tensor.is_floating_point():  # every weight of the model is: an int tensor is a damaged header
             raise ValueError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected a floating-point weight")
         if tensor.numel():
@@ -297,11 +316,7 @@ def _load_weights(model: Transformer, path: Path, dtype, device, nf4: dict | Non
             _put(model, key, nn.Parameter(tensor))
         del tensor
     for name, tensors in stats.items():
-        _load_prequantized(model, name, tensors, files[name], dtype, device, nf4, expected)
-    missing = sorted(set(expected) - loaded)
-    if missing:
-        shown = ", ".join(hf_key(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(f"{path}: checkpoint is missing {len(missing)} tensor(s): {shown}")
+        _load_prequantized(model, name, tensors, files[name], dtype, device, nf4)
     if tied:
         model.lm_head.weight = model.embed_tokens.weight
 
@@ -314,7 +329,7 @@ def check_finite(tensor: torch.Tensor, name: str, file, dtype) -> None:
         raise ValueError(f"{file}: tensor {name} holds {problem}; the checkpoint is damaged or needs another --dtype")
 
 
-def _load_prequantized(model, name, tensors, file, dtype, device, nf4, expected) -> None:
+def _load_prequantized(model, name, tensors, file, dtype, device, nf4) -> None:
     """A weight bitsandbytes saved in NF4 (a `*-bnb-4bit` folder): kept in NF4, or dequantised."""
     key = our_key(name)
     if not _DECODER_LINEAR.match(key):
@@ -323,8 +338,8 @@ def _load_prequantized(model, name, tensors, file, dtype, device, nf4, expected)
         state = nf4_state_from_tensors(tensors, prefix=name.removesuffix("weight"))
     except ValueError as e:
         raise ValueError(f"{file}: {e}") from None
-    if tuple(state.shape) != expected[key]:
-        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {expected[key]}")
+    if tuple(state.shape) != (want := tuple(model.get_parameter(key).shape)):
+        raise ValueError(f"{file}: tensor {name} is quantised with shape {tuple(state.shape)}, expected {want}")
     if nf4:
         _put(model, key.removesuffix(".weight"), Linear4bit(tensors[name], state, **nf4).to(device))
     else:
@@ -358,7 +373,7 @@ def save_checkpoint(tensors, config: dict, out_dir, max_shard_bytes: int = 2 * 1
         shards, current, size = [], {}, 0
 
         def flush():
-            safetensors.torch.save_file(current, str(tmp / f"shard-{len(shards)}"), metadata={"format": "pt"})
+            save_safetensors(current, tmp / f"shard-{len(shards)}")
             shards.append(list(current))
 
         for name, t in tensors:
@@ -384,6 +399,16 @@ def save_checkpoint(tensors, config: dict, out_dir, max_shard_bytes: int = 2 * 1
                 shutil.copy2(f, tmp / f.name)
 
     return atomic.write_dir(out_dir, write)
+
+
+def save_safetensors(tensors: dict, file: Path) -> None:
+    """safetensors.torch.save_file; a failed write (a full disk) raised as the OSError it wraps, which
+    atomic.write_dir reports in one line naming the folder, after removing its temporary."""
+    try:
+        safetensors.torch.save_file(tensors, str(file), metadata={"format": "pt"})
+    except safetensors.SafetensorError as e:  # e.g. IoError(Os { code: 28, .., message: "No space left on device" })
+        os_error = re.search(r'code: (\d+).*message: "(.*?)"', str(e))
+        raise OSError(int(os_error[1]), os_error[2]) if os_error else OSError(errno.EIO, str(e)) from None
 
 
 def save_model(model: Transformer, out_dir, max_shard_bytes: int = 2 * 1024**3, copy_from=None) -> Path:

@@ -71,8 +71,6 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
 
     def tensors():
         for name, t, file in hf.read_tensors(files):
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{file}: {name} holds NaN or inf values (a damaged base checkpoint?)")
             if name in replaced:
@@ -86,6 +84,9 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
                 except ValueError as e:
                     raise ValueError(f"{adapter_dir / adapter.ADAPTER_WEIGHTS}: {name}: {e} (an adapter for a "
                                      "different model?)") from None
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{adapter_dir / adapter.ADAPTER_WEIGHTS}: the LoRA update of {name} overflows "
+                                     f"{t.dtype} (LoRA weights of a diverged run?)")
             yield name, t
 
     out = hf.save_checkpoint(tensors(), out_config, out_dir, max_shard_bytes, copy_from=tokenizer_dir)
@@ -112,8 +113,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    from infra.hf import hf_rope_scaling   # after parsing: loads torch
-    from infra.rope_scaling import describe_scaling
+    from infra.rope_scaling import describe_scaling, hf_rope_scaling   # after parsing: loads torch
     out, scaling, source = merge_and_export(args.base, args.adapter, args.out, args.rope_factor, overwrite=args.overwrite)
     print(f"wrote {out}: {args.adapter} merged into {args.base}; rope_scaling {hf_rope_scaling(scaling)} "
           f"(RoPE factor {describe_scaling(scaling)}, from {source})")

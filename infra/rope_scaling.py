@@ -123,6 +123,17 @@ def usable_context(scaling: dict | None, max_position_embeddings: int) -> int:
     return int(max_position_embeddings * scaling["factor"]) if stretched else max_position_embeddings
 
 
+def hf_rope_scaling(scaling: dict | None) -> dict | None:
+    """A normalised scaling dict as config.json gets it: linear/dynamic in the legacy {"type", "factor"} form
+    that transformers 4.31 through 5.x all read, other rules with "rope_type"."""
+    if scaling is None:
+        return None
+    params = {k: v for k, v in scaling.items() if k != "rope_type"}
+    if scaling["rope_type"] in ("linear", "dynamic") and set(params) == {"factor"}:
+        return {"type": scaling["rope_type"], "factor": params["factor"]}
+    return {"rope_type": scaling["rope_type"], **params}
+
+
 def describe_scaling(scaling: dict | None):
     """For logs and results: 1 for plain RoPE, the factor for PI, the dict for other rules."""
     if scaling is not None and scaling["rope_type"] == "linear" and set(scaling) == {"rope_type", "factor"}:

@@ -4,13 +4,17 @@ interoperability with PEFT and HF transformers.
 References: PEFT (`get_peft_model`, `PeftModel.from_pretrained`) and transformers' LlamaForCausalLM, used
 only here. Parity tests run in fp32 with non-zero lora_B so the adapter actually changes the logits.
 """
+import errno
 import json
 import math
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import safetensors.torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from conftest import hf_model, make_hf_checkpoint
@@ -776,3 +780,50 @@ def test_merge_refuses_a_base_weight_with_nan(ckpt, saved_adapter, tmp_path, nam
     with pytest.raises(ValueError, match=f"{file.name}: {name} holds NaN or inf"):
         merge_and_export(base, saved_adapter, tmp_path / "merged", rope_factor=1)
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+    SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on '
+                    'device" })')], ids=["OSError", "SafetensorError"])
+def test_merge_out_of_disk_is_one_error_naming_the_folder_and_leaves_nothing(ckpt, saved_adapter, tmp_path,
+                                                                             monkeypatch, capsys, error):
+    """safetensors reports a full disk as its own SafetensorError, which used to escape as a library message."""
+    from infra import cli, merge
+
+    def full_disk(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    out = tmp_path / "out" / "merged"
+    argv = ["--base", str(ckpt), "--adapter", str(saved_adapter), "--out", str(out), "--rope-factor", "1"]
+    assert cli.run(merge.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out}: cannot write (No space left on device)\n"
+    assert list((tmp_path / "out").iterdir()) == []          # the atomic writer's temporary folder is gone
+
+
+def test_adapter_weights_that_are_not_finite_or_overflow_the_merge_are_refused(ckpt, saved_adapter, tmp_path):
+    """NaN / inf in an adapter file: refused at load, naming the tensor and the file. 1e18 is finite, but a merged
+    weight of 1e36 is inf in fp16: the merge refuses it rather than write inf."""
+    a = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    b = a.replace("lora_A", "lora_B")
+
+    def poke(value):
+        def edit(sd):
+            sd[a].view(-1)[0], sd[b].view(-1)[0] = value, value
+            return sd
+        return edit
+
+    for value in (float("nan"), float("inf")):
+        bad = copy_adapter(saved_adapter, tmp_path / f"a{value}", tensor_filter=poke(value))
+        for load in (lambda: load_adapter(load_ours(ckpt), bad),
+                     lambda: merge_and_export(ckpt, bad, tmp_path / "out", rope_factor=1)):
+            with pytest.raises(ValueError, match=f"{bad / 'adapter_model.safetensors'}: {a} holds NaN or inf"):
+                load()
+    huge = copy_adapter(saved_adapter, tmp_path / "huge", tensor_filter=poke(1e18))
+    half = make_hf_checkpoint(tmp_path / "half", dtype=torch.float16, rope_theta=20000.0)
+    with pytest.raises(ValueError, match=f"{huge / 'adapter_model.safetensors'}: the LoRA update of "
+                                         "model.layers.0.mlp.up_proj.weight overflows torch.float16"):
+        merge_and_export(half, huge, tmp_path / "out", rope_factor=1)
+    assert not (tmp_path / "out").exists()

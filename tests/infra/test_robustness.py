@@ -92,6 +92,20 @@ def test_bad_config_fields_name_the_file_and_field(tiny, tmp_path, changes, frag
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("changes,fragment", [
+    ({"num_hidden_layers": 1_000_000}, "num_hidden_layers=1000000, but the checkpoint holds weights for 2 layers"),
+    ({"hidden_size": 1 << 30, "num_attention_heads": 1 << 20}, "does not match the weights: tensor"),
+    ({"vocab_size": 10**12}, "does not match the weights: tensor"),
+])
+def test_absurd_config_shapes_are_refused_before_the_model_is_built(tiny, tmp_path, changes, fragment):
+    """Checked against the safetensors headers: building a million-layer model first would take hours."""
+    model = copy_model(tiny["model"], tmp_path / "m")
+    edit_config(model, **changes)
+    p = subprocess.run([sys.executable, "-c", f"from infra import hf; hf.load_model({str(model)!r})"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert f"ValueError: {model / 'config.json'}: " in p.stderr and fragment in p.stderr, p.stderr[-2000:]
+
+
 def test_nan_or_overflowing_base_weights_are_reported_at_load(tiny, tmp_path):
     model = copy_model(tiny["model"], tmp_path / "nan")
     shard = sorted(model.glob("model-*.safetensors"))[-1]
@@ -404,6 +418,24 @@ def test_integer_dtype_in_a_base_weight_is_refused(tiny, tmp_path):
     write_raw_safetensors(shard, header, raw[8 + n:])
     with pytest.raises(ValueError, match=f"{shard.name}: tensor {name} has dtype torch.int32, expected a floating"):
         hf.load_model(model, dtype=torch.float32)
+
+
+def test_bin_checkpoint_that_pickles_objects_is_refused_in_one_line(tiny, tmp_path):
+    """torch's own refusal is four lines advising weights_only=False, which would run the file's code."""
+    import argparse
+    model = copy_model(tiny["model"], tmp_path / "bin")
+    state = {}
+    for f in model.glob("model*.safetensors*"):
+        state.update(load_file(f) if f.suffix == ".safetensors" else {})
+        f.unlink()
+    torch.save({**state, "args": argparse.Namespace(lr=1)}, model / "pytorch_model.bin")
+    with pytest.raises(ValueError) as e:
+        hf.load_model(model)
+    assert str(e.value).startswith(f"{model / 'pytorch_model.bin'}: refused") and "argparse.Namespace" in str(e.value)
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
+    p = run_train("--model", model, "--data", "synthetic", "--out", tmp_path / "out", "--ctx", 64)
+    assert "weights_only` set to `False`" not in p.stderr
+    one_error_line(p, "pytorch_model.bin: refused", "argparse.Namespace")
 
 
 @pytest.mark.parametrize("shard", ["../elsewhere.safetensors", "/etc/passwd", "sub/../../x.safetensors", ""])
