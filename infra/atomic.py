@@ -29,12 +29,6 @@ def write_text(path, text: str) -> Path:
     return path
 
 
-def umask() -> int:
-    mask = os.umask(0)          # reading the umask means setting it
-    os.umask(mask)
-    return mask
-
-
 def write_json(path, obj, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
 
@@ -45,22 +39,20 @@ def write_dir(out_dir, write) -> Path:
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    tmp.chmod(0o777 & ~umask())          # mkdtemp makes it 0700; a folder made by mkdir honours the umask
+    mask = os.umask(0)                   # reading the umask means setting it
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)             # mkdtemp makes it 0700; a folder made by mkdir honours the umask
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     try:
         write(tmp)
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+        os.replace(tmp, out_dir)
+        if old.exists():
             shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, FileNotFoundError) or not e.strerror:
+        if not isinstance(e, OSError) or isinstance(e, FileNotFoundError) or not e.strerror:
             raise
         raise OSError(f"{out_dir}: cannot write ({e.strerror})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -11,9 +11,7 @@ import argparse
 import importlib
 import math
 import os
-import signal
 import sys
-import threading
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -131,30 +129,6 @@ class LazyModule:
         return getattr(importlib.import_module(self.name), attr)
 
 
-class StopRequest:
-    """Ctrl-C in a long loop, handled at a safe point: inside `with StopRequest() as stop:` the first Ctrl-C
-    only sets `stop.requested` (the loop finishes its step, saves, exits); a second one interrupts at once."""
-
-    def __init__(self, message: str = "stopping after this step (Ctrl-C again to stop at once)"):
-        self.message, self.requested, self._previous = message, False, None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{self.message}", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
 # The functions below import torch inside: the rest of this module is needed before torch has loaded.
 
 def set_threads(n: int | None) -> None:
@@ -195,36 +169,3 @@ def device(name: str):
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: only cpu and cuda are supported")
     return dev
-
-
-def init_distributed():
-    """(rank, world size, device); under torchrun one process per GPU (nccl) or CPU process (gloo)."""
-    import torch
-    import torch.distributed as dist
-    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def peak_memory_bytes(device) -> int:
-    """Peak allocated device memory on CUDA; the process's peak resident set size on CPU."""
-    import torch
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource   # POSIX only, as is the CPU path it measures
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
-
-
-def stop_requested(stop: StopRequest, world: int) -> bool:
-    """Ctrl-C on any rank stops every rank at the same step (a checkpoint needs all of them)."""
-    if world == 1:
-        return stop.requested
-    import torch
-    import torch.distributed as dist
-    flag = torch.tensor([float(stop.requested)])
-    dist.all_reduce(flag)
-    return bool(flag.item())

@@ -225,6 +225,14 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
+def options(args, dtype_bytes: int) -> dict:
+    """predict_peak_memory's settings (all but the model and ctx) from train.py's flags."""
+    return dict(batch_size=args.batch_size, lora_r=args.lora_r, quant=args.quant, dtype_bytes=dtype_bytes,
+                lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
+                full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
+                attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift)
+
+
 def dry_run(args) -> dict:
     """Print the prediction for train.py's flags, part by part, ending with `peak_bytes=<int>`."""
     if args.model is not None:
@@ -237,39 +245,33 @@ def dry_run(args) -> dict:
     b = 4 if args.dtype == "fp32" else 2       # auto: the GPU's bf16 or fp16 (on a CPU a run computes in fp32)
     compute = f"{args.dtype} compute" if args.dtype != "auto" else \
         "bf16/fp16 compute (--dtype auto on a GPU; a CPU run computes in fp32, predicted with --dtype fp32)"
-    options = dict(batch_size=args.batch_size, lora_r=args.lora_r, quant=args.quant, dtype_bytes=b,
-                   lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
-                   full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
-                   attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift)
-    p = predict_peak_memory(model_args, args.ctx, **options)
+    p = predict_peak_memory(model_args, args.ctx, **options(args, b))
     gb = lambda x: f"{x / 1e9:8.2f} GB"                            # noqa: E731  (decimal GB, as REFERENCE §7)
-    method = "full fine-tuning" if args.full_finetune else f"LoRA r={args.lora_r}"
+    base = "NF4" if args.quant == "nf4" else "dense"
     print(f"predicted peak device memory of one training step: {name}, ctx {args.ctx}, micro-batch "
-          f"{args.batch_size}, {'NF4' if args.quant == 'nf4' else 'dense'} base, {method}, {compute}, "
-          f"{args.attn} attention (fused SDPA), loss chunk {args.loss_chunk}, MLP tiles "
+          f"{args.batch_size}, {base} base, {'full fine-tuning' if args.full_finetune else f'LoRA r={args.lora_r}'}, "
+          f"{compute}, {args.attn} attention (fused SDPA), loss chunk {args.loss_chunk}, MLP tiles "
           f"{args.mlp_chunk or 'off'}, checkpoints {'offloaded to the host' if args.offload_activations else 'on device'}")
-    weights = next(k for k in p if k.endswith("_weights"))
-    trainable = next(k for k in p if k.startswith(("lora_", "trainable_")))
-    rows = [(f"{'NF4' if args.quant == 'nf4' else 'dense'} decoder weights ({p['linear_params'] / 1e9:.2f}B params)",
-             p[weights]), (f"{8 * b}-bit embedding + lm_head", p["embed_and_head"]), ("norms", p["norms"]),
-            ("every weight: 16-bit grad + 2 fp32 AdamW moments" if args.full_finetune else
-             f"LoRA {p['lora_params'] / 1e6:.0f}M params: fp32 weight + grad + 2 AdamW moments"
-             + (" (+ embeddings, norms)" if args.train_embed_norm else ""), p[trainable]),
+    rows = [(f"{base} decoder weights ({p['linear_params'] / 1e9:.2f}B params)", p[f"{base.lower()}_weights"]),
+            (f"{8 * b}-bit embedding + lm_head", p["embed_and_head"]), ("norms", p["norms"]),
+            ("every weight: 16-bit grad + 2 fp32 AdamW moments", p["trainable_grads_and_adam"]) if args.full_finetune
+            else (f"LoRA {p['lora_params'] / 1e6:.0f}M params: fp32 weight + grad + 2 AdamW moments"
+                  + (" (+ embeddings, norms)" if args.train_embed_norm else ""), p["lora_weights_grads_adam"]),
             (f"checkpointed hidden states (the input of each of {model_args.n_layers} layers)",
              p["checkpointed_hidden_states"]),
             (f"one layer's recompute + backward (widest: {p['layer_peak_moment'].replace('_', ' ')})",
              p["layer_recompute"]),
             (f"loss phase, not alive with the recompute (widest: {p['loss_peak_moment'].replace('_', ' ')})",
              p["loss_chunk"])]
-    for label, value in rows:
-        print(f"  {label:<72}{gb(value)}")
-    print(f"  (recompute, bytes per token: {', '.join(f'{k} {v}' for k, v in p['layer_recompute_per_token'].items())})")
+    rows.append(f"  (recompute, bytes per token: "
+                f"{', '.join(f'{k} {v}' for k, v in p['layer_recompute_per_token'].items())})")
     if args.offload_activations:
-        print(f"  {'host (pinned) memory for the offloaded checkpoints':<72}{gb(p['host_checkpoints'])}")
-    print(f"  {'peak':<72}{gb(p['peak_bytes'])}")
+        rows.append(("host (pinned) memory for the offloaded checkpoints", p["host_checkpoints"]))
+    for row in rows + [("peak", p["peak_bytes"])]:
+        print(row if isinstance(row, str) else f"  {row[0]:<72}{gb(row[1])}")
     if args.budget is not None:
         budget = parse_bytes(args.budget)
-        p["largest_ctx"] = largest_ctx(model_args, budget, **options)
+        p["largest_ctx"] = largest_ctx(model_args, budget, **options(args, b))
         print(f"largest ctx that fits {budget / 1e9:.1f} GB with these settings: {p['largest_ctx']} tokens")
     print(f"peak_bytes={p['peak_bytes']}")
     return p

@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,7 +38,7 @@ class Run:
         trainable, PI factor); `saved`: the flags train_config.json keeps, `recipe`: those --resume must keep."""
         self.args, self.out, self.last_saved = args, Path(args.out), None
         self.output = self.out / ("model" if args.full_finetune else "adapter")      # the final weights
-        self.rank, self.world, self.device = cli.init_distributed()
+        self.rank, self.world, self.device = init_distributed()
         self.dtype = cli.compute_dtype(args.dtype, self.device)
         created = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)
         self.lock = checkpoint.lock(self.out) if self.rank == 0 else None
@@ -142,15 +145,28 @@ class Run:
 
     @contextlib.contextmanager
     def progress(self, start: int):
-        """The progress bar, metrics.jsonl open for appending, Ctrl-C turned into a stop after the step."""
+        """The progress bar, metrics.jsonl open for appending, and Ctrl-C: the first one only sets self.stop (the
+        loop finishes its step, saves and exits, save_if_due), a second one interrupts at once."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.rows, self.skipped, t_start = [], 0, time.perf_counter()
-        with tqdm(total=self.args.max_steps, initial=start, desc="train", unit="step", disable=self.rank != 0,
-                  dynamic_ncols=True) as self.bar, cli.StopRequest() as self.stop, \
-                open(self.out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a") as self.metrics:
-            yield
+        self.rows, self.skipped, self.stop, t_start = [], 0, False, time.perf_counter()
+        main = threading.current_thread() is threading.main_thread()      # signals are the main thread's
+        previous = signal.signal(signal.SIGINT, self._ctrl_c) if main else None
+        try:
+            with tqdm(total=self.args.max_steps, initial=start, desc="train", unit="step", disable=self.rank != 0,
+                      dynamic_ncols=True) as self.bar, \
+                    open(self.out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a") as self.metrics:
+                yield
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         self.elapsed = time.perf_counter() - t_start
+
+    def _ctrl_c(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def check(self, step: int, r: dict, scaler) -> None:
         """Stop, nothing saved, at a non-finite step, or when fp16 loss scaling skipped MAX_SKIPPED steps in a
@@ -171,7 +187,7 @@ class Run:
             torch.cuda.synchronize(self.device)
         row = {"step": step, **{k: r[k] for k in ("loss", "grad_norm", "lr", "tokens")},
                "tokens_per_s": r["tokens"] / (time.perf_counter() - t0),
-               "peak_mem_bytes": cli.peak_memory_bytes(self.device), "skipped": int(r["skipped"]),
+               "peak_mem_bytes": peak_memory_bytes(self.device), "skipped": int(r["skipped"]),
                **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})}
         self.rows.append(row)
         self.metrics.write(json.dumps(row) + "\n")
@@ -188,7 +204,11 @@ class Run:
 
     def save_if_due(self, step: int, optimizer, scheduler, scaler) -> None:
         """A checkpoint every --save-every steps; after Ctrl-C (on any rank) one more, then stop."""
-        interrupted = cli.stop_requested(self.stop, self.world)
+        interrupted = self.stop
+        if self.world > 1:      # Ctrl-C on any rank stops every rank at the same step (a checkpoint needs them all)
+            flag = torch.tensor([float(self.stop)])
+            dist.all_reduce(flag)
+            interrupted = bool(flag.item())
         if interrupted or (self.args.save_every and step % self.args.save_every == 0):
             state = checkpoint.trainer_state(step, optimizer, scheduler, scaler, self.sampler, self.world)
             if self.rank == 0:
@@ -200,21 +220,20 @@ class Run:
     def finish(self) -> dict:
         """The final weights saved (rank 0); the summary, logged and returned."""
         args, out, rows = self.args, self.out, self.rows
+        summary = {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": len(rows),
+                   "output": str(self.output)}
         if self.complete:
             self.log(f"{out}: the run is already complete ({args.max_steps} steps, {self.last_saved}); nothing to do")
-            return {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": 0, "complete": True,
-                    "output": str(self.output)}
+            return {**summary, "complete": True}
         if self.rank == 0:
             self.save_weights(out)
         if self.world > 1:
             dist.barrier()
         all_rows = checkpoint.read_metrics(out / "metrics.jsonl") if self.rank == 0 else rows
-        summary = {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": len(rows),
-                   "first_loss": all_rows[0]["loss"] if all_rows else None,
-                   "last_loss": all_rows[-1]["loss"] if all_rows else None,
-                   "tokens_per_s": sum(r["tokens"] for r in rows) / self.elapsed if rows else 0.0,
-                   "peak_mem_bytes": cli.peak_memory_bytes(self.device), "seconds": self.elapsed,
-                   "output": str(self.output)}
+        summary.update(first_loss=all_rows[0]["loss"] if all_rows else None,
+                       last_loss=all_rows[-1]["loss"] if all_rows else None,
+                       tokens_per_s=sum(r["tokens"] for r in rows) / self.elapsed if rows else 0.0,
+                       peak_mem_bytes=peak_memory_bytes(self.device), seconds=self.elapsed)
         if all_rows:
             self.log(f"loss: first step {summary['first_loss']:.4f} -> last step {summary['last_loss']:.4f}; "
                      f"{summary['tokens_per_s']:.0f} tok/s; peak {summary['peak_mem_bytes'] / 2**30:.2f} GiB; "
@@ -222,3 +241,21 @@ class Run:
             if args.demo:
                 self.log(demo.verdict(all_rows, self.dataset))
         return summary
+
+
+def init_distributed():
+    """(rank, world size, device); under torchrun one process per GPU (nccl) or CPU process (gloo)."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak allocated device memory on CUDA; the process's peak resident set size on CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
