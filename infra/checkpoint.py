@@ -154,7 +154,12 @@ def save(out: Path, step: int, write_weights, trainer_state: dict, keep: int) ->
         write_weights(tmp)
         torch.save(trainer_state, tmp / TRAINER_STATE)
 
-    final = atomic.write_dir(out / f"checkpoint-{step}", write)
+    try:
+        final = atomic.write_dir(out / f"checkpoint-{step}", write)
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError (inline_container.cc)
+        raise OSError(f"{out / f'checkpoint-{step}'}: checkpoint not saved ({e}); nothing of it was kept and the "
+                      "checkpoints before it are intact. Free disk space in --out (or raise the file-size limit, "
+                      "ulimit -f) and continue with --resume") from None
     for _, old in checkpoints(out)[:-keep] if keep else ():
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -339,7 +339,10 @@ def rows_or_empty(out):
         return []
 
 
-def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError(
+    "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"), OSError(27, "File too large")])
+def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch,
+                                                                                     capsys, error):
     out = tmp_path / "run"
     train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
     good = tree_digest(out / "checkpoint-2")
@@ -347,13 +350,16 @@ def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_check
 
     def full_disk(obj, f, *a, **k):
         if str(f).endswith("trainer_state.pt"):
-            raise OSError(28, "No space left on device")
+            raise error
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
     code = cli.run(train.main, common(tiny, out, "--data", tiny["small"], "--max-steps", 4, "--save-every", 2,
                                       "--resume"))
     assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {out / 'checkpoint-4'}: checkpoint not saved") and "--resume" in err[-1]
     assert tree_digest(out / "checkpoint-2") == good
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint-2"]
 
