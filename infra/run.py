@@ -102,7 +102,7 @@ class Run:
                        "compute_dtype": str(self.dtype)[6:], "base_fingerprint": hf.fingerprint(args.model),
                        "device": str(self.device), "torch": torch.__version__}
         if start is not None:
-            checkpoint.check_same_recipe(out, self.config, [*recipe, "base_fingerprint", "world_size"])
+            checkpoint.check_same_recipe(start[1], self.config, [*recipe, "base_fingerprint", "world_size"])
         # --resume of a run whose last checkpoint is its last step and whose final weights are saved: nothing to do
         self.complete = start is not None and start[0] == args.max_steps and self.output.is_dir()
         if self.rank == 0 and start is None:        # --- from here on --out is written (on resume: once restored)
@@ -212,7 +212,8 @@ class Run:
         if interrupted or (self.args.save_every and step % self.args.save_every == 0):
             state = checkpoint.trainer_state(step, optimizer, scheduler, scaler, self.sampler, self.world)
             if self.rank == 0:
-                self.last_saved = checkpoint.save(self.out, step, self.save_weights, state, self.args.keep_checkpoints)
+                self.last_saved = checkpoint.save(self.out, step, self.save_weights, state, self.config,
+                                                  self.args.keep_checkpoints)
         if interrupted:
             self.log(f"stopped at step {step}; checkpoint {self.last_saved}; continue with --resume")
             raise KeyboardInterrupt

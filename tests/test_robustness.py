@@ -511,3 +511,21 @@ def test_threads_flag_sets_torch_threads(tiny, tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="--threads must be a positive integer"):
         train.main(common(tiny, tmp_path / "other", "--threads", 0))
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_resume_checks_the_recipe_against_the_checkpoint_s_own_record(tiny, tmp_path, damage):
+    """Without (or with a damaged) train_config.json in --out, --resume --lr 5e-2 is still refused: each checkpoint
+    keeps the recipe it was trained with; a resume with the same recipe rewrites the file from it."""
+    out = tmp_path / "run"
+    flags = common(tiny, out, "--data", tiny["small"], "--save-every", 1)
+    train.main([*flags, "--max-steps", "1"])
+    config = out / "train_config.json"
+    config.unlink() if damage == "delete" else config.write_text('{"lr": 0.05, "ctx"')
+    with pytest.raises(ValueError, match=r"checkpoint-1/train_config.json: cannot resume with a different recipe \(lr"):
+        train.main([*flags, "--max-steps", "2", "--lr", "5e-2", "--resume"])
+    train.main([*flags, "--max-steps", "2", "--resume"])
+    assert json.loads(config.read_text())["lr"] == 2e-4
+    (out / "checkpoint-2" / "train_config.json").write_text("{")
+    with pytest.raises(ValueError, match="checkpoint-2/train_config.json: missing or unreadable"):
+        train.main([*flags, "--max-steps", "3", "--resume"])
