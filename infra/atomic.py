@@ -29,13 +29,22 @@ def write_text(path, text: str) -> Path:
     return path
 
 
+def remove(path: Path) -> None:
+    """Delete a file, a folder, or a symbolic link itself (never what it points to); nothing if missing."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def write_json(path, obj, indent: int | None = 2) -> Path:
     return write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
 def write_dir(out_dir, write) -> Path:
     """Call write(tmp) on a fresh hidden folder beside `out_dir`, then put it in place of `out_dir`. An existing
-    `out_dir` is replaced only once the new one is complete; a failed write leaves it untouched."""
+    `out_dir` is replaced only once the new one is complete; a failed write leaves it untouched. A symbolic link
+    `out_dir` is replaced by the folder, and what it pointed to is left as it was."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
@@ -48,8 +57,7 @@ def write_dir(out_dir, write) -> Path:
         if out_dir.exists():
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        if old.exists():
-            shutil.rmtree(old)
+        remove(old)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not isinstance(e, OSError) or isinstance(e, FileNotFoundError) or not e.strerror:

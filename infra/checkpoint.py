@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -57,14 +56,9 @@ def has_run(out: Path) -> bool:
 
 
 def remove_run(out: Path) -> None:
-    for name in (*RUN_FILES, "demo-base"):
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    for p in out.glob("checkpoint-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """The files and folders of a run in `out` (a symbolic link among them: the link, not what it points to)."""
+    for p in [*(out / name for name in (*RUN_FILES, "demo-base")), *out.glob("checkpoint-*")]:
+        atomic.remove(p)
 
 
 def lock(out: Path) -> int:
@@ -83,8 +77,8 @@ def lock(out: Path) -> int:
 
 def remove_temporaries(out: Path) -> None:
     """The hidden temporary files and folders of atomic writes (atomic.py) that a kill left in `out`."""
-    for p in out.glob(".*.tmp-*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*")]:
+        atomic.remove(p)
 
 
 def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int | None, demo: bool = False):
@@ -169,7 +163,7 @@ def save(out: Path, step: int, write_weights, trainer_state: dict, config: dict,
                       "checkpoints before it are intact. Free disk space in --out (or raise the file-size limit, "
                       "ulimit -f) and continue with --resume") from None
     for _, old in checkpoints(out)[:-keep] if keep else ():
-        shutil.rmtree(old, ignore_errors=True)
+        atomic.remove(old)
     return final
 
 

@@ -529,3 +529,23 @@ def test_resume_checks_the_recipe_against_the_checkpoint_s_own_record(tiny, tmp_
     (out / "checkpoint-2" / "train_config.json").write_text("{")
     with pytest.raises(ValueError, match="checkpoint-2/train_config.json: missing or unreadable"):
         train.main([*flags, "--max-steps", "3", "--resume"])
+
+
+def test_a_symlinked_adapter_or_checkpoint_in_out_is_replaced_as_a_link(tiny, tmp_path):
+    """The link is replaced (or removed), never followed: what it points to stays, and no hidden .old folder."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    flags = common(tiny, out, "--data", tiny["small"], "--save-every", "1", "--keep-checkpoints", "1")
+    train.main([*flags, "--max-steps", "1"])
+    elsewhere.mkdir()
+    for name in ("adapter", "checkpoint-1"):
+        os.replace(out / name, elsewhere / name)
+        (out / name).symlink_to(elsewhere / name, target_is_directory=True)
+    kept = tree_digest(elsewhere)
+    train.main([*flags, "--max-steps", "2", "--resume"])       # replaces adapter/, prunes checkpoint-1
+    assert (out / "adapter").is_dir() and not (out / "adapter").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-2", "metrics.jsonl", "train_config.json"]
+    assert tree_digest(elsewhere) == kept
+    (out / "adapter").rename(elsewhere / "adapter2")
+    (out / "adapter").symlink_to(elsewhere / "adapter2", target_is_directory=True)
+    train.main([*flags, "--max-steps", "1", "--overwrite"])
+    assert not (out / "adapter").is_symlink() and (elsewhere / "adapter2" / "adapter_config.json").is_file()
