@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from infra import atomic, checkpoint, cli, demo, hf
+from infra import atomic, checkpoint, cli, demo, hf, memory
 from model import DECODER_LINEARS
 
 PRETRAIN_STEPS = 1000   # the paper's 1000 steps when --max-steps is not given (SFT: one epoch)
@@ -157,10 +157,24 @@ class Run:
                       dynamic_ncols=True) as self.bar, \
                     open(self.out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a") as self.metrics:
                 yield
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "DefaultCPUAllocator" not in str(e):
+                raise
+            raise ValueError(self.out_of_memory(start + len(self.rows) + 1, e)) from None
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
         self.elapsed = time.perf_counter() - t_start
+
+    def out_of_memory(self, step: int, e: BaseException) -> str:
+        """What a step that ran out of memory needed: infra/memory.py's prediction for this run's shapes."""
+        args, where = self.args, "GPU" if self.device.type == "cuda" else "CPU"
+        need = memory.predict_peak_memory(self.model.args, args.ctx, **memory.options(args, self.dtype.itemsize))
+        return (f"step {step}: out of {where} memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                f"one step of --ctx {args.ctx} x --batch-size {args.batch_size} is predicted to need "
+                f"{need['peak_bytes'] / 1e9:.1f} GB (infra/memory.py). See what fits with the same flags plus "
+                "--dry-run --budget <memory, e.g. 24GB>, then lower --batch-size or --ctx (--grad-accum keeps the "
+                "step's tokens), or add --mlp-chunk / --offload-activations")
 
     def _ctrl_c(self, signum, frame):
         if self.stop:

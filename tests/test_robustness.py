@@ -549,3 +549,21 @@ def test_a_symlinked_adapter_or_checkpoint_in_out_is_replaced_as_a_link(tiny, tm
     (out / "adapter").symlink_to(elsewhere / "adapter2", target_is_directory=True)
     train.main([*flags, "--max-steps", "1", "--overwrite"])
     assert not (out / "adapter").is_symlink() and (elsewhere / "adapter2" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 85899345920 bytes."),
+                                   MemoryError()])
+def test_out_of_memory_in_a_step_says_what_it_needed_and_how_to_check(tiny, tmp_path, monkeypatch, capsys, error):
+    def too_big(*a, **k):
+        raise error
+    monkeypatch.setattr(train, "train_step", too_big)
+    capsys.readouterr()
+    code = cli.run(train.main, common(tiny, tmp_path / "run", "--data", tiny["small"], "--max-steps", "2",
+                                      "--batch-size", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and [x for x in err if "error" in x.lower()] == [err[-1]], err
+    assert err[-1].startswith("error: step 1: out of CPU memory") and "--dry-run --budget" in err[-1]
+    expected = train.main(common(tiny, tmp_path / "dry", "--batch-size", "3", "--dry-run"))["peak_bytes"]
+    assert f"--ctx 128 x --batch-size 3 is predicted to need {expected / 1e9:.1f} GB" in err[-1]
