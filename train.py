@@ -78,7 +78,8 @@ RECIPE = [      # what the run computes: --resume refuses to change any of these
      "accumulation: every loss token weighs the same, or every micro-batch (LongQLoRA)"),
     ("layout", "packing", ("packing", "truncate"), "pretraining sequences: documents joined with EOS and cut into "
      "ctx chunks (LongLoRA), or one BOS+document per sequence, truncated and padded (LongQLoRA)"),
-    ("rope_factor", float, "[1, inf)", "PI factor; default ceil(ctx / max_position_embeddings); 1: no PI"),
+    ("rope_factor", float, f"[1, {cli.MAX_ROPE_FACTOR}]", "PI factor; default ceil(ctx / max_position_embeddings); "
+                                                          "1: no PI"),
     ("seed", 42, "[0, 9223372036854775807)", "seed of LoRA init, dropout and data order (torch takes 64 bits)"),
 ]
 RUN = [         # how the run is carried out: free to change on --resume

@@ -64,11 +64,24 @@ def resolve(args, flags, *overrides: dict) -> None:
                         open_high=values[-1] == ")")
 
 
+# PI divides every position by the factor: past 10^4 x a trained context of thousands of tokens no sequence fits
+# in any memory, so a larger factor is a typo (and 1e308 overflows the RoPE angles). train.py checks it too.
+MAX_ROPE_FACTOR = 10_000
+
+
+def rope_factor(text: str) -> float:
+    """--rope-factor of eval.py and generate.py: 1 (plain RoPE) to MAX_ROPE_FACTOR."""
+    try:
+        return check_range("--rope-factor", float(text), 1, MAX_ROPE_FACTOR)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--rope-factor ")) from None   # argparse names it
+
+
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     """The flags eval.py and generate.py share: which model, its adapter and RoPE factor, how it computes."""
     p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, weights, tokenizer.model)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (ours, PEFT's or LongLoRA's)")
-    p.add_argument("--rope-factor", type=float, default=None,
+    p.add_argument("--rope-factor", type=rope_factor, default=None,
                    help="linear PI factor at every length (1 = plain RoPE); default: the adapter's training factor "
                         "(longqlora.json), else the checkpoint's config; an adapter with neither needs it")
     p.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: the base as QLoRA trains it")

@@ -62,7 +62,8 @@ def copy_model(src, dst):
 
 @pytest.mark.parametrize("flag,value", [("--lora-alpha", "nan"), ("--lr", "inf"), ("--max-grad-norm", "nan"),
                                         ("--rope-factor", "inf"), ("--lr", "-1"), ("--weight-decay", "nan"),
-                                        ("--lora-dropout", "1"), ("--group-size-ratio", "nan")])
+                                        ("--lora-dropout", "1"), ("--group-size-ratio", "nan"),
+                                        ("--rope-factor", "1e308"), ("--rope-factor", "20000")])
 def test_non_finite_or_out_of_range_flags(tiny, tmp_path, flag, value):
     p = run_train("--model", tiny["model"], "--out", tmp_path / "out", flag, value)
     one_error_line(p, flag, "must be")
@@ -474,6 +475,13 @@ def test_help_answers_before_torch_is_imported(script):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.stdout.strip().endswith("NO TORCH"), p.stdout[-500:] + p.stderr[-500:]
     assert "--threads" in p.stdout
+
+
+@pytest.mark.parametrize("script", ["eval.py", "generate.py"])
+def test_an_absurd_rope_factor_is_refused_at_parse_time(tiny, script):
+    for factor in ("1e308", "20000", "0.5"):
+        one_error_line(run_script(script, "--model", tiny["model"], "--rope-factor", factor),
+                       "--rope-factor", f"must be in [1, 10000], got {float(factor)!r}")
 
 
 @pytest.mark.parametrize("script", ["eval.py", "generate.py"])
