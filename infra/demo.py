@@ -15,6 +15,7 @@ distribution at all.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,15 @@ def model_args(ctx: int) -> ModelArgs:
 BANNER = ("=" * 78 + "\nDEMO: no --model given, so this trains a small RANDOM LLaMA on the built-in synthetic\n"
           "long-range recall corpus, with the real method end to end (NF4 base, LoRA, PI, S²-Attn, gradient\n"
           "checkpointing). Pass --model DIR --data PATH for real training.\n" + "=" * 78)
+
+
+def threads() -> int | None:
+    """torch's CPU threads for the demo when --threads is not given (None: OMP_NUM_THREADS decides). Its matrices
+    are 64 wide, so threads beyond a few only add overhead, and threads that must wait for busy cores cost far more
+    than they bring: min(4, the cores the load average leaves idle), at least 1."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, min(4, len(os.sched_getaffinity(0)) - int(os.getloadavg()[0])))
 
 
 def make_base(out_dir: Path, ctx: int, seed: int) -> Path:
