@@ -36,6 +36,7 @@ from infra.adapter import load_adapter, save_adapter
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
 CONFIG = "train_config.json"
+RESUMABLE = ("optimizer", "scheduler", "scaler", "sampler")      # trainer_state.pt keeps their state_dict()s
 RUN_FILES = ("metrics.jsonl", CONFIG, "adapter", "model")
 
 
@@ -173,8 +174,8 @@ def trainer_state(step: int, optimizer, scheduler, scaler, sampler, world: int) 
     if world > 1:                  # every rank's dropout RNG, so that a resumed run is exact on all of them
         rngs = [None] * world
         torch.distributed.all_gather_object(rngs, rng_state())
-    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rngs}
+    parts = zip(RESUMABLE, (optimizer, scheduler, scaler, sampler))
+    return {"step": step, **{name: part.state_dict() for name, part in parts}, "rng": rngs}
 
 
 def save_weights(model, folder: Path, full_finetune: bool, base_model, training: dict) -> None:
@@ -196,10 +197,8 @@ def restore(ckpt: Path, model, full_finetune: bool, optimizer, scheduler, scaler
         hf.load_state(model, ckpt / "model")
     else:
         load_adapter(model, ckpt / "adapter")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    sampler.load_state_dict(state["sampler"])
+    for name, part in zip(RESUMABLE, (optimizer, scheduler, scaler, sampler)):
+        part.load_state_dict(state[name])
     set_rng_state(state["rng"][rank])
 
 

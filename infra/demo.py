@@ -26,7 +26,6 @@ from infra import hf
 from model import ModelArgs, Transformer
 
 ARCH = dict(vocab_size=32, dim=64, intermediate_size=128, n_layers=2, n_heads=4)
-INIT_STD = ARCH["dim"] ** -0.5
 
 
 def model_args(ctx: int) -> ModelArgs:
@@ -53,7 +52,7 @@ def make_base(out_dir: Path, ctx: int, seed: int) -> Path:
     same base)."""
     torch.manual_seed(seed)
     base = Transformer(model_args(ctx))
-    base.init_weights(std=INIT_STD)
+    base.init_weights(std=ARCH["dim"] ** -0.5)      # fan-in (the module docstring says why)
     return hf.save_model(base, Path(out_dir) / "demo-base")
 
 

@@ -12,7 +12,7 @@ tensor at LLaMA-2-7B width (bench/width_memory.py --track: every tensor made and
 made it) and is modelled per token (b = bytes of the compute dtype, d = dim, q = heads x head_dim, I =
 intermediate, r = rank, H = heads, m = 1 byte of dropout mask when dropout > 0, f = 1 + ratio / 4 for S²-Attn's
 segment shift, whose shifted half pads its last group, else 1; k = 1.5 copies of q, k and v kept by S²-Attn,
-1 by full attention, see attention_inputs_kept):
+1 by full attention, see recompute_per_token):
 
   kept through the layer's whole backward (per token of the micro-batch)
     grad_in       b d              the gradient arriving at the layer's output (held for the residual)
@@ -80,22 +80,6 @@ def linear_shapes(a: ModelArgs) -> dict:
             "down_proj": (a.intermediate_size, a.dim)}
 
 
-def attention_padding(attn: str = "s2", group_size_ratio: float = 0.25, s2_shift: str = "segment") -> float:
-    """f: tokens SDPA's outputs cover per token. S²-Attn's segment shift runs the shifted half on [0, g/2) and then
-    groups of g from g/2 on, the last one padded: T + g/2 tokens for half of the heads, 1 + ratio / 4 on average."""
-    return 1 + group_size_ratio / 4 if attn == "s2" and s2_shift == "segment" and group_size_ratio < 1 else 1.0
-
-
-def attention_inputs_kept(attn: str = "s2", group_size_ratio: float = 0.25, s2_shift: str = "segment") -> float:
-    """Copies of q (or k, v) that SDPA's saved inputs keep alive, per token (attention.py): full attention and
-    one group over everything read RoPE's q, k and v themselves (1); S²-Attn's unshifted half reads views of them,
-    which keep the whole tensors (1), and its shifted half a padded (segment) or rolled (roll) copy of its half
-    of the heads (0.5) -- none with shift "none"."""
-    if attn != "s2" or (s2_shift == "segment" and group_size_ratio >= 1) or s2_shift == "none":
-        return 1.0
-    return 1.5
-
-
 def recompute_per_token(a: ModelArgs, b: int, lora_r: int, dropout: bool, full_finetune: bool = False,
                         share_inputs: bool = True, attn: str = "s2", group_size_ratio: float = 0.25,
                         s2_shift: str = "segment", offload: bool = False) -> dict:
@@ -105,8 +89,13 @@ def recompute_per_token(a: ModelArgs, b: int, lora_r: int, dropout: bool, full_f
     r4 = 0 if full_finetune else 4 * lora_r
     masks_qkv = m * d * (3 if not share_inputs else 1)           # unshared: each of q, k, v draws its own mask
     masks_gu = m * d * (2 if not share_inputs else 1)
-    f, kept_qkv = attention_padding(attn, group_size_ratio, s2_shift), attention_inputs_kept(attn, group_size_ratio,
-                                                                                             s2_shift)
+    # f: tokens SDPA's outputs cover per token: the segment shift runs the shifted half on [0, g/2) and then groups
+    # of g from g/2 on, the last one padded (T + g/2 tokens for half of the heads). kept_qkv: copies of q (k, v)
+    # SDPA's saved inputs keep: RoPE's whole outputs (views of them, for the unshifted half) + the shifted
+    # half's padded (segment) or rolled (roll) copy of its half of the heads; one group over everything: none.
+    grouped = attn == "s2" and not (s2_shift == "segment" and group_size_ratio >= 1)
+    f = 1 + group_size_ratio / 4 if grouped and s2_shift == "segment" else 1.0
+    kept_qkv = 1.5 if grouped and s2_shift != "none" else 1.0
     return {
         "grad_in": b * d, "input_copy": b * d if offload else 0, "rope": 2 * b * hd,
         "attention": round(3 * kept_qkv * b * q + f * (b * q + 4 * a.n_heads)),
