@@ -110,7 +110,7 @@ def run(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:        # torchrun: leave the process group (train.py's init_distributed joined it)
+    finally:        # torchrun: leave the process group (infra/run.py's init_distributed joined it)
         if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
             sys.modules["torch.distributed"].destroy_process_group()
     return 0

@@ -71,7 +71,7 @@ class Run:
         if args.demo:       # every check (the data too) passes before the previous demo's output is replaced
             start = checkpoint.resume_point(out, args.resume, args.overwrite, args.max_steps, demo=True)
             self.dataset, self.pad_id = build_dataset(args, demo.model_args(args.ctx))
-            self.log(f"{demo.BANNER}\n{args.max_steps} steps of {args.grad_accum} x {args.batch_size} x {args.ctx} "
+            self.log(f"{demo.BANNER}\n{args.max_steps} steps of {args.grad_accum * args.batch_size * args.ctx:,} "
                      f"tokens on {torch.get_num_threads()} CPU thread(s) (--threads); the time they take is "
                      "printed after the first step")
             if self.rank == 0:
@@ -214,8 +214,8 @@ class Run:
             self.log(f"step {step}/{self.args.max_steps} loss {row['loss']:.4f} lr {row['lr']:.3g} grad_norm "
                      f"{row['grad_norm'] or 0:.4g} {row['tokens_per_s']:.0f} tok/s peak "
                      f"{row['peak_mem_bytes'] / 2**30:.2f} GiB" + (" SKIPPED (fp16 overflow)" if r["skipped"] else "")
-                     + (f"; the demo's {self.args.max_steps - step} more steps: about "
-                        f"{(time.perf_counter() - t0) * (self.args.max_steps - step) / 60:.1f} min"
+                     + (f"; about {(time.perf_counter() - t0) * (self.args.max_steps - step) / 60:.1f} min for "
+                        f"the demo's remaining {self.args.max_steps - step} step(s)"
                         if self.args.demo and len(self.rows) == 1 else ""))
 
     def save_weights(self, folder: Path) -> None:

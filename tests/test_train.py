@@ -575,5 +575,5 @@ def test_the_demo_uses_at_most_four_idle_cores_and_says_what_it_costs(tmp_path, 
     finally:
         torch.set_num_threads(before)
     out = capsys.readouterr().out
-    assert f"2 steps of 1 x 1 x 64 tokens on {expected} CPU thread(s)" in out
-    assert "the demo's 1 more steps: about" in out
+    assert f"2 steps of 64 tokens on {expected} CPU thread(s)" in out
+    assert " min for the demo's remaining 1 step(s)" in out
