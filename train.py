@@ -79,7 +79,7 @@ RECIPE = [      # what the run computes: --resume refuses to change any of these
      "accumulation: every loss token weighs the same, or every micro-batch (LongQLoRA)"),
     ("layout", "packing", ("packing", "truncate"), "pretraining sequences: documents joined with EOS and cut into "
      "ctx chunks (LongLoRA), or one BOS+document per sequence, truncated and padded (LongQLoRA)"),
-    ("rope_factor", float, "[1, inf)", "PI factor; default ceil(ctx / max_position_embeddings); 1: no PI"),
+    ("rope_factor", float, f"[1, {cli.MAX_ROPE_FACTOR}]", "PI factor [ceil(ctx / max_position_embeddings)]; 1: no PI"),
     ("seed", 42, "[0, 9223372036854775807)", "seed of LoRA init, dropout and data order (torch takes 64 bits)"),
 ]
 RUN = [         # how the run is carried out: free to change on --resume
@@ -117,7 +117,7 @@ COMMAND = [     # what this invocation does; not saved with the run
     ("preset", str, tuple(PRESETS), "the paper's recipe; explicit flags override it"),
     ("resume", False, None, "continue from the newest complete checkpoint in --out"),
     ("overwrite", False, None, "replace a previous run in --out"),
-    ("threads", int, None, "CPU threads for torch [all cores]"),
+    ("threads", int, None, "CPU threads for torch [all cores; the demo: up to 4 idle ones]"),
     ("dry_run", False, None, "print the predicted peak memory of one step and exit"),
     ("budget", str, None, "with --dry-run: also print the longest ctx whose step fits this much memory (e.g. 32GB)"),
 ]
@@ -304,7 +304,7 @@ def train(args) -> dict:
 def main(argv=None) -> dict:
     """train.py with command-line flags (or --dry-run); returns a summary dict. Raises on bad input."""
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    cli.set_threads(args.threads)
+    cli.set_threads(demo.threads() if args.demo and args.threads is None else args.threads)
     return memory.dry_run(args) if args.dry_run else train(args)
 
 

@@ -32,10 +32,12 @@ def write_text(path, text) -> Path:
     return path
 
 
-def umask() -> int:
-    mask = os.umask(0)          # reading the umask means setting it
-    os.umask(mask)
-    return mask
+def remove(path: Path) -> None:
+    """Delete a file, a folder, or a symbolic link itself (never what it points to); nothing if missing."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_json(path, obj, indent: int | None = 2) -> Path:
@@ -44,26 +46,24 @@ def write_json(path, obj, indent: int | None = 2) -> Path:
 
 def write_dir(out_dir, write) -> Path:
     """Call write(tmp) on a fresh hidden folder beside `out_dir`, then put it in place of `out_dir`. An existing
-    `out_dir` is replaced only once the new one is complete; a failed write leaves it untouched."""
+    `out_dir` is replaced only once the new one is complete; a failed write leaves it untouched. A symbolic link
+    `out_dir` is replaced by the folder, and what it pointed to is left as it was."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
-    tmp.chmod(0o777 & ~umask())          # mkdtemp makes it 0700; a folder made by mkdir honours the umask
+    mask = os.umask(0)                   # reading the umask means setting it
+    os.umask(mask)
+    tmp.chmod(0o777 & ~mask)             # mkdtemp makes it 0700; a folder made by mkdir honours the umask
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     try:
         write(tmp)
         if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except OSError as e:
+        os.replace(tmp, out_dir)
+        remove(old)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, FileNotFoundError) or not e.strerror:
+        if not isinstance(e, OSError) or isinstance(e, FileNotFoundError) or not e.strerror:
             raise
         raise OSError(f"{out_dir}: cannot write ({e.strerror})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

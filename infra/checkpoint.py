@@ -3,16 +3,16 @@
     out/train_config.json   everything the run resolved: flags, PI factor, the base model's fingerprint
     out/metrics.jsonl       one JSON row per optimizer step, appended and flushed as the run goes
     out/checkpoint-<step>/  adapter/ (model/ for full fine-tuning) + trainer_state.pt (optimizer, scheduler,
-                            loss scaler, data position, every RNG); written under a hidden name and renamed,
-                            so a folder called checkpoint-<step> is always complete
+                            loss scaler, data position, every RNG) + train_config.json (the run's, as above);
+                            written under a hidden name and renamed, so checkpoint-<step> is always complete
     out/adapter/            the final adapter (PEFT format + longqlora.json), or model/; written last
 
 Rules that keep a run from being lost:
   - without --resume, an --out holding a run is refused (--overwrite replaces it; the demo replaces its own);
   - --resume continues from the newest complete checkpoint and reproduces an uninterrupted run bit for bit;
-    it refuses a different recipe or a different base model (same path, other weights: the fingerprint of
-    train_config.json), a --max-steps below the checkpoint's step, and an --out that holds a finished or
-    started run but no checkpoint (it would restart at step 0 and overwrite it);
+    it refuses a different recipe or base model (same path, other weights: the fingerprint) than the
+    checkpoint's own train_config.json records, a --max-steps below the checkpoint's step, and an --out that
+    holds a finished or started run but no checkpoint (it would restart at step 0 and overwrite it);
   - metrics rows after the checkpoint (an interrupted attempt) are dropped on resume; a torn last line (what
     a crash leaves) is ignored with a warning, any other malformed line is an error naming file and line.
 """
@@ -23,7 +23,6 @@ import json
 import os
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -36,7 +35,9 @@ from infra.adapter import load_adapter, save_adapter
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
-RUN_FILES = ("metrics.jsonl", "train_config.json", "adapter", "model")
+CONFIG = "train_config.json"
+RESUMABLE = ("optimizer", "scheduler", "scaler", "sampler")      # trainer_state.pt keeps their state_dict()s
+RUN_FILES = ("metrics.jsonl", CONFIG, "adapter", "model")
 
 
 def checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -56,14 +57,9 @@ def has_run(out: Path) -> bool:
 
 
 def remove_run(out: Path) -> None:
-    for name in (*RUN_FILES, "demo-base"):
-        p = out / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    for p in out.glob("checkpoint-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    """The files and folders of a run in `out` (a symbolic link among them: the link, not what it points to)."""
+    for p in [*(out / name for name in (*RUN_FILES, "demo-base")), *out.glob("checkpoint-*")]:
+        atomic.remove(p)
 
 
 def lock(out: Path) -> int:
@@ -82,14 +78,14 @@ def lock(out: Path) -> int:
 
 def remove_temporaries(out: Path) -> None:
     """The hidden temporary files and folders of atomic writes (atomic.py) that a kill left in `out`."""
-    for p in out.glob(".*.tmp-*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in [*out.glob(".*.tmp-*"), *out.glob(".*.old-*")]:
+        atomic.remove(p)
 
 
 def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int | None, demo: bool = False):
     """(step, folder) of the checkpoint to resume from, or None for a fresh start; every refusal is here."""
     if not resume:
-        if has_run(out) and not overwrite and not (demo and _saved_config(out).get("demo") is True):
+        if has_run(out) and not overwrite and not (demo and (saved_config(out / CONFIG) or {}).get("demo") is True):
             raise ValueError(f"{out} already holds a training run; pass --resume to continue it, "
                              "--overwrite to replace it, or another --out")
         return None
@@ -107,23 +103,29 @@ def resume_point(out: Path, resume: bool, overwrite: bool, max_steps: int | None
     return step, folder
 
 
-def _saved_config(out: Path) -> dict:
+def saved_config(path: Path) -> dict | None:
+    """The dict of a train_config.json; None when it is missing or unreadable."""
     try:
-        saved = json.loads((out / "train_config.json").read_text())
+        saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
-def check_same_recipe(out: Path, config: dict, recipe: list[str]) -> None:
-    """A resumed run must be the run that wrote the checkpoint: the same `recipe` keys of train_config.json
-    (the flags of the recipe, the base model's fingerprint, the world size)."""
-    saved = _saved_config(out)
+def check_same_recipe(ckpt: Path, config: dict, recipe: list[str]) -> None:
+    """A resumed run must be the run that wrote checkpoint `ckpt`: the same `recipe` keys (the flags of the recipe,
+    the base model's fingerprint, the world size) as the train_config.json saved in it (or, in a checkpoint
+    written before checkpoints kept one, the run's). A record that cannot be read is an error, never a pass."""
+    path = ckpt / CONFIG if (ckpt / CONFIG).exists() else ckpt.parent / CONFIG
+    saved = saved_config(path)
+    if saved is None:
+        raise ValueError(f"{path}: missing or unreadable, so the recipe of --resume (--lr, ...) cannot be checked "
+                         "against the checkpoint's; restore the file, or start again with --overwrite")
     changed = [k for k in recipe if k in saved and saved[k] != config.get(k)]
     if changed:
         what = ", ".join(f"{k}: {saved[k]!r} -> {config.get(k)!r}" for k in changed)
         hint = " (the base model's weights changed)" if "base_fingerprint" in changed else ""
-        raise ValueError(f"{out / 'train_config.json'}: cannot resume with a different recipe ({what}){hint}")
+        raise ValueError(f"{path}: cannot resume with a different recipe ({what}){hint}")
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -147,16 +149,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(out: Path, step: int, write_weights, trainer_state: dict, keep: int) -> Path:
-    """checkpoint-<step>/: write_weights(folder) puts the adapter or model there, then trainer_state.pt.
-    Only the newest `keep` checkpoints stay (0: all)."""
+def save(out: Path, step: int, write_weights, trainer_state: dict, config: dict, keep: int) -> Path:
+    """checkpoint-<step>/: write_weights(folder) puts the adapter or model there, then the run's train_config.json
+    (what --resume checks its recipe against) and trainer_state.pt. Only the newest `keep` stay (0: all)."""
     def write(tmp: Path):
         write_weights(tmp)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         torch.save(trainer_state, tmp / TRAINER_STATE)
 
-    final = atomic.write_dir(out / f"checkpoint-{step}", write)
+    try:
+        final = atomic.write_dir(out / f"checkpoint-{step}", write)
+    except (OSError, RuntimeError) as e:   # torch.save reports a full disk as a RuntimeError (inline_container.cc)
+        raise OSError(f"{out / f'checkpoint-{step}'}: checkpoint not saved ({e}); nothing of it was kept and the "
+                      "checkpoints before it are intact. Free disk space in --out (or raise the file-size limit, "
+                      "ulimit -f) and continue with --resume") from None
     for _, old in checkpoints(out)[:-keep] if keep else ():
-        shutil.rmtree(old, ignore_errors=True)
+        atomic.remove(old)
     return final
 
 
@@ -166,8 +174,8 @@ def trainer_state(step: int, optimizer, scheduler, scaler, sampler, world: int) 
     if world > 1:                  # every rank's dropout RNG, so that a resumed run is exact on all of them
         rngs = [None] * world
         torch.distributed.all_gather_object(rngs, rng_state())
-    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "sampler": sampler.state_dict(), "rng": rngs}
+    parts = zip(RESUMABLE, (optimizer, scheduler, scaler, sampler))
+    return {"step": step, **{name: part.state_dict() for name, part in parts}, "rng": rngs}
 
 
 def save_weights(model, folder: Path, full_finetune: bool, base_model, training: dict) -> None:
@@ -189,10 +197,8 @@ def restore(ckpt: Path, model, full_finetune: bool, optimizer, scheduler, scaler
         hf.load_state(model, ckpt / "model")
     else:
         load_adapter(model, ckpt / "adapter")
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    sampler.load_state_dict(state["sampler"])
+    for name, part in zip(RESUMABLE, (optimizer, scheduler, scaler, sampler)):
+        part.load_state_dict(state[name])
     set_rng_state(state["rng"][rank])
 
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
-import os
-import signal
 import sys
-import threading
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -66,11 +63,24 @@ def resolve(args, flags, *overrides: dict) -> None:
                         open_high=values[-1] == ")")
 
 
+# PI divides every position by the factor: past 10^4 x a trained context of thousands of tokens no sequence fits
+# in any memory, so a larger factor is a typo (and 1e308 overflows the RoPE angles). train.py checks it too.
+MAX_ROPE_FACTOR = 10_000
+
+
+def rope_factor(text: str) -> float:
+    """--rope-factor of eval.py and generate.py: 1 (plain RoPE) to MAX_ROPE_FACTOR."""
+    try:
+        return check_range("--rope-factor", float(text), 1, MAX_ROPE_FACTOR)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--rope-factor ")) from None   # argparse names it
+
+
 def add_inference_flags(p: argparse.ArgumentParser) -> None:
     """The flags eval.py and generate.py share: which model, its adapter and RoPE factor, how it computes."""
     p.add_argument("--model", required=True, help="HF LLaMA directory (config.json, weights, tokenizer.model)")
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory (ours, PEFT's or LongLoRA's)")
-    p.add_argument("--rope-factor", type=float, default=None,
+    p.add_argument("--rope-factor", type=rope_factor, default=None,
                    help="linear PI factor at every length (1 = plain RoPE); default: the adapter's training factor "
                         "(longqlora.json), else the checkpoint's config; an adapter with neither needs it")
     p.add_argument("--quant", choices=("none", "nf4"), default="none", help="nf4: the base as QLoRA trains it")
@@ -99,7 +109,7 @@ def run(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    finally:        # torchrun: leave the process group (train.py's init_distributed joined it)
+    finally:        # torchrun: leave the process group (infra/run.py's init_distributed joined it)
         if "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized():
             sys.modules["torch.distributed"].destroy_process_group()
     return 0
@@ -129,30 +139,6 @@ class LazyModule:
 
     def __getattr__(self, attr: str):
         return getattr(importlib.import_module(self.name), attr)
-
-
-class StopRequest:
-    """Ctrl-C in a long loop, handled at a safe point: inside `with StopRequest() as stop:` the first Ctrl-C
-    only sets `stop.requested` (the loop finishes its step, saves, exits); a second one interrupts at once."""
-
-    def __init__(self, message: str = "stopping after this step (Ctrl-C again to stop at once)"):
-        self.message, self.requested, self._previous = message, False, None
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{self.message}", file=sys.stderr, flush=True)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
 
 
 # The functions below import torch inside: the rest of this module is needed before torch has loaded.
@@ -195,36 +181,3 @@ def device(name: str):
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: only cpu and cuda are supported")
     return dev
-
-
-def init_distributed():
-    """(rank, world size, device); under torchrun one process per GPU (nccl) or CPU process (gloo)."""
-    import torch
-    import torch.distributed as dist
-    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
-
-
-def peak_memory_bytes(device) -> int:
-    """Peak allocated device memory on CUDA; the process's peak resident set size on CPU."""
-    import torch
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource   # POSIX only, as is the CPU path it measures
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
-
-
-def stop_requested(stop: StopRequest, world: int) -> bool:
-    """Ctrl-C on any rank stops every rank at the same step (a checkpoint needs all of them)."""
-    if world == 1:
-        return stop.requested
-    import torch
-    import torch.distributed as dist
-    flag = torch.tensor([float(stop.requested)])
-    dist.all_reduce(flag)
-    return bool(flag.item())

@@ -15,6 +15,7 @@ distribution at all.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,6 @@ from infra import hf
 from model import ModelArgs, Transformer
 
 ARCH = dict(vocab_size=32, dim=64, intermediate_size=128, n_layers=2, n_heads=4)
-INIT_STD = ARCH["dim"] ** -0.5
 
 
 def model_args(ctx: int) -> ModelArgs:
@@ -38,12 +38,21 @@ BANNER = ("=" * 78 + "\nDEMO: no --model given, so this trains a small RANDOM LL
           "checkpointing). Pass --model DIR --data PATH for real training.\n" + "=" * 78)
 
 
+def threads() -> int | None:
+    """torch's CPU threads for the demo when --threads is not given (None: OMP_NUM_THREADS decides). Its matrices
+    are 64 wide, so threads beyond a few only add overhead, and threads that must wait for busy cores cost far more
+    than they bring: min(4, the cores the load average leaves idle), at least 1."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    return max(1, min(4, len(os.sched_getaffinity(0)) - int(os.getloadavg()[0])))
+
+
 def make_base(out_dir: Path, ctx: int, seed: int) -> Path:
     """A random LLaMA saved as an HF checkpoint in out_dir/demo-base (deterministic: a resumed demo gets the
     same base)."""
     torch.manual_seed(seed)
     base = Transformer(model_args(ctx))
-    base.init_weights(std=INIT_STD)
+    base.init_weights(std=ARCH["dim"] ** -0.5)      # fan-in (the module docstring says why)
     return hf.save_model(base, Path(out_dir) / "demo-base")
 
 

@@ -12,7 +12,7 @@ tensor at LLaMA-2-7B width (bench/width_memory.py --track: every tensor made and
 made it) and is modelled per token (b = bytes of the compute dtype, d = dim, q = heads x head_dim, I =
 intermediate, r = rank, H = heads, m = 1 byte of dropout mask when dropout > 0, f = 1 + ratio / 4 for S²-Attn's
 segment shift, whose shifted half pads its last group, else 1; k = 1.5 copies of q, k and v kept by S²-Attn,
-1 by full attention, see attention_inputs_kept):
+1 by full attention, see recompute_per_token):
 
   kept through the layer's whole backward (per token of the micro-batch)
     grad_in       b d              the gradient arriving at the layer's output (held for the residual)
@@ -80,22 +80,6 @@ def linear_shapes(a: ModelArgs) -> dict:
             "down_proj": (a.intermediate_size, a.dim)}
 
 
-def attention_padding(attn: str = "s2", group_size_ratio: float = 0.25, s2_shift: str = "segment") -> float:
-    """f: tokens SDPA's outputs cover per token. S²-Attn's segment shift runs the shifted half on [0, g/2) and then
-    groups of g from g/2 on, the last one padded: T + g/2 tokens for half of the heads, 1 + ratio / 4 on average."""
-    return 1 + group_size_ratio / 4 if attn == "s2" and s2_shift == "segment" and group_size_ratio < 1 else 1.0
-
-
-def attention_inputs_kept(attn: str = "s2", group_size_ratio: float = 0.25, s2_shift: str = "segment") -> float:
-    """Copies of q (or k, v) that SDPA's saved inputs keep alive, per token (attention.py): full attention and
-    one group over everything read RoPE's q, k and v themselves (1); S²-Attn's unshifted half reads views of them,
-    which keep the whole tensors (1), and its shifted half a padded (segment) or rolled (roll) copy of its half
-    of the heads (0.5) -- none with shift "none"."""
-    if attn != "s2" or (s2_shift == "segment" and group_size_ratio >= 1) or s2_shift == "none":
-        return 1.0
-    return 1.5
-
-
 def recompute_per_token(a: ModelArgs, b: int, lora_r: int, dropout: bool, full_finetune: bool = False,
                         share_inputs: bool = True, attn: str = "s2", group_size_ratio: float = 0.25,
                         s2_shift: str = "segment", offload: bool = False) -> dict:
@@ -105,8 +89,13 @@ def recompute_per_token(a: ModelArgs, b: int, lora_r: int, dropout: bool, full_f
     r4 = 0 if full_finetune else 4 * lora_r
     masks_qkv = m * d * (3 if not share_inputs else 1)           # unshared: each of q, k, v draws its own mask
     masks_gu = m * d * (2 if not share_inputs else 1)
-    f, kept_qkv = attention_padding(attn, group_size_ratio, s2_shift), attention_inputs_kept(attn, group_size_ratio,
-                                                                                             s2_shift)
+    # f: tokens SDPA's outputs cover per token: the segment shift runs the shifted half on [0, g/2) and then groups
+    # of g from g/2 on, the last one padded (T + g/2 tokens for half of the heads). kept_qkv: copies of q (k, v)
+    # SDPA's saved inputs keep: RoPE's whole outputs (views of them, for the unshifted half) + the shifted
+    # half's padded (segment) or rolled (roll) copy of its half of the heads; one group over everything: none.
+    grouped = attn == "s2" and not (s2_shift == "segment" and group_size_ratio >= 1)
+    f = 1 + group_size_ratio / 4 if grouped and s2_shift == "segment" else 1.0
+    kept_qkv = 1.5 if grouped and s2_shift != "none" else 1.0
     return {
         "grad_in": b * d, "input_copy": b * d if offload else 0, "rope": 2 * b * hd,
         "attention": round(3 * kept_qkv * b * q + f * (b * q + 4 * a.n_heads)),
@@ -225,6 +214,14 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
+def options(args, dtype_bytes: int) -> dict:
+    """predict_peak_memory's settings (all but the model and ctx) from train.py's flags."""
+    return dict(batch_size=args.batch_size, lora_r=args.lora_r, quant=args.quant, dtype_bytes=dtype_bytes,
+                lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
+                full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
+                attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift)
+
+
 def dry_run(args) -> dict:
     """Print the prediction for train.py's flags, part by part, ending with `peak_bytes=<int>`."""
     if args.model is not None:
@@ -237,39 +234,33 @@ def dry_run(args) -> dict:
     b = 4 if args.dtype == "fp32" else 2       # auto: the GPU's bf16 or fp16 (on a CPU a run computes in fp32)
     compute = f"{args.dtype} compute" if args.dtype != "auto" else \
         "bf16/fp16 compute (--dtype auto on a GPU; a CPU run computes in fp32, predicted with --dtype fp32)"
-    options = dict(batch_size=args.batch_size, lora_r=args.lora_r, quant=args.quant, dtype_bytes=b,
-                   lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
-                   full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
-                   attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift)
-    p = predict_peak_memory(model_args, args.ctx, **options)
+    p = predict_peak_memory(model_args, args.ctx, **options(args, b))
     gb = lambda x: f"{x / 1e9:8.2f} GB"                            # noqa: E731  (decimal GB, as REFERENCE §7)
-    method = "full fine-tuning" if args.full_finetune else f"LoRA r={args.lora_r}"
+    base = "NF4" if args.quant == "nf4" else "dense"
     print(f"predicted peak device memory of one training step: {name}, ctx {args.ctx}, micro-batch "
-          f"{args.batch_size}, {'NF4' if args.quant == 'nf4' else 'dense'} base, {method}, {compute}, "
-          f"{args.attn} attention (fused SDPA), loss chunk {args.loss_chunk}, MLP tiles "
+          f"{args.batch_size}, {base} base, {'full fine-tuning' if args.full_finetune else f'LoRA r={args.lora_r}'}, "
+          f"{compute}, {args.attn} attention (fused SDPA), loss chunk {args.loss_chunk}, MLP tiles "
           f"{args.mlp_chunk or 'off'}, checkpoints {'offloaded to the host' if args.offload_activations else 'on device'}")
-    weights = next(k for k in p if k.endswith("_weights"))
-    trainable = next(k for k in p if k.startswith(("lora_", "trainable_")))
-    rows = [(f"{'NF4' if args.quant == 'nf4' else 'dense'} decoder weights ({p['linear_params'] / 1e9:.2f}B params)",
-             p[weights]), (f"{8 * b}-bit embedding + lm_head", p["embed_and_head"]), ("norms", p["norms"]),
-            ("every weight: 16-bit grad + 2 fp32 AdamW moments" if args.full_finetune else
-             f"LoRA {p['lora_params'] / 1e6:.0f}M params: fp32 weight + grad + 2 AdamW moments"
-             + (" (+ embeddings, norms)" if args.train_embed_norm else ""), p[trainable]),
+    rows = [(f"{base} decoder weights ({p['linear_params'] / 1e9:.2f}B params)", p[f"{base.lower()}_weights"]),
+            (f"{8 * b}-bit embedding + lm_head", p["embed_and_head"]), ("norms", p["norms"]),
+            ("every weight: 16-bit grad + 2 fp32 AdamW moments", p["trainable_grads_and_adam"]) if args.full_finetune
+            else (f"LoRA {p['lora_params'] / 1e6:.0f}M params: fp32 weight + grad + 2 AdamW moments"
+                  + (" (+ embeddings, norms)" if args.train_embed_norm else ""), p["lora_weights_grads_adam"]),
             (f"checkpointed hidden states (the input of each of {model_args.n_layers} layers)",
              p["checkpointed_hidden_states"]),
             (f"one layer's recompute + backward (widest: {p['layer_peak_moment'].replace('_', ' ')})",
              p["layer_recompute"]),
             (f"loss phase, not alive with the recompute (widest: {p['loss_peak_moment'].replace('_', ' ')})",
              p["loss_chunk"])]
-    for label, value in rows:
-        print(f"  {label:<72}{gb(value)}")
-    print(f"  (recompute, bytes per token: {', '.join(f'{k} {v}' for k, v in p['layer_recompute_per_token'].items())})")
+    rows.append(f"  (recompute, bytes per token: "
+                f"{', '.join(f'{k} {v}' for k, v in p['layer_recompute_per_token'].items())})")
     if args.offload_activations:
-        print(f"  {'host (pinned) memory for the offloaded checkpoints':<72}{gb(p['host_checkpoints'])}")
-    print(f"  {'peak':<72}{gb(p['peak_bytes'])}")
+        rows.append(("host (pinned) memory for the offloaded checkpoints", p["host_checkpoints"]))
+    for row in rows + [("peak", p["peak_bytes"])]:
+        print(row if isinstance(row, str) else f"  {row[0]:<72}{gb(row[1])}")
     if args.budget is not None:
         budget = parse_bytes(args.budget)
-        p["largest_ctx"] = largest_ctx(model_args, budget, **options)
+        p["largest_ctx"] = largest_ctx(model_args, budget, **options(args, b))
         print(f"largest ctx that fits {budget / 1e9:.1f} GB with these settings: {p['largest_ctx']} tokens")
     print(f"peak_bytes={p['peak_bytes']}")
     return p

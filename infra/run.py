@@ -11,8 +11,11 @@ import contextlib
 import datetime
 import json
 import os
+import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from infra import atomic, checkpoint, cli, demo, hf, report
+from infra import atomic, checkpoint, cli, demo, hf, memory, report
 from model import DECODER_LINEARS
 
 PRETRAIN_STEPS = 1000   # the paper's 1000 steps when --max-steps is not given (SFT: one epoch)
@@ -41,7 +44,7 @@ class Run:
         trainable, PI factor); `saved`: the flags train_config.json keeps, `recipe`: those --resume must keep."""
         self.args, self.out, self.last_saved = args, Path(args.out), None
         self.output = self.out / ("model" if args.full_finetune else "adapter")      # the final weights
-        self.rank, self.world, self.device = cli.init_distributed()
+        self.rank, self.world, self.device = init_distributed()
         self.dtype = cli.compute_dtype(args.dtype, self.device)
         created = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)
         self.lock = checkpoint.lock(self.out) if self.rank == 0 else None
@@ -74,7 +77,9 @@ class Run:
         if args.demo:       # every check (the data too) passes before the previous demo's output is replaced
             start = checkpoint.resume_point(out, args.resume, args.overwrite, args.max_steps, demo=True)
             self.dataset, self.pad_id = build_dataset(args, demo.model_args(args.ctx))
-            self.log(demo.BANNER)
+            self.log(f"{demo.BANNER}\n{args.max_steps} steps of {args.grad_accum * args.batch_size * args.ctx:,} "
+                     f"tokens on {torch.get_num_threads()} CPU thread(s) (--threads); the time they take is "
+                     "printed after the first step")
             if self.rank == 0:
                 if start is None:
                     checkpoint.remove_run(out)        # the demo replaces its own previous output
@@ -106,7 +111,7 @@ class Run:
                        "compute_dtype": str(self.dtype)[6:], "base_fingerprint": hf.fingerprint(args.model),
                        "device": str(self.device), "torch": torch.__version__}
         if start is not None:
-            checkpoint.check_same_recipe(out, self.config, [*recipe, "base_fingerprint", "world_size"])
+            checkpoint.check_same_recipe(start[1], self.config, [*recipe, "base_fingerprint", "world_size"])
         # --resume of a run whose last checkpoint is its last step and whose final weights are saved: nothing to do
         self.complete = start is not None and start[0] == args.max_steps and self.output.is_dir()
         if self.rank == 0 and start is None:        # --- from here on --out is written (on resume: once restored)
@@ -149,19 +154,46 @@ class Run:
 
     @contextlib.contextmanager
     def progress(self, start: int):
-        """The progress bar, metrics.jsonl open for appending, Ctrl-C turned into a stop after the step."""
+        """The progress bar, metrics.jsonl open for appending, and Ctrl-C: the first one only sets self.stop (the
+        loop finishes its step, saves and exits, save_if_due), a second one interrupts at once."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.rows, self.skipped, t_start, self.started = [], 0, time.perf_counter(), now()
+        self.rows, self.skipped, self.stop, t_start, self.started = [], 0, False, time.perf_counter(), now()
         self.tb = report.tensorboard_writer(self.out / "tensorboard") if self.args.tensorboard and self.rank == 0 \
             else None
-        with tqdm(total=self.args.max_steps, initial=start, desc="train", unit="step", disable=self.rank != 0,
-                  dynamic_ncols=True) as self.bar, cli.StopRequest() as self.stop, \
-                open(self.out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a") as self.metrics:
-            yield
+        main = threading.current_thread() is threading.main_thread()      # signals are the main thread's
+        previous = signal.signal(signal.SIGINT, self._ctrl_c) if main else None
+        try:
+            with tqdm(total=self.args.max_steps, initial=start, desc="train", unit="step", disable=self.rank != 0,
+                      dynamic_ncols=True) as self.bar, \
+                    open(self.out / "metrics.jsonl" if self.rank == 0 else os.devnull, "a") as self.metrics:
+                yield
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, (MemoryError, torch.OutOfMemoryError)) and "DefaultCPUAllocator" not in str(e):
+                raise
+            raise ValueError(self.out_of_memory(start + len(self.rows) + 1, e)) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         self.elapsed = time.perf_counter() - t_start
         if self.tb is not None:
             self.tb.close()
+
+    def out_of_memory(self, step: int, e: BaseException) -> str:
+        """What a step that ran out of memory needed: infra/memory.py's prediction for this run's shapes."""
+        args, where = self.args, "GPU" if self.device.type == "cuda" else "CPU"
+        need = memory.predict_peak_memory(self.model.args, args.ctx, **memory.options(args, self.dtype.itemsize))
+        return (f"step {step}: out of {where} memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                f"one step of --ctx {args.ctx} x --batch-size {args.batch_size} is predicted to need "
+                f"{need['peak_bytes'] / 1e9:.1f} GB (infra/memory.py). See what fits with the same flags plus "
+                "--dry-run --budget <memory, e.g. 24GB>, then lower --batch-size or --ctx (--grad-accum keeps the "
+                "step's tokens), or add --mlp-chunk / --offload-activations")
+
+    def _ctrl_c(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def check(self, step: int, r: dict, scaler) -> None:
         """Stop, nothing saved, at a non-finite step, or when fp16 loss scaling skipped MAX_SKIPPED steps in a
@@ -182,7 +214,7 @@ class Run:
             torch.cuda.synchronize(self.device)
         row = {"step": step, **{k: r[k] for k in ("loss", "grad_norm", "lr", "tokens")},
                "tokens_per_s": r["tokens"] / (time.perf_counter() - t0),
-               "peak_mem_bytes": cli.peak_memory_bytes(self.device), "skipped": int(r["skipped"]),
+               "peak_mem_bytes": peak_memory_bytes(self.device), "skipped": int(r["skipped"]),
                **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}), "time": now()}
         self.rows.append(row)
         self.write_row(row)
@@ -191,7 +223,10 @@ class Run:
         if step % self.args.log_every == 0 or len(self.rows) == 1:
             self.log(f"step {step}/{self.args.max_steps} loss {row['loss']:.4f} lr {row['lr']:.3g} grad_norm "
                      f"{row['grad_norm'] or 0:.4g} {row['tokens_per_s']:.0f} tok/s peak "
-                     f"{row['peak_mem_bytes'] / 2**30:.2f} GiB" + (" SKIPPED (fp16 overflow)" if r["skipped"] else ""))
+                     f"{row['peak_mem_bytes'] / 2**30:.2f} GiB" + (" SKIPPED (fp16 overflow)" if r["skipped"] else "")
+                     + (f"; about {(time.perf_counter() - t0) * (self.args.max_steps - step) / 60:.1f} min for "
+                        f"the demo's remaining {self.args.max_steps - step} step(s)"
+                        if self.args.demo and len(self.rows) == 1 else ""))
 
     def write_row(self, row: dict) -> None:
         self.metrics.write(json.dumps(row) + "\n")
@@ -217,11 +252,16 @@ class Run:
 
     def save_if_due(self, step: int, optimizer, scheduler, scaler) -> None:
         """A checkpoint every --save-every steps; after Ctrl-C (on any rank) one more, then stop."""
-        interrupted = cli.stop_requested(self.stop, self.world)
+        interrupted = self.stop
+        if self.world > 1:      # Ctrl-C on any rank stops every rank at the same step (a checkpoint needs them all)
+            flag = torch.tensor([float(self.stop)])
+            dist.all_reduce(flag)
+            interrupted = bool(flag.item())
         if interrupted or (self.args.save_every and step % self.args.save_every == 0):
             state = checkpoint.trainer_state(step, optimizer, scheduler, scaler, self.sampler, self.world)
             if self.rank == 0:
-                self.last_saved = checkpoint.save(self.out, step, self.save_weights, state, self.args.keep_checkpoints)
+                self.last_saved = checkpoint.save(self.out, step, self.save_weights, state, self.config,
+                                                  self.args.keep_checkpoints)
         if interrupted:
             self.log(f"stopped at step {step}; checkpoint {self.last_saved}; continue with --resume")
             raise KeyboardInterrupt
@@ -229,23 +269,23 @@ class Run:
     def finish(self) -> dict:
         """The final weights saved (rank 0); the summary, logged and returned."""
         args, out, rows = self.args, self.out, self.rows
+        summary = {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": len(rows),
+                   "output": str(self.output)}
         if self.complete:
             self.log(f"{out}: the run is already complete ({args.max_steps} steps, {self.last_saved}); nothing to do")
-            return {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": 0, "complete": True,
-                    "output": str(self.output)}
+            return {**summary, "complete": True}
         if self.rank == 0:
             self.save_weights(out)
         if self.world > 1:
             dist.barrier()
         metrics = checkpoint.read_metrics(out / "metrics.jsonl") if self.rank == 0 else rows
         all_rows, evals = [r for r in metrics if "loss" in r], [r for r in metrics if "eval_loss" in r]
-        summary = {"out": str(out), "demo": args.demo, "steps": args.max_steps, "steps_run": len(rows),
-                   "first_loss": all_rows[0]["loss"] if all_rows else None,
-                   "last_loss": all_rows[-1]["loss"] if all_rows else None,
-                   "tokens_per_s": sum(r["tokens"] for r in rows) / self.elapsed if rows else 0.0,
-                   "peak_mem_bytes": cli.peak_memory_bytes(self.device), "seconds": self.elapsed,
-                   "output": str(self.output), "started": self.started, "finished": now(),
-                   **({k: evals[-1][k] for k in ("eval_loss", "eval_ppl")} if evals else {})}
+        summary.update(first_loss=all_rows[0]["loss"] if all_rows else None,
+                       last_loss=all_rows[-1]["loss"] if all_rows else None,
+                       tokens_per_s=sum(r["tokens"] for r in rows) / self.elapsed if rows else 0.0,
+                       peak_mem_bytes=peak_memory_bytes(self.device), seconds=self.elapsed,
+                       started=self.started, finished=now(),
+                       **({k: evals[-1][k] for k in ("eval_loss", "eval_ppl")} if evals else {}))
         if self.rank == 0:      # the summary and the loss curve stay in the run folder
             atomic.write_json(out / "summary.json", summary)
             if all_rows:
@@ -257,3 +297,21 @@ class Run:
             if args.demo:
                 self.log(demo.verdict(all_rows, self.dataset))
         return summary
+
+
+def init_distributed():
+    """(rank, world size, device); under torchrun one process per GPU (nccl) or CPU process (gloo)."""
+    world, local_rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def peak_memory_bytes(device) -> int:
+    """Peak allocated device memory on CUDA; the process's peak resident set size on CPU (Linux: KiB)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

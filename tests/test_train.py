@@ -560,3 +560,21 @@ def test_dry_run_models_the_savings_and_the_budget(capsys):
     assert memory.parse_bytes("24GiB") == 24 * 2**30 and memory.parse_bytes("900MB") == 900e6
     with pytest.raises(ValueError, match="--budget 'lots'"):
         memory.parse_bytes("lots")
+
+
+@pytest.mark.parametrize("cores,load,expected", [(64, 0.2, 4), (2, 0.5, 2), (2, 5.3, 1)])
+def test_the_demo_uses_at_most_four_idle_cores_and_says_what_it_costs(tmp_path, monkeypatch, capsys, cores, load,
+                                                                      expected):
+    """Threads waiting for busy cores made `python train.py --ctx 8192` take 18 minutes on 2 busy cores."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+    before = torch.get_num_threads()
+    try:
+        train.main(["--ctx", "64", "--max-steps", "2", "--out", str(tmp_path / "demo")])
+        assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert f"2 steps of 64 tokens on {expected} CPU thread(s)" in out
+    assert " min for the demo's remaining 1 step(s)" in out

@@ -62,7 +62,8 @@ def copy_model(src, dst):
 
 @pytest.mark.parametrize("flag,value", [("--lora-alpha", "nan"), ("--lr", "inf"), ("--max-grad-norm", "nan"),
                                         ("--rope-factor", "inf"), ("--lr", "-1"), ("--weight-decay", "nan"),
-                                        ("--lora-dropout", "1"), ("--group-size-ratio", "nan")])
+                                        ("--lora-dropout", "1"), ("--group-size-ratio", "nan"),
+                                        ("--rope-factor", "1e308"), ("--rope-factor", "20000")])
 def test_non_finite_or_out_of_range_flags(tiny, tmp_path, flag, value):
     p = run_train("--model", tiny["model"], "--out", tmp_path / "out", flag, value)
     one_error_line(p, flag, "must be")
@@ -354,7 +355,10 @@ def rows_or_empty(out):
         return []
 
 
-def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), RuntimeError(
+    "[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0"), OSError(27, "File too large")])
+def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch,
+                                                                                     capsys, error):
     out = tmp_path / "run"
     train.main(common(tiny, out, "--data", tiny["small"], "--max-steps", 2, "--save-every", 2))
     good = tree_digest(out / "checkpoint-2")
@@ -362,13 +366,16 @@ def test_disk_full_while_checkpointing_is_one_error_and_keeps_the_previous_check
 
     def full_disk(obj, f, *a, **k):
         if str(f).endswith("trainer_state.pt"):
-            raise OSError(28, "No space left on device")
+            raise error
         return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(torch, "save", full_disk)
+    capsys.readouterr()
     code = cli.run(train.main, common(tiny, out, "--data", tiny["small"], "--max-steps", 4, "--save-every", 2,
                                       "--resume"))
     assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: {out / 'checkpoint-4'}: checkpoint not saved") and "--resume" in err[-1]
     assert tree_digest(out / "checkpoint-2") == good
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint-2"]
 
@@ -504,6 +511,13 @@ def test_help_answers_before_torch_is_imported(script):
 
 
 @pytest.mark.parametrize("script", ["eval.py", "generate.py"])
+def test_an_absurd_rope_factor_is_refused_at_parse_time(tiny, script):
+    for factor in ("1e308", "20000", "0.5"):
+        one_error_line(run_script(script, "--model", tiny["model"], "--rope-factor", factor),
+                       "--rope-factor", f"must be in [1, 10000], got {float(factor)!r}")
+
+
+@pytest.mark.parametrize("script", ["eval.py", "generate.py"])
 def test_eval_and_generate_help_show_defaults_and_cpu_dtype(script):
     p = run_script(script, "--help")
     text = " ".join(p.stdout.split())
@@ -538,3 +552,60 @@ def test_threads_flag_sets_torch_threads(tiny, tmp_path):
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="--threads must be a positive integer"):
         train.main(common(tiny, tmp_path / "other", "--threads", 0))
+
+
+@pytest.mark.parametrize("damage", ["delete", "corrupt"])
+def test_resume_checks_the_recipe_against_the_checkpoint_s_own_record(tiny, tmp_path, damage):
+    """Without (or with a damaged) train_config.json in --out, --resume --lr 5e-2 is still refused: each checkpoint
+    keeps the recipe it was trained with; a resume with the same recipe rewrites the file from it."""
+    out = tmp_path / "run"
+    flags = common(tiny, out, "--data", tiny["small"], "--save-every", 1)
+    train.main([*flags, "--max-steps", "1"])
+    config = out / "train_config.json"
+    config.unlink() if damage == "delete" else config.write_text('{"lr": 0.05, "ctx"')
+    with pytest.raises(ValueError, match=r"checkpoint-1/train_config.json: cannot resume with a different recipe \(lr"):
+        train.main([*flags, "--max-steps", "2", "--lr", "5e-2", "--resume"])
+    train.main([*flags, "--max-steps", "2", "--resume"])
+    assert json.loads(config.read_text())["lr"] == 2e-4
+    (out / "checkpoint-2" / "train_config.json").write_text("{")
+    with pytest.raises(ValueError, match="checkpoint-2/train_config.json: missing or unreadable"):
+        train.main([*flags, "--max-steps", "3", "--resume"])
+
+
+def test_a_symlinked_adapter_or_checkpoint_in_out_is_replaced_as_a_link(tiny, tmp_path):
+    """The link is replaced (or removed), never followed: what it points to stays, and no hidden .old folder."""
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    flags = common(tiny, out, "--data", tiny["small"], "--save-every", "1", "--keep-checkpoints", "1")
+    train.main([*flags, "--max-steps", "1"])
+    elsewhere.mkdir()
+    for name in ("adapter", "checkpoint-1"):
+        os.replace(out / name, elsewhere / name)
+        (out / name).symlink_to(elsewhere / name, target_is_directory=True)
+    kept = tree_digest(elsewhere)
+    train.main([*flags, "--max-steps", "2", "--resume"])       # replaces adapter/, prunes checkpoint-1
+    assert (out / "adapter").is_dir() and not (out / "adapter").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoint-2", "loss.png", "metrics.jsonl",
+                                                     "summary.json", "train_config.json"]
+    assert tree_digest(elsewhere) == kept
+    (out / "adapter").rename(elsewhere / "adapter2")
+    (out / "adapter").symlink_to(elsewhere / "adapter2", target_is_directory=True)
+    train.main([*flags, "--max-steps", "1", "--overwrite"])
+    assert not (out / "adapter").is_symlink() and (elsewhere / "adapter2" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB"),
+                                   RuntimeError("[enforce fail at alloc_cpu.cpp:116] data. DefaultCPUAllocator: "
+                                                "can't allocate memory: you tried to allocate 85899345920 bytes."),
+                                   MemoryError()])
+def test_out_of_memory_in_a_step_says_what_it_needed_and_how_to_check(tiny, tmp_path, monkeypatch, capsys, error):
+    def too_big(*a, **k):
+        raise error
+    monkeypatch.setattr(train, "train_step", too_big)
+    capsys.readouterr()
+    code = cli.run(train.main, common(tiny, tmp_path / "run", "--data", tiny["small"], "--max-steps", "2",
+                                      "--batch-size", "3"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and [x for x in err if "error" in x.lower()] == [err[-1]], err
+    assert err[-1].startswith("error: step 1: out of CPU memory") and "--dry-run --budget" in err[-1]
+    expected = train.main(common(tiny, tmp_path / "dry", "--batch-size", "3", "--dry-run"))["peak_bytes"]
+    assert f"--ctx 128 x --batch-size 3 is predicted to need {expected / 1e9:.1f} GB" in err[-1]
