@@ -102,13 +102,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True,
                    help="output folder, new or empty (never an input folder or the current folder)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (atomically)")
-    p.add_argument("--rope-factor", type=float, default=None,
-                   help="linear PI factor written into config.json; default: the adapter's longqlora.json, "
-                        "else the base config's")
-    args = p.parse_args(argv)
-    if args.rope_factor is not None:
-        cli.check_range("--rope-factor", args.rope_factor, 1)
-    return args
+    p.add_argument("--rope-factor", type=cli.rope_factor, default=None,
+                   help="linear PI factor written into config.json (default: the adapter's longqlora.json, "
+                        "else the base config's)")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> None:

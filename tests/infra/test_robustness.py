@@ -510,11 +510,16 @@ def test_help_answers_before_torch_is_imported(script):
     assert "--threads" in p.stdout
 
 
-@pytest.mark.parametrize("script", ["eval.py", "generate.py"])
-def test_an_absurd_rope_factor_is_refused_at_parse_time(tiny, script):
+@pytest.mark.parametrize("script", ["eval.py", "generate.py", "infra/merge.py"])
+def test_an_absurd_rope_factor_is_refused_at_parse_time(tiny, tmp_path, script):
+    where = ["--model", tiny["model"]]
+    if script == "infra/merge.py":      # run as python -m infra.merge, as README says
+        where = ["--base", tiny["model"], "--adapter", tmp_path, "--out", tmp_path / "m"]
     for factor in ("1e308", "20000", "0.5"):
-        one_error_line(run_script(script, "--model", tiny["model"], "--rope-factor", factor),
-                       "--rope-factor", f"must be in [1, 10000], got {float(factor)!r}")
+        argv = [sys.executable, "-m", "infra.merge"] if script == "infra/merge.py" else [sys.executable, ROOT / script]
+        p = subprocess.run([*map(str, argv), *map(str, where), "--rope-factor", factor], cwd=ROOT, env=ENV,
+                           capture_output=True, text=True, timeout=300)
+        one_error_line(p, "--rope-factor", f"must be in [1, 10000], got {float(factor)!r}")
 
 
 @pytest.mark.parametrize("script", ["eval.py", "generate.py"])
