@@ -25,6 +25,7 @@ One optimizer step, following a token from the data to the update (the functions
      Then the gradient norm is clipped to 0.3 and AdamW steps (bitsandbytes PagedAdamW32bit on CUDA: its
      states page to CPU under memory pressure; torch AdamW on CPU), LR constant after a linear warmup.
 LoRA weights, their gradients and the optimizer state are fp32; the frozen base computes in --dtype.
+--as-published switches the five places where we deliberately differ from LongQLoRA's code back to it.
 infra/run.py: the run around the loop (--out, resume, log); memory.py: --dry-run; demo.py: the offline demo.
 """
 from __future__ import annotations
@@ -61,14 +62,17 @@ RECIPE = [      # what the run computes: --resume refuses to change any of these
     ("lora_r", 64, "[1, inf)", "LoRA rank"),
     ("lora_alpha", 16.0, "(0, inf)", "LoRA alpha, scaling alpha/r"),
     ("lora_dropout", 0.05, "[0, 1)", "dropout on the LoRA input"),
+    ("lora_dropout_masks", "shared", ("shared", "per-projection"), "dropout masks: one shared by q/k/v and one by "
+     "gate/up (they read the same input), or one per projection as PEFT draws them"),
     ("train_embed_norm", False, None, "also train embeddings and norms (LoRA+)"),
     ("full_finetune", False, None, "PI + full fine-tuning of a dense model, no LoRA (saves model/, not adapter/)"),
     ("group_size_ratio", 0.25, "(0, 1]", "S²-Attn group size as a fraction of ctx"),
     ("attn", "s2", ("s2", "full"), "attention during training"),
-    ("s2_shift", "segment", ("segment", "roll", "none"), "S²-Attn shift of the second half of the heads: segment "
-     "(LongLoRA's flash-attn path, causal end to end), roll (LongLoRA's PyTorch path, which LongQLoRA trained "
-     "with: it wraps around, so from a few layers up a position can see the token it predicts; use it to "
-     "reproduce the paper exactly), none (no shift: the short-attention ablation)"),
+    ("s2_shift", "segment", ("segment", "roll", "none", "roll-published"), "S²-Attn shift of the second half of "
+     "the heads: segment (LongLoRA's flash-attn path, causal end to end), roll (LongLoRA's PyTorch path, which "
+     "LongQLoRA trained with: it wraps around, so from a few layers up a position can see the token it predicts), "
+     "roll-published (roll with that path's padding mask: every group masked with the first group's block, so "
+     "pad keys wrapped into the last group stay visible), none (no shift: the short-attention ablation)"),
     ("quant", "nf4", ("nf4", "none"), "storage of the frozen decoder linears"),
     ("dtype", "auto", ("auto", "bf16", "fp16", "fp32"),
      "compute dtype of the frozen base; auto: bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU"),
@@ -80,6 +84,11 @@ RECIPE = [      # what the run computes: --resume refuses to change any of these
      "ctx chunks (LongLoRA), or one BOS+document per sequence, truncated and padded (LongQLoRA)"),
     ("rope_factor", float, "[1, inf)", "PI factor; default ceil(ctx / max_position_embeddings); 1: no PI"),
     ("seed", 42, "[0, 9223372036854775807)", "seed of LoRA init, dropout and data order (torch takes 64 bits)"),
+    ("as_published", False, None, "every knob as LongQLoRA's published code, its flaws included: --s2-shift "
+     "roll-published, --loss-weighting micro-batch (pretraining too), HF's warmup (LR s / warmup at step s = 0, "
+     "1, ...: the first update at LR 0), --dtype fp16 with dynamic loss scaling (on CUDA; fp32 on CPU, where "
+     "fp16 is not a native compute type), --lora-dropout-masks per-projection. Explicit flags still override; "
+     "--preset's other settings stay"),
 ]
 RUN = [         # how the run is carried out: free to change on --resume
     ("max_steps", int, "[1, inf)", "optimizer steps [1000; --sft: one epoch]"),
@@ -115,6 +124,8 @@ COMMAND = [     # what this invocation does; not saved with the run
     ("budget", str, None, "with --dry-run: also print the longest ctx whose step fits this much memory (e.g. 32GB)"),
 ]
 FLAGS = RECIPE + RUN + COMMAND
+# --as-published: LongQLoRA's code where our defaults deliberately differ (README: the deviation table).
+AS_PUBLISHED = dict(s2_shift="roll-published", loss_weighting="micro-batch", lora_dropout_masks="per-projection")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--preset {args.preset} sets the recipe, not the model: give --model (or --dry-run)")
     if args.full_finetune and args.quant is None:
         args.quant = "none"         # full fine-tuning updates the dense weights themselves
-    cli.resolve(args, FLAGS, PRESETS.get(args.preset, {}), DEMO if args.demo else {})
+    published = dict(AS_PUBLISHED, dtype="fp16" if torch.cuda.is_available() else "fp32") if args.as_published else {}
+    cli.resolve(args, FLAGS, published, PRESETS.get(args.preset, {}), DEMO if args.demo else {})
     if args.out is None and args.model is not None:
         args.out = f"out/{Path(args.model).name}-{args.ctx}"
     check_args(args)
@@ -203,7 +215,8 @@ def build_model(args, dtype=None, device="cpu"):
         model.requires_grad_(True)
     else:
         trainable = lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                  train_embed_norm=args.train_embed_norm)
+                                  train_embed_norm=args.train_embed_norm,
+                                  shared_dropout=args.lora_dropout_masks == "shared")
     return model.train(), trainable, factor
 
 
@@ -259,10 +272,12 @@ def make_optimizer(params, lr: float, weight_decay: float, device):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, foreach=False)
 
 
-def constant_with_warmup(optimizer, warmup: int):
+def constant_with_warmup(optimizer, warmup: int, hf: bool = False):
     """LR of step s (0-based): lr * min(1, (s + 1) / warmup). Unlike HF's schedule the first step is not
-    wasted at LR 0; step warmup - 1 and every later one use the full LR."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    wasted at LR 0; step warmup - 1 and every later one use the full LR. hf (--as-published): HF's
+    lr * min(1, s / warmup), the first update at LR 0, the full LR from step warmup on."""
+    first = 0 if hf else 1
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + first) / warmup) if warmup else 1.0)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -272,7 +287,7 @@ def train(args) -> dict:
     loading (build_dataset, build_model), --resume, the log, checkpoints every --save-every steps and on Ctrl-C."""
     with run.Run(args, build_dataset, build_model, [f[0] for f in RECIPE], [f[0] for f in RECIPE + RUN]) as r:
         optimizer = make_optimizer(r.trainable, args.lr, args.weight_decay, r.device)
-        scheduler = constant_with_warmup(optimizer, args.warmup)
+        scheduler = constant_with_warmup(optimizer, args.warmup, hf=args.as_published)
         scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == torch.float16)
         start = r.restore(optimizer, scheduler, scaler)         # 0, or the checkpoint's step, everything as it was
         batches = data.batches(r.dataset, r.sampler, args.batch_size, r.pad_id)
