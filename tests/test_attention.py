@@ -92,16 +92,20 @@ def reference_s2_none(q, k, v, g, key_mask):
 
 
 def reference_s2_roll_published(q, k, v, g, key_mask):
-    """LongLoRA's PyTorch path with its attention mask: after the roll, every group of both halves gets the
-    first group's block of the (causal + padding) mask, so in-group key i is visible iff token i is real. Our
-    own zero padding up to a multiple of g (LongLoRA has none: it refuses such lengths) stays masked."""
+    """LongLoRA's PyTorch path with its attention mask: after the roll, every group of both halves gets a
+    first group's block of the (causal + padding) mask, so in-group key i is visible iff token i is real. The
+    groups are batch entries b * n + j (n groups per sequence) and the mask blocks are the batch repeated n
+    times, so entry b * n + j gets sequence (b * n + j) mod B's block. Our own zero padding up to a multiple
+    of g (LongLoRA has none: it refuses such lengths) stays masked."""
     batch, n_heads, length, _ = q.shape
     k, v = expand_kv(k, n_heads), expand_kv(v, n_heads)
     padded, s, half = -(-length // g) * g, g // 2, n_heads // 2
     pad = lambda x: torch.cat([x, x.new_zeros(x.shape[:2] + (padded - length, x.shape[3]))], dim=2)  # noqa: E731
     q, k, v = pad(q), pad(k), pad(v)
     first = torch.cat([key_mask, key_mask.new_zeros(batch, padded - length)], dim=1)[:, :g]
-    in_group = first[:, torch.arange(padded) % g]
+    n = padded // g
+    blocks = first.repeat(n, 1)                                       # (n * B, g): the batch tiled n times
+    in_group = torch.stack([torch.cat([blocks[b * n + j] for j in range(n)]) for b in range(batch)])
     real = (torch.arange(padded) < length).expand(batch, padded)
     ids = torch.arange(padded) // g
     out_plain = naive_attention(q[:, :half], k[:, :half], v[:, :half], group_allowed(ids, in_group & real))
