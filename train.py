@@ -144,7 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--preset {args.preset} sets the recipe, not the model: give --model (or --dry-run)")
     if args.full_finetune and args.quant is None:
         args.quant = "none"         # full fine-tuning updates the dense weights themselves
-    published = dict(AS_PUBLISHED, dtype="fp16" if torch.cuda.is_available() else "fp32") if args.as_published else {}
+    gpu = args.as_published and (args.dry_run or torch.cuda.is_available())     # --dry-run predicts the GPU run
+    published = dict(AS_PUBLISHED, dtype="fp16" if gpu else "fp32") if args.as_published else {}
     cli.resolve(args, FLAGS, published, PRESETS.get(args.preset, {}), DEMO if args.demo else {})
     if args.out is None and args.model is not None:
         args.out = f"out/{Path(args.model).name}-{args.ctx}"
