@@ -20,6 +20,10 @@ Variants (shift=):
            The last group then holds the final tokens *followed by* the first s tokens, which see them
            (information flows backwards in time there), as in LongLoRA. The sequence is padded to a multiple
            of g (padded keys never attended, padded query rows dropped), the roll is over the padded length.
+  "roll-published": "roll" with LongLoRA's padding mask (train.py --as-published): every group of both halves
+           gets a first group's block of the mask (in-group key i visible iff token i is real), so pad keys that
+           wrap into the last group stay visible to the shifted heads' first half-group. Group j of sequence b
+           gets sequence (b * n + j) mod B's block (torch's repeat tiles the batch; b's own when B = 1).
   "none":  no shifted half: every head attends inside [0, g), [g, 2g), ... (LongLoRA's "short attention"
            ablation; information never crosses a group boundary).
   Odd g: both shift directions use s = g // 2. (LongLoRA writes roll(-g // 2), which Python reads as
@@ -32,7 +36,7 @@ no key at all (e.g. a left-padding position) gets an output of 0 instead of NaN.
 import torch
 import torch.nn.functional as F
 
-S2_SHIFTS = ("segment", "roll", "none")
+S2_SHIFTS = ("segment", "roll", "none", "roll-published")
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -61,14 +65,14 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group_siz
                  key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Shifted Sparse Attention. q (B, H, T, D), k/v (B, Hkv, T, D). Returns (B, H, T, D)."""
     if shift not in S2_SHIFTS:
-        raise ValueError(f"s2_attention: shift must be 'segment', 'roll' or 'none', got {shift!r}")
+        raise ValueError(f"s2_attention: shift must be 'segment', 'roll' or 'none' (or roll-published), got {shift!r}")
     if not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"s2_attention: group_size must be a positive integer, got {group_size!r}")
     batch, n_heads, length, _ = q.shape
     if k.shape[2] != length:
         raise ValueError(f"s2_attention: queries and keys must have the same length, got {length} and {k.shape[2]}")
     _check_padding_mask(key_padding_mask, batch, length)
-    if shift != "roll" and group_size >= length:
+    if not shift.startswith("roll") and group_size >= length:
         return causal_attention(q, k, v, key_padding_mask)
 
     # Repeat kv heads first so that splitting the heads in halves keeps every query head with its kv head.
@@ -77,10 +81,18 @@ def s2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, group_siz
         return grouped_causal_attention(q, k, v, group_size, key_padding_mask)
     half = n_heads // 2  # LongLoRA shifts heads [H // 2, H)
     shifted_attention = _segment_shifted_attention if shift == "segment" else _roll_shifted_attention
+    plain_mask = shifted_mask = key_padding_mask
+    if shift == "roll-published" and key_padding_mask is not None:
+        # First groups' masks, tiled; the shifted half's rolled right by s, so that the roll left undoes it.
+        first = F.pad(key_padding_mask[:, :group_size], (0, max(0, group_size - length)), value=False)
+        n = -(-length // group_size)
+        source = (torch.arange(batch, device=q.device)[:, None] * n + torch.arange(n, device=q.device)) % batch
+        tiled = first[source].reshape(batch, -1)
+        plain_mask, shifted_mask = tiled[:, :length], torch.roll(tiled, group_size // 2, dims=1)[:, :length]
     outs = []
     if half > 0:
-        outs.append(grouped_causal_attention(q[:, :half], k[:, :half], v[:, :half], group_size, key_padding_mask))
-    outs.append(shifted_attention(q[:, half:], k[:, half:], v[:, half:], group_size, key_padding_mask))
+        outs.append(grouped_causal_attention(q[:, :half], k[:, :half], v[:, :half], group_size, plain_mask))
+    outs.append(shifted_attention(q[:, half:], k[:, half:], v[:, half:], group_size, shifted_mask))
     # Joined in (B, T, H, D) memory order, as SDPA lays out its own output: the caller's (B, T, H * D) view of
     # it is then free instead of one more copy.
     return torch.cat([o.transpose(1, 2) for o in outs], dim=2).transpose(1, 2)
@@ -165,9 +177,8 @@ def _match_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[
 
 
 def _check_padding_mask(key_padding_mask: torch.Tensor | None, batch: int, length: int) -> None:
-    if key_padding_mask is None:
-        return
-    if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, length):
+    if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool
+                                         or tuple(key_padding_mask.shape) != (batch, length)):
         raise ValueError(
             f"attention: key_padding_mask must be a bool tensor of shape ({batch}, {length}), "
             f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"

@@ -1,34 +1,35 @@
 """Evaluation of a context-extended LLaMA: perplexity on long texts (PG19, Proof-pile) and passkey retrieval.
 
 As LongQLoRA reports it (REFERENCE §6, §7): lengths 1024 / 2048 / 4096 / 8192, full causal attention (S²-Attn
-only approximates it in training), the base in NF4. The RoPE scaling is the one the weights were trained with,
-the same at every length (infra/rope_scaling.py's inference rule: --rope-factor, else the adapter's longqlora.json, else the
-checkpoint's config.json); it is printed and written to the results.
+only approximates it in training), the base in NF4. RoPE scales as in training, the same at every length
+(infra/rope_scaling.py: --rope-factor, else the adapter's longqlora.json, else config.json), printed and saved.
 
 Perplexity. The text is one flat token stream x_0 .. x_{N-1} (tokenized documents back to back, each starting
 with BOS, or LongLoRA's pre-tokenized `.bin`). A window x_s .. x_{s+L-1} (L = seq_len) holds L - 1 predictions,
-nll_t = -log p(x_t | x_s .. x_{t-1}). Three protocols:
-  longlora   LongLoRA's eval.py: windows start at s in range(0, N - L, stride) with the LAST start dropped
-             (stride 256 by default); ppl = exp(mean over windows of each window's mean nll). Tokens in the
-             overlap of windows are scored several times; the tail of the stream is not scored.
-  longqlora  LongQLoRA's evaluate.py: the same with stride = seq_len (non-overlapping windows). The default:
-             the paper's table (REFERENCE §7) comes from it.
+nll_t = -log p(x_t | x_s .. x_{t-1}). Our protocols (disjoint the default), and the published scripts':
+  disjoint   Windows start at s in range(0, N - L, L) with the LAST start dropped (as the scripts drop it):
+             non-overlapping windows; ppl = exp(mean over windows of each window's mean nll).
   sliding    Every token x_1 .. x_{N-1} is scored exactly once, ppl = exp(sum of nlls / (N - 1)): the first
              window [0, L) scores x_1 .. x_{L-1}; each next window [e - L, e), e = L + stride, L + 2 stride, ...,
              N, scores only its new targets x_{e_prev} .. x_{e-1}, with at least L - stride tokens of context.
              Windows are right-aligned, all exactly L long (the HF docs' last one is shorter); stride defaults to
              L // 2 and must be < L. The scored set is the same at every L, so lengths are comparable.
+  longqlora  LongQLoRA's evaluate.py: disjoint's loop with stride 8192 whatever L is (at L < 8192 most of the
+             text is skipped), the base in NF4 with fp16 compute, LongLoRA's `pg19-<split>.bin` preferred.
+  longlora   LongLoRA's eval.py: the same loop with stride 256 (overlapping windows: tokens scored several
+             times), the base dense in fp16, the `.bin` files preferred. (infra/published.py: the details.)
 "tokens" in the results counts scored predictions (with multiplicity for longlora's overlaps). The loss is
 computed in chunks (model.chunked_cross_entropy), so an 8k window never holds (T, vocab) fp32 logits.
 
-Passkey retrieval (LongLoRA, PI): filler text ("The grass is green. The sky is blue. ...") with one line
-"The pass key is K. Remember it. K is the pass key." at a random depth, then "What is the pass key? The pass
-key is"; K a random 5-digit number. The prompt is grown to seq_len - PASSKEY_NEW_TOKENS tokens (so the prompt
-and the answer fit in seq_len), the answer is decoded greedily with the KV cache, and a trial is correct when
-the first number in the answer is K. Accuracy per length and per depth bucket.
+Passkey retrieval (ours; --protocol longlora: LongLoRA's test, infra/published.py): filler text ("The grass
+is green. ...") with one line "The pass key is K. Remember it. K is the pass key." at a random depth, then
+"What is the pass key? The pass key is"; K a random 5-digit number. The prompt is grown to seq_len -
+PASSKEY_NEW_TOKENS tokens (prompt and answer fit in seq_len), the answer decoded greedily with the KV cache;
+correct when its first number is K. Accuracy per length and per depth bucket.
 
     python eval.py --model DIR --dataset pg19 --seq-len 1024 2048 4096 8192 --out results.json
     python eval.py --model DIR --adapter ADAPTER --dataset proof-pile --protocol longlora
+    python eval.py --model DIR --adapter ADAPTER --dataset pg19 --protocol longqlora   # the paper's script
     python eval.py --model DIR --task passkey --seq-len 1024 2048 4096 8192 --trials 20
 """
 from __future__ import annotations
@@ -46,19 +47,21 @@ from tqdm import tqdm
 from infra import atomic
 from infra import cli
 from infra import eval_data
+from infra import published
+from infra.published import FILLER, PASSKEY_LINE, PASSKEY_QUESTION, PASSKEY_TASK
 from infra import sources
 
 # torch (seconds to load) is imported in the functions that use it, so --help and bad flags answer at once.
 
-PROTOCOLS = ("longqlora", "longlora", "sliding")
-LONGLORA_STRIDE = 256
+PROTOCOLS = ("disjoint", "sliding", "longqlora", "longlora")
 MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's usable context
 
 
 # --------------------------------------------------------------------------- perplexity
 
 def default_stride(protocol: str, seq_len: int) -> int:
-    return {"longlora": LONGLORA_STRIDE, "longqlora": seq_len, "sliding": max(1, seq_len // 2)}[protocol]
+    return {"disjoint": seq_len, "sliding": max(1, seq_len // 2),
+            **{name: d["stride"] for name, d in published.EVAL_DEFAULTS.items()}}[protocol]
 
 
 def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
@@ -97,7 +100,7 @@ def token_nll(model, tokens):
         return model.loss(tokens, tokens, reduction="none")
 
 
-def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "longqlora", stride: int | None = None,
+def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "disjoint", stride: int | None = None,
                         batch_size: int = 1, progress: bool = True, name: str = "model") -> dict:
     """Perplexity of `tokens` (1-D ids) under one protocol: {"seq_len", "stride", "protocol", "ppl", "nll",
     "tokens", "windows", "seconds"}, nll = log(ppl). All windows have the same length, so they batch freely and
@@ -130,11 +133,6 @@ def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "longqlora"
 
 # --------------------------------------------------------------------------- passkey retrieval
 
-PASSKEY_TASK = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                "I will quiz you about the important information there.")
-FILLER = ("The grass is green.", "The sky is blue.", "The sun is yellow.", "Here we go.", "There and back again.")
-PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is"
 PASSKEY_NEW_TOKENS = 10         # " 12345." is at most 7 LLaMA tokens (digits are single tokens)
 DEPTH_BUCKETS = 5
 
@@ -185,20 +183,30 @@ def passkey_summary(trials: list[dict], n_buckets: int = DEPTH_BUCKETS) -> dict:
             "depth_accuracy": {b: (sum(v) / len(v) if v else None) for b, v in buckets.items()}}
 
 
-def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int = 0, progress: bool = True) -> dict:
-    """Passkey retrieval at one length: `trials` random (key, depth) pairs, greedy answers with the KV cache."""
+def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int = 0, progress: bool = True,
+                     protocol: str | None = None) -> dict:
+    """Passkey retrieval at one length: `trials` random (key, depth) pairs, greedy answers with the KV cache.
+    protocol "longlora": LongLoRA's prompts and exact-token scoring (infra/published.py); else ours."""
     from generate import generate
     if trials < 1:
         raise ValueError(f"--trials must be positive, got {trials}")
     rng = random.Random(seed * 1_000_003 + seq_len)     # the same trials for a length whatever else runs
     records, t0 = [], time.perf_counter()
-    for _ in tqdm(range(trials), desc=f"passkey L={seq_len}", unit="trial", disable=not progress, dynamic_ncols=True):
-        key, depth = str(rng.randint(10000, 99999)), rng.random()
-        prompt = passkey_prompt(tokenizer, seq_len - PASSKEY_NEW_TOKENS, depth, key)
-        answer = tokenizer.decode(generate(model, tokenizer, prompt, PASSKEY_NEW_TOKENS, temperature=0.0))
-        records.append({"key": key, "depth": depth, "prompt_tokens": len(prompt), "answer": answer,
-                        "correct": passkey_correct(answer, key)})
+    for j in tqdm(range(trials), desc=f"passkey L={seq_len}", unit="trial", disable=not progress, dynamic_ncols=True):
+        if protocol == "longlora":
+            text, key, depth = published.passkey_trial(seq_len, j, rng)
+            prompt, key_ids = tokenizer.encode(text, bos=True), tokenizer.encode(key, bos=False)
+            answer = generate(model, tokenizer, prompt, len(key_ids), temperature=0.0)
+            correct = published.passkey_correct(answer, key_ids)
+        else:
+            key, depth = str(rng.randint(10000, 99999)), rng.random()
+            prompt = passkey_prompt(tokenizer, seq_len - PASSKEY_NEW_TOKENS, depth, key)
+            answer = generate(model, tokenizer, prompt, PASSKEY_NEW_TOKENS, temperature=0.0)
+            correct = passkey_correct(tokenizer.decode(answer), key)
+        records.append({"key": key, "depth": depth, "prompt_tokens": len(prompt), "correct": correct,
+                        "answer": tokenizer.decode(answer)})
     return {"task": "passkey", "seq_len": seq_len, **passkey_summary(records),
+            "mean_prompt_tokens": sum(r["prompt_tokens"] for r in records) / trials,
             "seconds": time.perf_counter() - t0, "records": records}
 
 
@@ -212,12 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, nargs="+", default=[1024, 2048, 4096, 8192], help="evaluation lengths")
     p.add_argument("--attn", choices=("full", "s2"), default="full",
                    help="full causal attention (the paper's choice at inference) or S²-Attn (ablation)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="longqlora",
-                   help="perplexity windows: longqlora = non-overlapping windows of seq_len tokens (the paper's "
-                        "table), longlora = windows every --stride tokens, sliding = every token scored once, "
-                        "after at least seq_len - stride tokens of context")
-    p.add_argument("--stride", type=int, default=None, help=f"window stride (default: {LONGLORA_STRIDE} for "
-                   "longlora, seq_len for longqlora, seq_len // 2 for sliding)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="disjoint",
+                   help="ours: disjoint = non-overlapping windows of seq_len tokens, sliding = every token scored "
+                        "once after at least seq_len - stride tokens of context; the published scripts, each with "
+                        "its defaults for flags not given: longqlora = LongQLoRA's evaluate.py (stride 8192 "
+                        "whatever seq_len, --quant nf4, --dtype fp16, .bin token files preferred), longlora = "
+                        "LongLoRA's eval.py (stride 256, dense fp16, .bin preferred) and, with --task passkey, "
+                        "LongLoRA's passkey test (10 trials, keys 1..50000, exact token match)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: seq_len for disjoint, "
+                   "seq_len // 2 for sliding, 8192 for longqlora, 256 for longlora)")
     p.add_argument("--dataset", choices=("pg19", "proof-pile"), default="pg19", help="looked up in --data-dir")
     p.add_argument("--split", default=None, help="dataset split (default: validation for pg19, test for proof-pile)")
     p.add_argument("--data-dir", default=None, help="where --dataset looks (default: $LONGQLORA_DATA or data)")
@@ -228,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="token cache (default: $LONGQLORA_CACHE or ~/.cache/longqlora)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate the first N tokens only (default: all)")
     p.add_argument("--batch-size", type=int, default=1, help="windows per forward (the result does not change)")
-    p.add_argument("--trials", type=int, default=20, help="passkey trials per length")
+    p.add_argument("--trials", type=int, default=20, help="passkey trials per length (10 for --protocol longlora)")
     p.add_argument("--seed", type=int, default=0, help="passkey keys and depths")
     p.add_argument("--out", default=None, help="results JSON (rewritten after every length)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -236,7 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    args = cli.one_line_errors(build_parser()).parse_args(argv)
+    """Flags left unset that a published protocol changes stay None here; run() fills them in (published.py)."""
+    unset = argparse.Namespace(quant=None, dtype=None, trials=None)     # argparse keeps these unless given
+    args = cli.one_line_errors(build_parser()).parse_args(argv, unset)
     for L in args.seq_len:
         cli.check_range("--seq-len", L, 2)
     for flag, low in (("batch_size", 1), ("trials", 1), ("stride", 1), ("max_tokens", 2), ("rope_factor", 1)):
@@ -246,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--download fetches PG19 only, not {args.dataset}")
     if args.task == "passkey" and args.attn != "full":
         raise ValueError("passkey decodes with the KV cache, which needs --attn full")
+    if args.task == "passkey" and args.protocol not in ("disjoint", "longlora"):
+        raise ValueError(f"--task passkey: --protocol longlora (LongLoRA's test) or none (ours), not {args.protocol}")
     return args
 
 
@@ -253,10 +268,11 @@ def run(args) -> dict:
     from generate import load_model, max_length
     from infra.rope_scaling import describe_scaling
     show, perplexity = not args.no_progress, args.task == "perplexity"
+    device = cli.device(args.device)
+    published.apply_eval_defaults(args, device.type == "cuda")      # prints a note where it changes the dtype
     if perplexity:  # missing data fails before the model is loaded
         path, reader_split, dataset, split = eval_data.eval_source(args)
     tokenizer = sources.load_tokenizer(args.model) if not perplexity or path.suffix != ".bin" else None
-    device = cli.device(args.device)
     model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
                                args.rope_factor, device)
     model.set_attention(args.attn)
@@ -272,7 +288,7 @@ def run(args) -> dict:
     for L in args.seq_len:      # an impossible length fails before time is spent on the others
         if perplexity:
             perplexity_windows(len(tokens), L, args.protocol, args.stride)
-        else:
+        elif args.protocol != "longlora":
             passkey_prompt(tokenizer, L - PASSKEY_NEW_TOKENS, 0.5, "12345")
     print(f"RoPE factor {factor} at every length (from {source}); usable context {usable} tokens", flush=True)
     report = {"model": str(args.model), "adapter": None if args.adapter is None else str(args.adapter),
@@ -284,7 +300,7 @@ def run(args) -> dict:
                  **evaluate_perplexity(model, tokens, L, args.protocol, args.stride, args.batch_size, show,
                                      f"{args.model}" + (f" with adapter {args.adapter}" if args.adapter else ""))}
         else:
-            r = evaluate_passkey(model, tokenizer, L, args.trials, args.seed, show)
+            r = evaluate_passkey(model, tokenizer, L, args.trials, args.seed, show, args.protocol)
         report["results"].append({**r, "rope_factor": factor})
         if args.out:  # after every length, so a crash at 8k keeps the shorter results
             atomic.write_json(args.out, report)

@@ -14,8 +14,8 @@ x PI factor); a longer prompt is refused, or cut to its last tokens with --keep-
 Top-p (nucleus) sampling: sort the probabilities in decreasing order and keep the smallest prefix whose mass
 reaches top_p (the most likely token is always kept), renormalise, sample.
 
-The RoPE scaling follows the inference rule of infra/rope_scaling.py (--rope-factor, else the adapter's recorded training factor,
-else the checkpoint's config), the same at every length. Chat uses the adapter's training template, or --template.
+RoPE scales as infra/rope_scaling.py rules (--rope-factor, else the adapter's recorded training factor, else the
+checkpoint's config), the same at every length. Chat uses the adapter's training template, or --template.
 
     python generate.py --model DIR --prompt "It was a dark and stormy night"
     python generate.py --model DIR --adapter ADAPTER --prompt-file book.txt --max-new-tokens 200
@@ -99,7 +99,7 @@ class KVCache:
 
 def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):
     """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's frozen
-    base), with a PEFT LoRA adapter unmerged on top (as in training), RoPE scaling by infra.rope_scaling.inference_scaling."""
+    base), with a PEFT LoRA adapter unmerged on top (as in training), RoPE scaling by rope_scaling.inference_scaling."""
     model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else quant)
     training = None
     if adapter is not None:

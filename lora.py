@@ -71,13 +71,15 @@ def is_embed_or_norm(param_name: str) -> bool:
 
 
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.05,
-             targets=DECODER_LINEARS, train_embed_norm: bool = False, fused: bool = True) -> list[nn.Parameter]:
+             targets=DECODER_LINEARS, train_embed_norm: bool = False, fused: bool = True,
+             shared_dropout: bool = True) -> list[nn.Parameter]:
     """Wrap every linear whose attribute name is in `targets` with LoRALinear and freeze everything else.
 
     Returns the trainable parameters: all lora_A/lora_B, plus the embeddings and every norm weight when
     `train_embed_norm` (LongLoRA's LoRA+). fused: each layer is the fused autograd node, and siblings that
-    read the same tensor (SAME_INPUT) share one dropout mask; False: the plain path, one mask per layer as
-    PEFT draws them. The configuration is kept as `model.lora_config`.
+    read the same tensor (SAME_INPUT) share one dropout mask unless shared_dropout=False (one mask per layer
+    as PEFT draws them, as the plain path always does); False: the plain path. The configuration is kept as
+    `model.lora_config`.
     """
     targets = tuple(dict.fromkeys(targets))
     if getattr(model, "lora_config", None) is not None:
@@ -92,7 +94,7 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     model.requires_grad_(False)
     shared = {}                   # (parent, name) -> the SharedInput of the siblings that read its input
     for parent in dict.fromkeys(parent for parent, _ in wrap):
-        for group in SAME_INPUT if fused else ():
+        for group in SAME_INPUT if fused and shared_dropout else ():
             readers = [n for n in group if (parent, n) in wrap]
             shared.update(dict.fromkeys([(parent, n) for n in readers], SharedInput(readers=len(readers))))
     # Target by target (every q_proj, then every k_proj, ...): the order the A matrices draw their random init.

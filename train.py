@@ -25,12 +25,12 @@ One optimizer step, following a token from the data to the update (the functions
      Then the gradient norm is clipped to 0.3 and AdamW steps (bitsandbytes PagedAdamW32bit on CUDA: its
      states page to CPU under memory pressure; torch AdamW on CPU), LR constant after a linear warmup.
 LoRA weights, their gradients and the optimizer state are fp32; the frozen base computes in --dtype.
+--as-published switches the five places where we deliberately differ from LongQLoRA's code back to it.
 infra/run.py: the run around the loop (--out, resume, log, --eval-every); memory.py: --dry-run; demo.py: the demo.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
@@ -50,8 +50,8 @@ torch, data, lora, rope, demo, hf, memory, run, sources = map(cli.LazyModule, (
 RECIPE = [      # what the run computes: --resume refuses to change any of these
     ("model", str, None, "HF LLaMA directory (config.json, safetensors, tokenizer.model); none: offline demo"),
     ("data", str, None, "a PG19-layout folder, a folder/.txt/.jsonl(.gz) of texts, a .bin token file, with --sft a "
-                        "JSONL of {input, output} / {conversation} records, or 'synthetic' [the demo: synthetic]"),
-    ("split", str, None, "split of a PG19-layout folder [train]"),
+                        "JSONL of {input, output} / {conversation} records, or 'synthetic' (the demo's default)"),
+    ("split", str, None, "split of a PG19-layout folder (default: train)"),
     ("ctx", 8192, "[2, inf)", "training context length in tokens"),
     ("batch_size", 1, "[1, inf)", "sequences per micro-batch and rank"),
     ("grad_accum", 1, "[1, inf)", "micro-batches per optimizer step"),
@@ -62,14 +62,17 @@ RECIPE = [      # what the run computes: --resume refuses to change any of these
     ("lora_r", 64, "[1, inf)", "LoRA rank"),
     ("lora_alpha", 16.0, "(0, inf)", "LoRA alpha, scaling alpha/r"),
     ("lora_dropout", 0.05, "[0, 1)", "dropout on the LoRA input"),
+    ("lora_dropout_masks", "shared", ("shared", "per-projection"), "dropout masks: one shared by q/k/v and one by "
+     "gate/up (they read the same input), or one per projection as PEFT draws them"),
     ("train_embed_norm", False, None, "also train embeddings and norms (LoRA+)"),
     ("full_finetune", False, None, "PI + full fine-tuning of a dense model, no LoRA (saves model/, not adapter/)"),
     ("group_size_ratio", 0.25, "(0, 1]", "S²-Attn group size as a fraction of ctx"),
     ("attn", "s2", ("s2", "full"), "attention during training"),
-    ("s2_shift", "segment", ("segment", "roll", "none"), "S²-Attn shift of the second half of the heads: segment "
-     "(LongLoRA's flash-attn path, causal end to end), roll (LongLoRA's PyTorch path, which LongQLoRA trained "
-     "with: it wraps around, so from a few layers up a position can see the token it predicts; use it to "
-     "reproduce the paper exactly), none (no shift: the short-attention ablation)"),
+    ("s2_shift", "segment", ("segment", "roll", "none", "roll-published"), "S²-Attn shift of the second half of "
+     "the heads: segment (LongLoRA's flash-attn path, causal end to end), roll (LongLoRA's PyTorch path, which "
+     "LongQLoRA trained with: it wraps around, so from a few layers up a position can see the token it predicts), "
+     "roll-published (roll with that path's padding mask: every group masked with the first group's block, so "
+     "pad keys wrapped into the last group stay visible), none (no shift: the short-attention ablation)"),
     ("quant", "nf4", ("nf4", "none"), "storage of the frozen decoder linears"),
     ("dtype", "auto", ("auto", "bf16", "fp16", "fp32"),
      "compute dtype of the frozen base; auto: bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU"),
@@ -79,28 +82,29 @@ RECIPE = [      # what the run computes: --resume refuses to change any of these
      "accumulation: every loss token weighs the same, or every micro-batch (LongQLoRA)"),
     ("layout", "packing", ("packing", "truncate"), "pretraining sequences: documents joined with EOS and cut into "
      "ctx chunks (LongLoRA), or one BOS+document per sequence, truncated and padded (LongQLoRA)"),
-    ("rope_factor", float, f"[1, {cli.MAX_ROPE_FACTOR}]", "PI factor [ceil(ctx / max_position_embeddings)]; 1: no PI"),
+    ("rope_factor", float, f"[1, {cli.MAX_ROPE_FACTOR}]", "PI factor; 1: no PI (default: ceil(ctx / trained ctx))"),
     ("seed", 42, "[0, 9223372036854775807)", "seed of LoRA init, dropout and data order (torch takes 64 bits)"),
+    ("as_published", False, None, "every knob as LongQLoRA's published code, flaws included: --s2-shift "
+     "roll-published, --loss-weighting micro-batch, HF's warmup (first update at LR 0), --dtype fp16 with loss "
+     "scaling (CUDA; fp32 on CPU), --lora-dropout-masks per-projection; explicit flags and --preset still apply"),
 ]
 RUN = [         # how the run is carried out: free to change on --resume
-    ("max_steps", int, "[1, inf)", "optimizer steps [1000; --sft: one epoch]"),
-    ("out", str, None, "output folder [out/demo for the demo, else out/<model name>-<ctx>]"),
+    ("max_steps", int, "[1, inf)", "optimizer steps (default: 1000; --sft: one epoch)"),
+    ("out", str, None, "output folder (default: out/demo for the demo, else out/<model name>-<ctx>)"),
     ("save_every", 100, "[0, inf)", "checkpoint every N steps (0: never)"),
     ("keep_checkpoints", 3, "[0, inf)", "keep only the newest N checkpoints (0: all)"),
     ("log_every", 10, "[1, inf)", "print a log line every N steps"),
-    ("cache_dir", str, None, "token cache folder [$LONGQLORA_CACHE or ~/.cache/longqlora]"),
+    ("cache_dir", str, None, "token cache folder (default: $LONGQLORA_CACHE or ~/.cache/longqlora)"),
     ("quant_backend", "auto", ("auto", "torch", "bnb"), "NF4 dequantization kernel"),
     ("loss_chunk", 1024, "[1, inf)", "tokens per lm_head + cross-entropy chunk"),
     ("mlp_chunk", 0, "[0, inf)", "MLP of the recomputed layer in tiles of this many tokens: less memory, one "
                                  "more MLP forward (0: untiled)"),
     ("offload_activations", False, None, "keep the checkpointed layer inputs in pinned CPU memory (CUDA only)"),
     ("compile", False, None, "torch.compile every decoder layer (slower on the CPUs measured so far, see README)"),
-    ("eval_every", 0, "[0, inf)", "every N steps and at the end, the loss and ppl of held-out sequences at --ctx "
-                                  "with full attention, in metrics.jsonl and the log (0: never)"),
-    ("eval_data", str, None, "held-out data for --eval-every, read like --data [the validation split of a PG19-layout "
-                             "--data; fresh synthetic sequences for the demo]"),
+    ("eval_every", 0, "[0, inf)", "every N steps and at the end: held-out loss at --ctx, full attention (0: never)"),
+    ("eval_data", str, None, "held-out data, read like --data (default: a PG19 --data's validation split; synthetic)"),
     ("eval_sequences", 8, "[1, inf)", "held-out sequences per evaluation"),
-    ("tensorboard", False, None, "also write the metrics for TensorBoard to <out>/tensorboard (needs tensorboard)"),
+    ("tensorboard", False, None, "also log the metrics to <out>/tensorboard (needs the tensorboard package)"),
 ]
 # The paper's recipes (REFERENCE §2; its LoRA and optimizer settings are the defaults above), LongQLoRA's roll
 # shift only on request (see --s2-shift); and the offline demo's (no --model; infra/demo.py says why).
@@ -117,16 +121,18 @@ COMMAND = [     # what this invocation does; not saved with the run
     ("preset", str, tuple(PRESETS), "the paper's recipe; explicit flags override it"),
     ("resume", False, None, "continue from the newest complete checkpoint in --out"),
     ("overwrite", False, None, "replace a previous run in --out"),
-    ("threads", int, None, "CPU threads for torch [all cores; the demo: up to 4 idle ones]"),
+    ("threads", int, None, "CPU threads for torch (default: all cores; the demo: up to 4 idle ones)"),
     ("dry_run", False, None, "print the predicted peak memory of one step and exit"),
     ("budget", str, None, "with --dry-run: also print the longest ctx whose step fits this much memory (e.g. 32GB)"),
 ]
 FLAGS = RECIPE + RUN + COMMAND
+# --as-published: LongQLoRA's code where our defaults deliberately differ (README: the deviation table).
+AS_PUBLISHED = dict(s2_shift="roll-published", loss_weighting="micro-batch", lora_dropout_masks="per-projection")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.table_parser(FLAGS, prog="train.py", description="LongQLoRA: PI + NF4 + LoRA + S²-Attn fine-tuning. "
-                         "[defaults] in brackets; --preset and the demo change some of them.")
+                         "--preset and the demo change some defaults.")
     for layout in ("packing", "truncate"):      # the spellings of LongLoRA's and LongQLoRA's layouts
         p.add_argument(f"--{layout}", dest="layout", action="store_const", const=layout, help=f"--layout {layout}")
     return p
@@ -140,7 +146,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError(f"--preset {args.preset} sets the recipe, not the model: give --model (or --dry-run)")
     if args.full_finetune and args.quant is None:
         args.quant = "none"         # full fine-tuning updates the dense weights themselves
-    cli.resolve(args, FLAGS, PRESETS.get(args.preset, {}), DEMO if args.demo else {})
+    gpu = args.as_published and (args.dry_run or torch.cuda.is_available())     # --dry-run predicts the GPU run
+    published = dict(AS_PUBLISHED, dtype="fp16" if gpu else "fp32") if args.as_published else {}
+    cli.resolve(args, FLAGS, published, PRESETS.get(args.preset, {}), DEMO if args.demo else {})
     if args.out is None and args.model is not None:
         args.out = f"out/{Path(args.model).name}-{args.ctx}"
     check_args(args)
@@ -156,16 +164,13 @@ def check_args(args) -> None:
         raise ValueError("--full-finetune trains the dense weights: it needs --quant none and bf16 or fp32")
     if args.sft and args.data in (None, "synthetic") and not args.dry_run:
         raise ValueError("--sft needs --data pointing to a JSONL of conversations")
-    if args.demo and args.data != "synthetic":
-        raise ValueError(f"--data {args.data}: text data needs the tokenizer of a --model (the demo uses synthetic)")
+    for flag, value in (("--data", args.data), ("--eval-data", args.eval_data or "synthetic")):
+        if args.demo and value != "synthetic":
+            raise ValueError(f"{flag} {value}: text data needs the tokenizer of a --model (the demo uses synthetic)")
     if args.resume and args.overwrite:
         raise ValueError("--resume and --overwrite contradict each other")
     if args.budget is not None and not args.dry_run:
         raise ValueError("--budget goes with --dry-run")
-    if args.demo and args.eval_data not in (None, "synthetic"):
-        raise ValueError(f"--eval-data {args.eval_data}: the demo evaluates on synthetic sequences (no tokenizer)")
-    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
-        raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard")
 
 
 # --------------------------------------------------------------------------- data, model, one optimizer step
@@ -214,7 +219,8 @@ def build_model(args, dtype=None, device="cpu"):
         model.requires_grad_(True)
     else:
         trainable = lora.add_lora(model, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                                  train_embed_norm=args.train_embed_norm)
+                                  train_embed_norm=args.train_embed_norm,
+                                  shared_dropout=args.lora_dropout_masks == "shared")
     return model.train(), trainable, factor
 
 
@@ -270,10 +276,12 @@ def make_optimizer(params, lr: float, weight_decay: float, device):
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, foreach=False)
 
 
-def constant_with_warmup(optimizer, warmup: int):
+def constant_with_warmup(optimizer, warmup: int, hf: bool = False):
     """LR of step s (0-based): lr * min(1, (s + 1) / warmup). Unlike HF's schedule the first step is not
-    wasted at LR 0; step warmup - 1 and every later one use the full LR."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    wasted at LR 0; step warmup - 1 and every later one use the full LR. hf (--as-published): HF's
+    lr * min(1, s / warmup), the first update at LR 0, the full LR from step warmup on."""
+    first = 0 if hf else 1
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + first) / warmup) if warmup else 1.0)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -283,7 +291,7 @@ def train(args) -> dict:
     loading (build_dataset, build_model), --resume, the log, checkpoints every --save-every steps and on Ctrl-C."""
     with run.Run(args, build_dataset, build_model, [f[0] for f in RECIPE], [f[0] for f in RECIPE + RUN]) as r:
         optimizer = make_optimizer(r.trainable, args.lr, args.weight_decay, r.device)
-        scheduler = constant_with_warmup(optimizer, args.warmup)
+        scheduler = constant_with_warmup(optimizer, args.warmup, hf=args.as_published)
         scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == torch.float16)
         start = r.restore(optimizer, scheduler, scaler)         # 0, or the checkpoint's step, everything as it was
         batches = data.batches(r.dataset, r.sampler, args.batch_size, r.pad_id)

@@ -37,7 +37,7 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 def table_parser(flags, **kwargs) -> argparse.ArgumentParser:
     """The flags of a table [(name, default, range, help)], each default None (resolve fills them in): a switch
     for a False default, else the default's type (or the type given as the default: none unless given), the
-    choices of a tuple range, and the default in brackets after the help."""
+    choices of a tuple range, and "(default: x)" after the help, as eval.py and generate.py show it."""
     p = one_line_errors(argparse.ArgumentParser(**kwargs))
     for name, default, values, text in flags:
         flag, unset = "--" + name.replace("_", "-"), isinstance(default, type)
@@ -45,7 +45,7 @@ def table_parser(flags, **kwargs) -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", default=None, help=text)
         else:
             p.add_argument(flag, type=default if unset else type(default), choices=values if isinstance(values, tuple)
-                           else None, help=text if unset else f"{text} [{default}]")
+                           else None, help=text if unset else f"{text} (default: {default})")
     return p
 
 

@@ -9,11 +9,12 @@ from infra import download
 from infra import sources
 
 
-def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
+def find_dataset(dataset: str, split: str, data_dir, prefer_bin: bool = False) -> tuple[Path, str | None]:
     """(path, split for the reader) of a named dataset, or FileNotFoundError naming every place looked at and how
     to get the data. pg19 prefers the text layout (`pg19/<split>/*.txt`), tokenized with the evaluated model's own
     tokenizer, to LongLoRA's `pg19-<split>.bin` (LLaMA's); proof-pile prefers LongLoRA's `proof-pile-<split>.bin`
-    (the paper's sample of 128 long test documents) to the split's jsonl(.gz) files."""
+    (the paper's sample of 128 long test documents) to the split's jsonl(.gz) files. prefer_bin (the published
+    protocols): files, so the `.bin` token files, before text folders."""
     d = Path(data_dir)
     # (path, reader split, folder that must hold text files; None for a file)
     if dataset == "pg19":
@@ -30,6 +31,8 @@ def find_dataset(dataset: str, split: str, data_dir) -> tuple[Path, str | None]:
                "jsonl.gz test files into that folder, or pass --data-path")
     else:
         raise ValueError(f"unknown dataset {dataset!r}; choose pg19 or proof-pile, or pass --data-path")
+    if prefer_bin:
+        candidates.sort(key=lambda c: c[2] is not None)
     for path, reader_split, folder in candidates:    # a file, or a folder with text files somewhere inside
         if path.is_file() if folder is None else any(
                 f.is_file() and f.name.endswith(sources.TEXT_SUFFIXES) for f in folder.rglob("*")):
@@ -48,14 +51,15 @@ def eval_source(args) -> tuple[Path, str | None, str, str | None]:
         split = (args.split or "validation") if sources.is_pg19_layout(path) else None
         return path, split, str(path), split
     split = args.split or ("validation" if args.dataset == "pg19" else "test")
+    prefer_bin = args.protocol in ("longqlora", "longlora")     # as their scripts read LongLoRA's token files
     data_dir = Path(args.data_dir or os.environ.get("LONGQLORA_DATA", "data"))
     try:
-        return (*find_dataset(args.dataset, split, data_dir), args.dataset, split)
+        return (*find_dataset(args.dataset, split, data_dir, prefer_bin), args.dataset, split)
     except FileNotFoundError:
         if not args.download:
             raise
     download.download_pg19(split, data_dir / "pg19", progress=not args.no_progress)
-    return (*find_dataset(args.dataset, split, data_dir), args.dataset, split)
+    return (*find_dataset(args.dataset, split, data_dir, prefer_bin), args.dataset, split)
 
 
 def results_table(task: str, results: list[dict]) -> str:

@@ -35,8 +35,8 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
     written into its config.json, where that scaling came from).
 
     Tensors are read, merged and written one at a time (peak memory: one shard plus one tensor). The RoPE
-    scaling is the one eval.py would use (infra.rope_scaling.inference_scaling): --rope-factor, else the adapter's recorded
-    training scaling, else the base's; an adapter whose scaling is unknown needs rope_factor."""
+    scaling is the one eval.py would use (rope_scaling.inference_scaling): --rope-factor, else the adapter's
+    recorded training scaling, else the base's; an adapter whose scaling is unknown needs rope_factor."""
     # imported here, not at the top: they load torch, and `python -m infra.merge --help` should answer at once
     import torch
 
@@ -111,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     from infra.rope_scaling import describe_scaling, hf_rope_scaling   # after parsing: loads torch
-    out, scaling, source = merge_and_export(args.base, args.adapter, args.out, args.rope_factor, overwrite=args.overwrite)
+    out, scaling, source = merge_and_export(args.base, args.adapter, args.out, args.rope_factor,
+                                            overwrite=args.overwrite)
     print(f"wrote {out}: {args.adapter} merged into {args.base}; rope_scaling {hf_rope_scaling(scaling)} "
           f"(RoPE factor {describe_scaling(scaling)}, from {source})")
 

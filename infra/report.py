@@ -148,13 +148,13 @@ def held_out_loss(model, dataset, n_sequences: int, batch_size: int, pad_id: int
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": tokens}
 
 
-def tensorboard_writer(log_dir):
-    """torch's SummaryWriter, which needs the optional `tensorboard` package: a clear error when it is missing."""
+def summary_writer():
+    """torch's SummaryWriter class, which needs the optional `tensorboard` package: a clear error when it is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter
 
 
 def log_scalars(writer, row: dict) -> None:

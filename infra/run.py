@@ -92,6 +92,7 @@ class Run:
             self.dataset, self.pad_id = build_dataset(args, model_args)
             start = checkpoint.resume_point(out, args.resume, args.overwrite, args.max_steps)
         self.heldout = report.held_out_dataset(args, model_args, build_dataset) if args.eval_every else None
+        tensorboard = report.summary_writer() if args.tensorboard and self.rank == 0 else None   # or a clear error
         self.sampler = data.ShuffledSampler(len(self.dataset), args.seed, self.rank, self.world)
         if args.max_steps is None:
             args.max_steps = max(1, len(self.sampler) // (args.batch_size * args.grad_accum)) if args.sft \
@@ -120,6 +121,7 @@ class Run:
             atomic.write_json(out / "train_config.json", self.config)
             (out / "metrics.jsonl").write_text("")
         self.start = start
+        self.tb = tensorboard and tensorboard(str(out / "tensorboard"))       # once --out holds this run
 
     def describe(self) -> str:
         args, a = self.args, self.model.args
@@ -159,8 +161,6 @@ class Run:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.rows, self.skipped, self.stop, t_start, self.started = [], 0, False, time.perf_counter(), now()
-        self.tb = report.tensorboard_writer(self.out / "tensorboard") if self.args.tensorboard and self.rank == 0 \
-            else None
         main = threading.current_thread() is threading.main_thread()      # signals are the main thread's
         previous = signal.signal(signal.SIGINT, self._ctrl_c) if main else None
         try:

@@ -91,7 +91,32 @@ def reference_s2_none(q, k, v, g, key_mask):
     return naive_attention(q, k, v, group_allowed(ids, key_mask))
 
 
-REFERENCES = {"segment": reference_s2_segment, "roll": reference_s2_roll, "none": reference_s2_none}
+def reference_s2_roll_published(q, k, v, g, key_mask):
+    """LongLoRA's PyTorch path with its attention mask: after the roll, every group of both halves gets a
+    first group's block of the (causal + padding) mask, so in-group key i is visible iff token i is real. The
+    groups are batch entries b * n + j (n groups per sequence) and the mask blocks are the batch repeated n
+    times, so entry b * n + j gets sequence (b * n + j) mod B's block. Our own zero padding up to a multiple
+    of g (LongLoRA has none: it refuses such lengths) stays masked."""
+    batch, n_heads, length, _ = q.shape
+    k, v = expand_kv(k, n_heads), expand_kv(v, n_heads)
+    padded, s, half = -(-length // g) * g, g // 2, n_heads // 2
+    pad = lambda x: torch.cat([x, x.new_zeros(x.shape[:2] + (padded - length, x.shape[3]))], dim=2)  # noqa: E731
+    q, k, v = pad(q), pad(k), pad(v)
+    first = torch.cat([key_mask, key_mask.new_zeros(batch, padded - length)], dim=1)[:, :g]
+    n = padded // g
+    blocks = first.repeat(n, 1)                                       # (n * B, g): the batch tiled n times
+    in_group = torch.stack([torch.cat([blocks[b * n + j] for j in range(n)]) for b in range(batch)])
+    real = (torch.arange(padded) < length).expand(batch, padded)
+    ids = torch.arange(padded) // g
+    out_plain = naive_attention(q[:, :half], k[:, :half], v[:, :half], group_allowed(ids, in_group & real))
+    rolled = [torch.roll(x[:, half:], -s, dims=2) for x in (q, k, v)]
+    out_shift = naive_attention(*rolled, group_allowed(ids, in_group & torch.roll(real, -s, dims=1)))
+    out_shift = torch.roll(out_shift, s, dims=2)
+    return torch.cat([out_plain, out_shift], dim=1)[:, :, :length]
+
+
+REFERENCES = {"segment": reference_s2_segment, "roll": reference_s2_roll, "none": reference_s2_none,
+              "roll-published": reference_s2_roll_published}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -262,7 +287,7 @@ def test_s2_attention_odd_head_count_shifts_heads_from_h_over_2(heads, shift):
     )
 
 
-@pytest.mark.parametrize("shift", ["segment", "roll", "none"])
+@pytest.mark.parametrize("shift", ["segment", "roll", "none", "roll-published"])
 @pytest.mark.parametrize("length, group_size", [(16, 4), (13, 4), (15, 6)])
 def test_s2_attention_padding_mask(length, group_size, shift):
     q, k, v = random_qkv(batch=4, heads=4, kv_heads=2, length=length, seed=5)
@@ -270,6 +295,8 @@ def test_s2_attention_padding_mask(length, group_size, shift):
     mask[0, length - 5:] = False  # right padding (batched variable-length sequences)
     mask[1, :6] = False  # left padding: whole groups without a real key
     mask[2, torch.randperm(length, generator=torch.Generator().manual_seed(0))[: length // 3]] = False
+    if shift == "roll-published":
+        pytest.skip("the published mask lets pad keys through by design: test_s2_roll_published_*")
     assert_same_values_and_grads(
         lambda q, k, v: s2_attention(q, k, v, group_size=group_size, shift=shift, key_padding_mask=mask),
         lambda q, k, v: REFERENCES[shift](q, k, v, group_size, mask),
@@ -296,6 +323,35 @@ def test_s2_attention_single_group_is_full_causal_attention(extra):
     torch.testing.assert_close(
         s2_attention(q, k, v, group_size=12 + extra, key_padding_mask=mask),
         causal_attention(q, k, v, key_padding_mask=mask), **TOL)
+
+
+@pytest.mark.parametrize("length, group_size", [(16, 4), (16, 8), (13, 4), (15, 6), (6, 8)])
+def test_s2_roll_published_matches_its_mask_rule_on_padded_batches(length, group_size):
+    q, k, v = random_qkv(batch=4, heads=4, kv_heads=2, length=length, seed=7)
+    mask = torch.ones(4, length, dtype=torch.bool)
+    mask[0, length - 5:] = False  # right padding, as LongQLoRA's collator pads
+    mask[1, 3:] = False           # a document shorter than a group
+    mask[2, torch.randperm(length, generator=torch.Generator().manual_seed(1))[: length // 3]] = False
+    assert_same_values_and_grads(
+        lambda q, k, v: s2_attention(q, k, v, group_size=group_size, shift="roll-published", key_padding_mask=mask),
+        lambda q, k, v: reference_s2_roll_published(q, k, v, group_size, mask), q, k, v)
+    # without padding it is the roll variant
+    torch.testing.assert_close(s2_attention(q, k, v, group_size=group_size, shift="roll-published"),
+                               s2_attention(q, k, v, group_size=group_size, shift="roll"), **TOL)
+
+
+def test_s2_roll_published_shifted_heads_of_a_short_example_read_padding():
+    """The issue's 12-token example: the real tokens sit in the last rolled group at in-group positions >= 12,
+    which the first group's mask hides, so the shifted heads of real tokens read pad keys only."""
+    q, k, v = random_qkv(batch=1, heads=2, length=64, seed=8)
+    mask = torch.zeros(1, 64, dtype=torch.bool)
+    mask[0, :12] = True
+    v2 = v.detach().clone()
+    v2[0, :, 12:] += 1.0
+    for shift, moved in (("roll", False), ("roll-published", True)):
+        out, out2 = (s2_attention(q, k, x, group_size=32, shift=shift, key_padding_mask=mask) for x in (v, v2))
+        assert torch.equal(out[0, 0, :12], out2[0, 0, :12])                 # unshifted head: real keys only
+        assert (not torch.allclose(out[0, 1, :12], out2[0, 1, :12])) == moved
 
 
 def test_s2_roll_wraps_around_like_longlora():

@@ -1,6 +1,7 @@
 """eval.py: perplexity protocols against HF transformers, data sources, passkey prompts, CLI and its errors."""
 import json
 import math
+import random
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import PG19_MINI, ROOT, hf_model, make_hf_checkpoint
 
 from infra import cli
 from infra import eval_data
+from infra import published
 from infra import sources
 import eval as ev
 import generate as gen
@@ -51,7 +53,7 @@ def hf_reference_ppl(path, tokens, seq_len, protocol, stride, factor):
     ids = torch.as_tensor(tokens.astype(np.int64))[None]
     n = ids.shape[1]
     with torch.no_grad():
-        if protocol in ("longlora", "longqlora"):
+        if protocol in ("longlora", "longqlora", "disjoint"):
             starts = list(range(0, n - seq_len, stride))
             starts.pop()
             losses = [model(ids[:, s:s + seq_len], labels=ids[:, s:s + seq_len]).loss.item() for s in starts]
@@ -71,10 +73,14 @@ def hf_reference_ppl(path, tokens, seq_len, protocol, stride, factor):
 
 
 @pytest.mark.parametrize("factor", [None, 2.0], ids=["plain", "PI2"])
-@pytest.mark.parametrize("protocol,stride", [("longlora", 24), ("longqlora", 64), ("sliding", 20)])
+@pytest.mark.parametrize("protocol,stride", [("longlora", 24), ("longqlora", 64), ("disjoint", 64), ("sliding", 20),
+                                             ("longqlora", None), ("longlora", None)])
 def test_perplexity_equals_hf(ckpt, tokens, protocol, stride, factor):
     model = load(ckpt, dtype=torch.float32, rope_factor=factor)
+    if stride is None:      # the published defaults, 8192 and 256, on a stream with two starts (one is dropped)
+        tokens = np.tile(tokens, 8200 // len(tokens) * 2 + 1 if protocol == "longqlora" else 1)
     ours = ev.evaluate_perplexity(model, tokens, 64, protocol, stride=stride, progress=False)
+    stride = stride or {"longqlora": 8192, "longlora": 256}[protocol]
     ref_ppl, ref_tokens = hf_reference_ppl(ckpt, tokens, 64, protocol, stride, factor)
     assert rel(ours["ppl"], ref_ppl) < 1e-4
     assert ours["tokens"] == ref_tokens
@@ -116,7 +122,7 @@ def test_inference_rope_rule_is_the_same_at_every_length(ckpt, tokens, tmp_path)
 def test_batch_size_does_not_change_the_result(ckpt, tokens):
     model = load(ckpt, dtype=torch.float32)
     for protocol in ev.PROTOCOLS:
-        one = ev.evaluate_perplexity(model, tokens, 32, protocol, stride=48 if protocol == "longlora" else None,
+        one = ev.evaluate_perplexity(model, tokens, 32, protocol, stride={"longlora": 48, "longqlora": 40}.get(protocol),
                                      progress=False)
         three = ev.evaluate_perplexity(model, tokens, 32, protocol, stride=one["stride"], batch_size=3, progress=False)
         assert rel(three["ppl"], one["ppl"]) < 1e-6 and three["windows"] == one["windows"]
@@ -162,9 +168,9 @@ def test_nf4_base_equals_dense_model_with_dequantized_weights(ckpt, tokens):
 
 def test_s2_attention_at_evaluation_is_an_ablation(ckpt, tokens):
     model = load(ckpt, dtype=torch.float32)
-    full = ev.evaluate_perplexity(model, tokens, 64, "longqlora", progress=False)
+    full = ev.evaluate_perplexity(model, tokens, 64, "disjoint", progress=False)
     model.set_attention("s2")
-    s2 = ev.evaluate_perplexity(model, tokens, 64, "longqlora", progress=False)
+    s2 = ev.evaluate_perplexity(model, tokens, 64, "disjoint", progress=False)
     assert math.isfinite(s2["ppl"]) and rel(s2["ppl"], full["ppl"]) > 1e-4
     assert s2["tokens"] == full["tokens"]
 
@@ -195,11 +201,52 @@ def test_sliding_token_counts_match_across_lengths(ckpt, tokens):
 def test_longlora_windows_drop_the_last_start():
     # range(0, 1000 - 100, 256) = 0, 256, 512, 768; LongLoRA pops 768.
     assert ev.perplexity_windows(1000, 100, "longlora") == [(0, 1, 100), (256, 257, 356), (512, 513, 612)]
-    assert [w[0] for w in ev.perplexity_windows(1000, 100, "longqlora")] == [0, 100, 200, 300, 400, 500, 600, 700]
+    assert [w[0] for w in ev.perplexity_windows(1000, 100, "disjoint")] == [0, 100, 200, 300, 400, 500, 600, 700]
     with pytest.raises(ValueError, match="too few"):
-        ev.perplexity_windows(150, 100, "longqlora")
+        ev.perplexity_windows(150, 100, "disjoint")
     with pytest.raises(ValueError, match="smaller than seq_len"):
         ev.perplexity_windows(500, 100, "sliding", stride=100)
+
+
+def test_published_protocols_windows_at_seq_len_below_the_stride():
+    """LongQLoRA's evaluate.py steps 8192 tokens whatever seq_len is; LongLoRA's eval.py 256. Both drop the
+    last start of range(0, N - L, stride)."""
+    # range(0, 20000 - 1024, 8192) = 0, 8192, 16384; the last is dropped
+    assert ev.perplexity_windows(20000, 1024, "longqlora") == [(0, 1, 1024), (8192, 8193, 9216)]
+    assert len(ev.perplexity_windows(100_000, 8192, "longqlora")) == len(range(0, 100_000 - 8192, 8192)) - 1
+    assert ev.perplexity_windows(100_000, 8192, "longqlora") == ev.perplexity_windows(100_000, 8192, "disjoint")
+    assert len(ev.perplexity_windows(20000, 1024, "longlora")) == len(range(0, 20000 - 1024, 256)) - 1 == 74
+    with pytest.raises(ValueError, match="too few"):
+        ev.perplexity_windows(9000, 1024, "longqlora")       # one start (0) only, and it is dropped
+
+
+def test_published_protocols_default_quantization_and_dtype(capsys):
+    def resolved(*argv, cuda=False):
+        args = ev.parse_args(["--model", "m", *argv])
+        published.apply_eval_defaults(args, cuda)
+        return args.stride, args.quant, args.dtype, args.trials
+    assert resolved() == (None, "none", "auto", 20)
+    assert resolved("--protocol", "longqlora", cuda=True) == (8192, "nf4", "fp16", 10)
+    assert resolved("--protocol", "longlora", cuda=True) == (256, "none", "fp16", 10)
+    assert resolved("--protocol", "longqlora", "--quant", "none", "--dtype", "bf16", "--stride", "64") == (
+        64, "none", "bf16", 10)
+    capsys.readouterr()
+    assert resolved("--protocol", "longqlora") == (8192, "nf4", "fp32", 10)       # no CUDA: fp32, and said so
+    assert "computes in fp16; without CUDA this uses fp32" in capsys.readouterr().out
+    assert resolved("--task", "passkey", "--protocol", "longlora", cuda=True)[1:] == ("none", "fp16", 10)
+    assert resolved("--task", "passkey", "--trials", "3")[1:] == ("none", "auto", 3)
+    with pytest.raises(ValueError, match="--task passkey: --protocol longlora"):
+        ev.parse_args(["--model", "m", "--task", "passkey", "--protocol", "longqlora"])
+    help_text = " ".join(ev.build_parser().format_help().split())
+    assert "longqlora = LongQLoRA's evaluate.py (stride 8192 whatever seq_len, --quant nf4, --dtype fp16" in help_text
+
+
+def test_published_protocols_prefer_longloras_bin_files(tmp_path):
+    shutil.copytree(PG19_MINI / "validation", tmp_path / "pg19" / "validation")
+    (tmp_path / "pg19-validation.bin").write_bytes(np.arange(10, dtype=np.uint16).tobytes())
+    assert eval_data.find_dataset("pg19", "validation", tmp_path) == (tmp_path / "pg19", "validation")
+    assert eval_data.find_dataset("pg19", "validation", tmp_path, prefer_bin=True) == (
+        tmp_path / "pg19-validation.bin", None)
 
 
 # --------------------------------------------------------------------------- sources
@@ -224,7 +271,7 @@ def test_bin_and_text_sources_agree(ckpt, text_source, tmp_path):
     assert np.array_equal(u16, text_tokens) and np.array_equal(u32, text_tokens)
 
     model = load(ckpt, dtype=torch.float32)
-    ppl = {name: ev.evaluate_perplexity(model, t[:1200], 128, "longqlora", progress=False)["ppl"]
+    ppl = {name: ev.evaluate_perplexity(model, t[:1200], 128, "disjoint", progress=False)["ppl"]
            for name, t in (("text", text_tokens), ("u16", u16), ("u32", u32))}
     assert ppl["text"] == ppl["u16"] == ppl["u32"]
     # max_tokens keeps a prefix
@@ -308,6 +355,41 @@ def test_passkey_evaluation_runs_with_the_kv_cache(ckpt):
     assert again["records"] == r["records"]
 
 
+def test_longlora_passkey_prompt_text_on_fixed_seeds():
+    """LongLoRA's test: int(3.75 * seq_len) filler characters cut at a random point, key randint(1, 50000) seeded
+    with the trial's number (the same key at every length), five lines joined by newlines."""
+    text, key, depth = published.passkey_trial(8, 0, random.Random(0))       # 30 characters, cut after 27
+    assert key == str(random.Random(0).randint(1, 50000)) == "25248" and depth == 27 / 30
+    assert text == ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I "
+                    "will quiz you about the important information there.\nThe grass is green. The sky\nThe pass key "
+                    "is 25248. Remember it. 25248 is the pass key.\nThe\nWhat is the pass key? The pass key is")
+    assert published.passkey_trial(4000, 0, random.Random(7))[1] == key
+    lines = published.passkey_trial(1000, 5, random.Random(1))[0].split("\n")
+    assert len(lines) == 5 and len(lines[1]) + len(lines[3]) == 3750
+    assert published.filler(45) == "The grass is green. The sky is blue. The sun i"[:45]
+
+
+def test_longlora_passkey_scoring_is_an_exact_token_match(ckpt, monkeypatch):
+    assert published.passkey_correct([29871, 29896, 29906], [29871, 29896, 29906])
+    assert not published.passkey_correct([29871, 29896], [29871, 29896, 29906])          # EOS came early
+    assert not published.passkey_correct([29896, 29906, 29871], [29871, 29896, 29906])
+    model, tok = load(ckpt, dtype=torch.float32), sources.load_tokenizer(ckpt)
+    r = ev.evaluate_passkey(model, tok, 192, trials=4, seed=5, progress=False, protocol="longlora")
+    assert [t["key"] for t in r["records"]] == [str(random.Random(j).randint(1, 50000)) for j in range(4)]
+    assert r["accuracy"] == sum(t["correct"] for t in r["records"]) / 4 and r["mean_prompt_tokens"] > 100
+    # a model that answers the key's own tokens is always right; one token off, always wrong
+    asked = []
+
+    def answer(model, tokenizer, prompt, n, temperature):
+        key = tokenizer.decode(prompt).split("The pass key is ")[1].split(".")[0]
+        ids = tokenizer.encode(key, bos=False)
+        asked.append(n == len(ids) and temperature == 0.0)
+        return ids if len(asked) % 2 else ids[:-1] + [(ids[-1] + 1) % 512]
+    monkeypatch.setattr(gen, "generate", answer)
+    r = ev.evaluate_passkey(model, tok, 192, trials=4, seed=5, progress=False, protocol="longlora")
+    assert [t["correct"] for t in r["records"]] == [True, False, True, False] and all(asked)
+
+
 # --------------------------------------------------------------------------- command line
 
 def run_cli(capsys, *argv):
@@ -345,7 +427,7 @@ def test_cli_dataset_from_data_dir_and_passkey(ckpt, tmp_path, capsys, monkeypat
                                 "--dtype", "fp32", "--out", out, "--no-progress")
     assert code == 0, err
     r = json.loads(out.read_text())["results"][0]
-    assert (r["dataset"], r["split"], r["protocol"], r["stride"], r["windows"]) == ("pg19", "validation", "longqlora",
+    assert (r["dataset"], r["split"], r["protocol"], r["stride"], r["windows"]) == ("pg19", "validation", "disjoint",
                                                                                    64, 3)
     code, stdout, err = run_cli(capsys, "--model", ckpt, "--task", "passkey", "--seq-len", "192", "--trials", "2",
                                 "--dtype", "fp32", "--out", out, "--no-progress")

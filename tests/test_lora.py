@@ -263,6 +263,22 @@ def test_add_lora_shares_dropout_masks_only_on_the_fused_path():
     assert plain.layers[0].self_attn.q_proj.input is not plain.layers[0].self_attn.k_proj.input
 
 
+def test_fused_path_with_one_mask_per_projection_draws_the_plain_paths_masks():
+    """shared_dropout=False (PEFT's masks, train.py --lora-dropout-masks per-projection): every layer draws its
+    own mask, in the plain path's order, so the fused model's training forward is the plain one's bit for bit."""
+    outs = []
+    for kw in (dict(fused=True, shared_dropout=False), dict(fused=False), dict(fused=True)):
+        torch.manual_seed(0)
+        model = Transformer(tiny_args())
+        add_lora(model, r=4, alpha=8, dropout=0.3, **kw)
+        randomize_lora_b(model)
+        torch.manual_seed(1)
+        outs.append(model.train()(torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(1))))
+    attn = model.layers[0].self_attn
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[2], outs[1])
+    assert attn.q_proj.input is attn.k_proj.input       # the default shares
+
+
 def test_fused_and_plain_models_agree():
     """A whole model: the same forward bits; the gradients to fp32 rounding, because autograd sums the input
     gradients of siblings (q, k, v read one x) in another order than the fused nodes, which add base + LoRA first."""

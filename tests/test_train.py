@@ -211,7 +211,7 @@ def test_presets_and_the_roll_shift(tiny):
     exact = train.parse_args(["--preset", "llama2-7b-8k", "--model", str(tiny["model"]), "--s2-shift", "roll"])
     assert (exact.ctx, exact.grad_accum, exact.layout, exact.s2_shift) == (8192, 16, "truncate", "roll")
     help_text = " ".join(train.build_parser().format_help().split())
-    assert "LongQLoRA trained with: it wraps around" in help_text and "[segment]" in help_text
+    assert "LongQLoRA trained with: it wraps around" in help_text and "(default: segment)" in help_text
 
 
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tiny, tmp_path):
@@ -444,6 +444,56 @@ def test_bad_inputs_one_line_exit_2_out_untouched(tiny, existing_out, tmp_path):
 
 
 # --------------------------------------------------------------------------- memory savings
+
+def test_as_published_switches_the_five_deviations_back(tiny):
+    pub = train.parse_args(["--preset", "llama2-7b-8k", "--model", str(tiny["model"]), "--as-published"])
+    assert (pub.ctx, pub.grad_accum, pub.layout, pub.lr) == (8192, 16, "truncate", 2e-4)     # the preset stays
+    assert (pub.s2_shift, pub.loss_weighting, pub.lora_dropout_masks) == ("roll-published", "micro-batch",
+                                                                          "per-projection")
+    assert pub.dtype == ("fp16" if torch.cuda.is_available() else "fp32")
+    ours = train.parse_args(["--preset", "llama2-7b-8k", "--model", str(tiny["model"])])
+    assert (ours.s2_shift, ours.loss_weighting, ours.lora_dropout_masks, ours.as_published) == (
+        "segment", "tokens", "shared", False)
+    mixed = train.parse_args(["--model", str(tiny["model"]), "--as-published", "--s2-shift", "segment"])
+    assert (mixed.s2_shift, mixed.loss_weighting) == ("segment", "micro-batch")     # an explicit flag wins
+    model = train.build_model(train.parse_args(["--model", str(tiny["model"]), "--ctx", "64", "--as-published"]))[0]
+    attn = model.layers[0].self_attn
+    assert model.s2_shift == "roll-published" and attn.q_proj.input is not attn.k_proj.input
+    help_text = " ".join(train.build_parser().format_help().split())
+    assert "HF's warmup (first update at LR 0)" in help_text
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 4])
+def test_warmup_schedules_ours_and_hfs(warmup):
+    """Ours: (s + 1) / warmup; HF's constant-with-warmup (--as-published): s / warmup, the first update at LR 0."""
+    from transformers import get_constant_schedule_with_warmup
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched, out = make(opt), []
+        for _ in range(6):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+    hf_lrs = lrs(lambda o: get_constant_schedule_with_warmup(o, warmup))
+    assert lrs(lambda o: train.constant_with_warmup(o, warmup, hf=True)) == hf_lrs
+    assert hf_lrs[:5] == [2.0 * min(1, s / warmup) if warmup else 2.0 for s in range(5)]
+    assert lrs(lambda o: train.constant_with_warmup(o, warmup)) == [2.0 * min(1, (s + 1) / warmup) if warmup
+                                                                    else 2.0 for s in range(6)]
+
+
+def test_as_published_run_on_padded_sequences(tiny, tmp_path):
+    """A short --as-published run (truncated documents, padded to ctx): HF's warmup in the log, a finite loss."""
+    out = tmp_path / "pub"
+    train.main(common(tiny, out, "--as-published", "--data", tiny["small"], "--layout", "truncate", "--ctx", 1024,
+                      "--max-steps", 2, "--warmup", 2, "--lr", "1e-3", "--save-every", 0))
+    r = rows(out)
+    assert [x["lr"] for x in r] == [0.0, 5e-4] and all(math.isfinite(x["loss"]) for x in r)
+    assert r[0]["tokens"] < 1024            # the one document is shorter than ctx: padded
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["as_published"] and config["s2_shift"] == "roll-published"
+
 
 def step_grads(tiny, *flags, dropout=0.0, share_inputs=True, seed=0):
     """Loss and LoRA gradients of one micro-batch with the given memory options."""

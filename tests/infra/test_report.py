@@ -133,3 +133,12 @@ def test_a_metrics_file_with_a_bad_line_is_one_error(tmp_path):
     p = subprocess.run([sys.executable, "-m", "infra.report", str(bad)], cwd=ROOT, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2 and "metrics.jsonl:2" in p.stderr and not (tmp_path / "loss.png").exists()
+
+
+def test_tensorboard_without_its_package_fails_before_out_is_touched(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)      # what a missing package looks like
+    out = tmp_path / "never"
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train.main(["--model", str(run["model"]), "--data", str(run["root"] / "train.txt"), "--tensorboard",
+                    "--cache-dir", str(run["root"] / "cache"), "--out", str(out), "--ctx", "128", *ENV_THREADS])
+    assert not out.exists()
