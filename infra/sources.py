@@ -275,6 +275,17 @@ def batched_documents(docs, max_docs=64, max_chars=64 << 20):
         yield group
 
 
+def encode_or_explain(tokenizer: Tokenizer, group) -> list[list[int]]:
+    """The token ids of a group of (name, text); running out of memory names the largest document and its size."""
+    try:
+        return tokenizer.encode_batch([t for _, t in group])
+    except MemoryError:
+        name, text = max(group, key=lambda d: len(d[1]))
+        raise ValueError(f"{name}: out of memory tokenizing a document of {len(text):,} characters (its ids need "
+                          f"~{8 * len(text) / 1e9:.1f} GB while sentencepiece builds them): split it into smaller "
+                          "documents (one per line of a .jsonl, or one .txt each)") from None
+
+
 def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path, index_path: Path,
                 source_sha: str, progress: bool) -> TokenCorpus:
     """Every non-empty document as BOS + text into `bin_path`, then the index: its presence marks a complete cache."""
@@ -288,7 +299,7 @@ def write_cache(source: Path, split, files, tokenizer: Tokenizer, bin_path: Path
     try:
         with open(tmp, "wb") as out:
             for group in batched_documents(iter_documents(source, split)):
-                for (name, _), ids in zip(group, tokenizer.encode_batch([t for _, t in group])):
+                for (name, _), ids in zip(group, encode_or_explain(tokenizer, group)):
                     if len(ids) == (tokenizer.bos_id >= 0):     # BOS alone: an empty document, skipped
                         skipped += 1
                         continue

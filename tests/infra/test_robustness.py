@@ -614,3 +614,22 @@ def test_out_of_memory_in_a_step_says_what_it_needed_and_how_to_check(tiny, tmp_
     assert err[-1].startswith("error: step 1: out of CPU memory") and "--dry-run --budget" in err[-1]
     expected = train.main(common(tiny, tmp_path / "dry", "--batch-size", "3", "--dry-run"))["peak_bytes"]
     assert f"--ctx 128 x --batch-size 3 is predicted to need {expected / 1e9:.1f} GB" in err[-1]
+
+
+def test_out_of_memory_while_tokenizing_names_the_document_and_its_size(tmp_path, monkeypatch):
+    """A document too large to tokenize (the hardening pass used a 1.5 GB JSONL line) is one error naming it and
+    saying how to split it, not a MemoryError traceback; nothing is left in the cache."""
+    from conftest import sentencepiece_model
+    from infra import sources
+    (tmp_path / "tokenizer.model").write_bytes(sentencepiece_model())
+    tok = sources.Tokenizer(tmp_path / "tokenizer.model")
+    data = tmp_path / "big.jsonl"
+    data.write_text('{"text": "short"}\n{"text": "' + "word " * 2000 + '"}\n')
+
+    def no_memory(texts, *a, **k):
+        raise MemoryError
+    monkeypatch.setattr(tok, "encode_batch", no_memory)
+    with pytest.raises(ValueError, match=r"big.jsonl:2: out of memory tokenizing a document of 10,000 characters.*"
+                                         r"split it"):
+        sources.tokenize_source(data, tok, cache_dir=tmp_path / "cache", progress=False)
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
