@@ -219,7 +219,8 @@ def options(args, dtype_bytes: int) -> dict:
     return dict(batch_size=args.batch_size, lora_r=args.lora_r, quant=args.quant, dtype_bytes=dtype_bytes,
                 lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
                 full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
-                attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift)
+                attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift,
+                share_inputs=args.lora_dropout_masks == "shared")
 
 
 def dry_run(args) -> dict:

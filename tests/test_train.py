@@ -362,6 +362,15 @@ def test_dry_run_7b_12k_under_32gb(capsys):
     assert summary["checkpointed_hidden_states"] / 1e9 == pytest.approx(3.22, abs=0.02)
 
 
+def test_dry_run_counts_one_dropout_mask_per_projection_when_asked(capsys):
+    """--lora-dropout-masks per-projection (and so --as-published) keeps a mask for each of q, k, v, gate, up."""
+    flags = ["--preset", "llama2-7b-8k", "--dry-run", "--dtype", "bf16"]
+    shared = train.main(flags)["peak_bytes"]
+    per_projection = train.main([*flags, "--lora-dropout-masks", "per-projection"])["peak_bytes"]
+    # 3 + 2 one-byte masks of (ctx x dim) instead of 1 + 1, kept for the recomputed layer: 3 x 8192 x 4096 bytes
+    assert per_projection - shared == 3 * 8192 * 4096
+
+
 def test_dry_run_names_the_compute_dtype(capsys):
     """Never "16-bit compute" for a run that computes in fp32 (--dtype fp32, or auto on a CPU)."""
     for dtype, said in [("fp32", "fp32 compute"), ("bf16", "bf16 compute"), ("auto", "a CPU run computes in fp32")]:
