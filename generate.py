@@ -30,6 +30,11 @@ from pathlib import Path
 
 from infra import cli
 
+# torch and the modules that import it load on first use, not here: --help and bad flags answer at once
+# instead of after the seconds torch takes to import.
+torch, F, data, hf, sources, adapter_files, rope_scaling = map(cli.LazyModule, (
+    "torch", "torch.nn.functional", "data", "infra.hf", "infra.sources", "infra.adapter", "infra.rope_scaling"))
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0],
@@ -64,25 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":      # flags are parsed before torch loads (seconds): --help and bad flags answer at once
-    ARGS = cli.parse_or_exit(parse_args)
-
-import torch
-import torch.nn.functional as F
-
-import data
-from infra import hf
-from infra import sources
-from infra.adapter import load_adapter
-from infra.rope_scaling import describe_scaling, inference_scaling, usable_context
-
-
 class KVCache:
     """Keys and values of every layer for incremental decoding. The storage doubles when full, so a long
     generation limit costs memory only for the tokens actually generated."""
 
-    def __init__(self, args, batch_size: int, dtype=torch.float32, device="cpu", capacity: int = 256):
-        shape = (args.n_layers, batch_size, args.n_kv_heads, capacity, args.head_dim)
+    def __init__(self, args, batch_size: int, dtype=None, device="cpu", capacity: int = 256):
+        shape, dtype = (args.n_layers, batch_size, args.n_kv_heads, capacity, args.head_dim), dtype or torch.float32
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0     # positions already stored; advanced by Transformer.hidden_states after all layers
@@ -97,21 +89,23 @@ class KVCache:
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
 
-def load_model(model_dir, adapter=None, quant: str = "none", dtype=torch.float32, rope_factor=None, device="cpu"):
+def load_model(model_dir, adapter=None, quant: str = "none", dtype=None, rope_factor=None, device="cpu"):
     """(model in eval mode, where its RoPE scaling came from): an HF LLaMA folder, optionally NF4 (QLoRA's frozen
     base), with a PEFT LoRA adapter unmerged on top (as in training), RoPE scaling by rope_scaling.inference_scaling."""
-    model = hf.load_model(model_dir, dtype=dtype, device=device, quantize=None if quant == "none" else quant)
+    model = hf.load_model(model_dir, dtype=dtype or torch.float32, device=device,
+                          quantize=None if quant == "none" else quant)
     training = None
     if adapter is not None:
-        load_adapter(model, adapter)
+        adapter_files.load_adapter(model, adapter)
         training = model.lora_config["training"]
-    model.args.rope_scaling, source = inference_scaling(rope_factor, model.args.rope_scaling, adapter, training)
+    model.args.rope_scaling, source = rope_scaling.inference_scaling(rope_factor, model.args.rope_scaling, adapter,
+                                                                     training)
     return model.requires_grad_(False).eval(), source
 
 
 def max_length(model) -> int:
     """The longest sequence (prompt + generated) the model was made for."""
-    return usable_context(model.args.rope_scaling, model.args.max_position_embeddings)
+    return rope_scaling.usable_context(model.args.rope_scaling, model.args.max_position_embeddings)
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
@@ -130,7 +124,6 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.inference_mode()
 def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              seed: int | None = None, on_token=None, limit: int | None = None) -> list[int]:
     """Up to max_new_tokens after prompt_ids, stopping at the tokenizer's EOS (not returned; never when tokenizer
@@ -149,18 +142,19 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: flo
     device = model.embed_tokens.weight.device
     eos = None if tokenizer is None or tokenizer.eos_id < 0 else tokenizer.eos_id
     generator = None if seed is None else torch.Generator(device="cpu").manual_seed(seed)
-    cache = KVCache(model.args, 1, model.embed_tokens.weight.dtype, device, capacity=len(prompt_ids) + min(steps, 256))
-    step_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     out = []
-    for _ in range(steps):
-        hidden = model.hidden_states(step_input, cache=cache)
-        token = next_token(model.lm_head(hidden[0, -1]).float().cpu(), temperature, top_p, generator)
-        if token == eos:
-            break
-        out.append(token)
-        if on_token is not None:
-            on_token(token)
-        step_input = torch.tensor([[token]], dtype=torch.long, device=device)
+    with torch.inference_mode():
+        cache = KVCache(model.args, 1, model.embed_tokens.weight.dtype, device, len(prompt_ids) + min(steps, 256))
+        step_input = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        for _ in range(steps):
+            hidden = model.hidden_states(step_input, cache=cache)
+            token = next_token(model.lm_head(hidden[0, -1]).float().cpu(), temperature, top_p, generator)
+            if token == eos:
+                break
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+            step_input = torch.tensor([[token]], dtype=torch.long, device=device)
     return out
 
 
@@ -241,7 +235,7 @@ def main(argv=None) -> None:
                                args.rope_factor, device)
     training = (getattr(model, "lora_config", None) or {}).get("training") or {}
     args.template = args.template or training.get("template") or "vicuna"
-    print(f"[RoPE factor {describe_scaling(model.args.rope_scaling)} from {source}; usable context "
+    print(f"[RoPE factor {rope_scaling.describe_scaling(model.args.rope_scaling)} from {source}; usable context "
           f"{max_length(model)} tokens]", file=sys.stderr)
     if text is None:
         with contextlib.suppress(EOFError):     # user turns are typed on stdin until EOF (Ctrl-D)
@@ -257,4 +251,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, ARGS))
+    sys.exit(cli.run(main, cli.parse_or_exit(parse_args)))
