@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags left unset that a published protocol changes stay None here; run() fills them in (published.py)."""
+    """Flags left unset that a published protocol changes stay None here; run() fills them in (infra/published.py)."""
     unset = argparse.Namespace(quant=None, dtype=None, trials=None)     # argparse keeps these unless given
     args = cli.one_line_errors(build_parser()).parse_args(argv, unset)
     for L in args.seq_len:

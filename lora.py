@@ -113,7 +113,7 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     LoRA+, the embedding and norm weights (`embed_tokens.weight`, `norm.weight`, ...)."""
     config = getattr(model, "lora_config", None)
     if config is None:
-        raise ValueError("the model has no LoRA adapters (call add_lora or load_adapter first)")
+        raise ValueError("the model has no LoRA adapters (call add_lora or infra.adapter.load_adapter first)")
     return {n: p for n, p in model.named_parameters()
             if n.endswith((".lora_A", ".lora_B")) or (config["train_embed_norm"] and is_embed_or_norm(n))}
 

@@ -13,8 +13,8 @@ with RMSNorm(x) = w * x / sqrt(mean(x^2) + eps), in fp32 as HF does. The modules
 ModelArgs.fused (the default) swaps in the autograd functions at the end of the file: less kept for backward,
 and no (T x vocab) logits in the loss.
 
-Set once per run on the model, not passed to every call: set_attention("s2", group_size_ratio, shift) (S²-Attn
-for training; "full" at inference), gradient_checkpointing, set_memory_savings(mlp_chunk, offload), loss_chunk.
+Set once per run on the model, not passed to every call: set_attention("s2", group_size_ratio, shift) (S²-Attn for
+training; "full" at inference), gradient_checkpointing, set_memory_savings(mlp_chunk, offload_checkpoints), loss_chunk.
 Module names mirror the HF checkpoint minus its leading "model.", so checkpoint and PEFT keys map to ours
 by one rule (infra/hf.py, which also does all loading and saving).
 """

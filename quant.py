@@ -286,14 +286,14 @@ _WORK_MAX_BYTES = 16 << 20     # larger work buffers (blocksizes above 256 on CP
 
 
 def _decode_fast(packed: torch.Tensor, code: torch.Tensor, n: int) -> torch.Tensor:
-    """_decode as one 1-D gather: byte -> its two fp32 codes as one int64 word (several times faster on CPU)."""
+    """_decode as one 1-D gather: byte -> its two fp32 codes as one int64 word (no nibble unpacking, no stack)."""
     pairs = _decode(torch.arange(256, dtype=torch.uint8, device=code.device), code, 512).view(torch.int64)
     nbytes = packed.numel()
     if packed.is_cuda or nbytes * 12 > _WORK_MAX_BYTES:  # CUDA's caching allocator already reuses memory
         byte_idx, vals = torch.empty_like(packed, dtype=torch.int32), torch.empty_like(packed, dtype=torch.int64)
     else:
-        # CPU: kept from call to call (one pair per thread, 6 MB at blocksize 64). Fresh memory is mapped in
-        # page by page on every call, which made the first gather of each call many times slower.
+        # CPU: kept from call to call (one pair per thread, 6 MB at blocksize 64): fresh memory would be mapped
+        # in page by page on every call, which costs more than the gather itself (bench/README.md).
         if getattr(_WORK, "bufs", None) is None or _WORK.bufs[0].numel() < nbytes:
             _WORK.bufs = (torch.empty(nbytes, dtype=torch.int32), torch.empty(nbytes, dtype=torch.int64))
         byte_idx, vals = _WORK.bufs[0][:nbytes], _WORK.bufs[1][:nbytes]

@@ -26,7 +26,7 @@ One optimizer step, following a token from the data to the update (the functions
      states page to CPU under memory pressure; torch AdamW on CPU), LR constant after a linear warmup.
 LoRA weights, their gradients and the optimizer state are fp32; the frozen base computes in --dtype.
 --as-published switches the five places where we deliberately differ from LongQLoRA's code back to it.
-infra/run.py: the run around the loop (--out, resume, log, --eval-every); memory.py: --dry-run; demo.py: the demo.
+In infra/: run.py, the run around the loop (--out, resume, log, --eval-every); memory.py, --dry-run; demo.py, the demo.
 """
 from __future__ import annotations
 
