@@ -51,7 +51,8 @@ from infra import published
 from infra.published import FILLER, PASSKEY_LINE, PASSKEY_QUESTION, PASSKEY_TASK
 from infra import sources
 
-# torch (seconds to load) is imported in the functions that use it, so --help and bad flags answer at once.
+# torch and the modules that import it load on first use, not here: --help and bad flags answer at once.
+torch, generate, rope_scaling = map(cli.LazyModule, ("torch", "generate", "infra.rope_scaling"))
 
 PROTOCOLS = ("disjoint", "sliding", "longqlora", "longlora")
 MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's usable context
@@ -95,7 +96,6 @@ def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
 
 def token_nll(model, tokens):
     """nll (B, T - 1) float32: nll[:, t] = -log p(tokens[:, t + 1] | tokens[:, :t + 1])."""
-    import torch
     with torch.inference_mode():
         return model.loss(tokens, tokens, reduction="none")
 
@@ -105,7 +105,6 @@ def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "disjoint",
     """Perplexity of `tokens` (1-D ids) under one protocol: {"seq_len", "stride", "protocol", "ppl", "nll",
     "tokens", "windows", "seconds"}, nll = log(ppl). All windows have the same length, so they batch freely and
     the result does not depend on batch_size. A window whose loss is not finite is an error naming `name`."""
-    import torch
     if batch_size < 1:
         raise ValueError(f"batch size must be positive, got {batch_size}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
@@ -187,7 +186,6 @@ def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int
                      protocol: str | None = None) -> dict:
     """Passkey retrieval at one length: `trials` random (key, depth) pairs, greedy answers with the KV cache.
     protocol "longlora": LongLoRA's prompts and exact-token scoring (infra/published.py); else ours."""
-    from generate import generate
     if trials < 1:
         raise ValueError(f"--trials must be positive, got {trials}")
     rng = random.Random(seed * 1_000_003 + seq_len)     # the same trials for a length whatever else runs
@@ -196,12 +194,12 @@ def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int
         if protocol == "longlora":
             text, key, depth = published.passkey_trial(seq_len, j, rng)
             prompt, key_ids = tokenizer.encode(text, bos=True), tokenizer.encode(key, bos=False)
-            answer = generate(model, tokenizer, prompt, len(key_ids), temperature=0.0)
+            answer = generate.generate(model, tokenizer, prompt, len(key_ids), temperature=0.0)
             correct = published.passkey_correct(answer, key_ids)
         else:
             key, depth = str(rng.randint(10000, 99999)), rng.random()
             prompt = passkey_prompt(tokenizer, seq_len - PASSKEY_NEW_TOKENS, depth, key)
-            answer = generate(model, tokenizer, prompt, PASSKEY_NEW_TOKENS, temperature=0.0)
+            answer = generate.generate(model, tokenizer, prompt, PASSKEY_NEW_TOKENS, temperature=0.0)
             correct = passkey_correct(tokenizer.decode(answer), key)
         records.append({"key": key, "depth": depth, "prompt_tokens": len(prompt), "correct": correct,
                         "answer": tokenizer.decode(answer)})
@@ -265,18 +263,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> dict:
-    from generate import load_model, max_length
-    from infra.rope_scaling import describe_scaling
     show, perplexity = not args.no_progress, args.task == "perplexity"
     device = cli.device(args.device)
     published.apply_eval_defaults(args, device.type == "cuda")      # prints a note where it changes the dtype
     if perplexity:  # missing data fails before the model is loaded
         path, reader_split, dataset, split = eval_data.eval_source(args)
     tokenizer = sources.load_tokenizer(args.model) if not perplexity or path.suffix != ".bin" else None
-    model, source = load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
-                               args.rope_factor, device)
+    model, source = generate.load_model(args.model, args.adapter, args.quant, cli.compute_dtype(args.dtype, device),
+                                        args.rope_factor, device)
     model.set_attention(args.attn)
-    factor, usable = describe_scaling(model.args.rope_scaling), max_length(model)
+    factor, usable = rope_scaling.describe_scaling(model.args.rope_scaling), generate.max_length(model)
     for L in args.seq_len:      # before any time is spent: a passkey prompt for an absurd length takes long to build
         if L > MAX_CONTEXT_MULTIPLE * usable:
             raise ValueError(f"--seq-len {L}: more than {MAX_CONTEXT_MULTIPLE}x this model's usable context of "
