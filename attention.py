@@ -14,7 +14,7 @@ s2_attention (used by LongQLoRA during fine-tuning only), group size g, shift s 
     information crosses the boundaries of the first half's groups; then the two halves are joined again.
   Cost O(T * g) time and memory: the sequence is cut into groups that become extra batch entries.
   T not a multiple of g: the last group is shorter. g >= T: one group covers everything, so there is nothing
-  to shift: plain causal attention.
+  to shift: plain causal attention (the roll variants below still roll, as LongLoRA does).
 Variants (shift=):
   "roll":  LongLoRA's pure-PyTorch path: roll q, k, v left by s, attend inside groups, roll the output back.
            The last group then holds the final tokens *followed by* the first s tokens, which see them
