@@ -15,10 +15,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import torch
 
-import data
-from infra import atomic, checkpoint, cli, sources
+from infra import atomic, cli
+
+# Loaded on first use: `python -m infra.report` draws a curve without waiting seconds for torch.
+torch, data, checkpoint, sources = map(cli.LazyModule, ("torch", "data", "infra.checkpoint", "infra.sources"))
 
 W, H, LEFT, RIGHT, TOP, BOTTOM = 720, 400, 64, 16, 16, 40
 TRAIN, EVAL, INK, GRID = (31, 119, 180), (214, 39, 40), (40, 40, 40), (225, 225, 225)
@@ -128,20 +129,20 @@ def held_out_dataset(args, model_args, build_dataset):
     return build_dataset(held_out, model_args)[0]
 
 
-@torch.no_grad()
 def held_out_loss(model, dataset, n_sequences: int, batch_size: int, pad_id: int) -> dict:
     """{eval_loss, eval_ppl, eval_tokens} over the first n_sequences of `dataset`, full attention, no dropout;
     the model's training mode and attention are restored afterwards."""
     mode, was_training = (model.attention, model.group_size_ratio, model.s2_shift), model.training
     model.eval().set_attention("full")
     total, tokens = 0.0, 0
+    n = min(n_sequences, len(dataset))
     try:
-        n = min(n_sequences, len(dataset))
-        for s in range(0, n, batch_size):
-            batch = data.collate([dataset[i] for i in range(s, min(s + batch_size, n))], pad_id)
-            ids, labels, mask = (None if t is None else t.to(model.lm_head.weight.device) for t in batch.values())
-            total += float(model.loss(ids, labels, padding_mask=mask, reduction="sum"))
-            tokens += int((labels[:, 1:] != data.IGNORE_INDEX).sum())
+        with torch.no_grad():
+            for s in range(0, n, batch_size):
+                batch = data.collate([dataset[i] for i in range(s, min(s + batch_size, n))], pad_id)
+                ids, labels, mask = (None if t is None else t.to(model.lm_head.weight.device) for t in batch.values())
+                total += float(model.loss(ids, labels, padding_mask=mask, reduction="sum"))
+                tokens += int((labels[:, 1:] != data.IGNORE_INDEX).sum())
     finally:
         model.train(was_training).set_attention(*mode)
     loss = total / max(tokens, 1)
