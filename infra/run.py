@@ -296,6 +296,8 @@ class Run:
                      f"{self.elapsed:.0f} s; saved {summary['output']}")
             if args.demo:
                 self.log(demo.verdict(all_rows, self.dataset))
+        if self.world > 1:      # leave together: a rank tearing gloo down while another still works can abort it
+            dist.barrier()
         return summary
 
 
