@@ -292,6 +292,14 @@ def pyplot():
     return plt
 
 
+def parse_and_run(build_parser, run, argv=None):
+    """run(args) for the flags in argv (default sys.argv[1:]); args.argv keeps them for the results' "command"."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return run(args)
+
+
 def cli_main(main) -> None:
     """sys.exit(main()), with the errors a user can fix (bad flags, missing files) as one line and exit 2."""
     try:

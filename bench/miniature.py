@@ -132,6 +132,16 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def optimizer_step(model, loss, optimizer, schedule, max_grad_norm: float) -> float:
+    """Backward, clip, step the optimizer and the LR schedule; the loss as a float."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def pretrain(cfg: dict, source: Path, tokenizer_dir: Path, out_dir: Path, cache_dir: Path) -> dict:
     """Pretrain the small LLaMA from scratch at short_ctx on packed documents of `source` (a PG19-layout folder's
     train split, or a token .bin that PackedDataset cuts at multiples of short_ctx); save it as an HF folder."""
@@ -158,13 +168,8 @@ def pretrain(cfg: dict, source: Path, tokenizer_dir: Path, out_dir: Path, cache_
     losses, t0 = [], time.perf_counter()
     for step in range(p["steps"]):
         batch = data.collate([dataset[next(sampler)] for _ in range(p["batch_size"])], tokenizer.pad_id)
-        loss = model.loss(batch["input_ids"], batch["labels"], reduction="mean")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), p["max_grad_norm"])
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(optimizer_step(model, model.loss(batch["input_ids"], batch["labels"], reduction="mean"),
+                                     optimizer, schedule, p["max_grad_norm"]))
         if (step + 1) % max(1, p["steps"] // 10) == 0 or step == 0:
             window = losses[-max(1, p["steps"] // 10):]
             log(f"  step {step + 1}/{p['steps']} loss {sum(window) / len(window):.3f} "

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -129,13 +128,8 @@ def train_base(cfg: dict, data_dir: Path, tok_dir: Path, out_dir: Path, cache_di
                                    for _ in range(c["batch_size"])))
                 episodes_held += sum(held)
             batch = torch.from_numpy(np.stack(rows).astype(np.int64))
-            loss = model.loss(batch, batch, reduction="mean")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o["max_grad_norm"])
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(miniature.optimizer_step(model, model.loss(batch, batch, reduction="mean"), optimizer,
+                                                   schedule, o["max_grad_norm"]))
             step += 1
             if (k + 1) % max(1, c["steps"] // 10) == 0:
                 window = losses[-max(1, c["steps"] // 10):]
@@ -213,10 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return run(args)
+    return benchlib.parse_and_run(build_parser, run, argv)
 
 
 if __name__ == "__main__":
