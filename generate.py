@@ -36,9 +36,9 @@ torch, F, data, hf, sources, adapter_files, rope_scaling = map(cli.LazyModule, (
     "torch", "torch.nn.functional", "data", "infra.hf", "infra.sources", "infra.adapter", "infra.rope_scaling"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0],
-                                formatter_class=cli.DefaultsHelp)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = cli.one_line_errors(argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0],
+                                                    formatter_class=cli.DefaultsHelp))
     cli.add_inference_flags(p)
     p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file (long prompts)")
@@ -49,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the top tokens of this mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, a different sample each run)")
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = cli.one_line_errors(build_parser()).parse_args(argv)
+    args = p.parse_args(argv)
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt is None and args.prompt_file is None and not args.chat:
@@ -63,9 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.check_range("--max-new-tokens", args.max_new_tokens, 1)
     cli.check_range("--temperature", args.temperature, 0)
     cli.check_range("--top-p", args.top_p, 0, 1, open_low=True)
-    for flag, value in (("--rope-factor", args.rope_factor), ("--keep-last", args.keep_last)):
-        if value is not None:
-            cli.check_range(flag, value, 1)
+    if args.keep_last is not None:
+        cli.check_range("--keep-last", args.keep_last, 1)
     return args
 
 
@@ -128,8 +123,6 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: flo
              seed: int | None = None, on_token=None, limit: int | None = None) -> list[int]:
     """Up to max_new_tokens after prompt_ids, stopping at the tokenizer's EOS (not returned; never when tokenizer
     is None) or when prompt + output reach `limit` tokens. on_token(id) gets each new token at once (streaming)."""
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     if bad := [i for i in prompt_ids if not 0 <= i < model.args.vocab_size]:
