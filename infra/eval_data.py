@@ -81,7 +81,6 @@ def passkey_correct(answer_ids: list[int], key_ids: list[int]) -> bool:
     return list(answer_ids) == list(key_ids)
 
 
-
 def find_dataset(dataset: str, split: str, data_dir, prefer_bin: bool = False) -> tuple[Path, str | None]:
     """(path, split for the reader) of a named dataset, or FileNotFoundError naming every place looked at and how
     to get the data. pg19 prefers the text layout (`pg19/<split>/*.txt`), tokenized with the evaluated model's own
@@ -95,15 +94,13 @@ def find_dataset(dataset: str, split: str, data_dir, prefer_bin: bool = False) -
                       (d / f"pg19-{split}.bin", None, None), (d / "pg19" / f"pg19-{split}.bin", None, None)]
         how = (f"get it with `python -m infra.download pg19 --split {split} --out {d / 'pg19'}` "
                f"(or add --download), or pass --data-path")
-    elif dataset == "proof-pile":
+    else:       # proof-pile (eval.py's --dataset choices)
         pp = d / "proof-pile"
         candidates = [(d / f"proof-pile-{split}.bin", None, None), (pp / f"proof-pile-{split}.bin", None, None),
                       (pp / split, None, pp / split), (pp / f"{split}.jsonl.gz", None, None),
                       (pp / f"{split}.jsonl", None, None), (d / f"proof-pile-{split}.jsonl.gz", None, None)]
         how = ("get LongLoRA's pre-tokenized proof-pile-test.bin (linked from the LongLoRA README) or the Proof-pile "
                "jsonl.gz test files into that folder, or pass --data-path")
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}; choose pg19 or proof-pile, or pass --data-path")
     if prefer_bin:
         candidates.sort(key=lambda c: c[2] is not None)
     for path, reader_split, folder in candidates:    # a file, or a folder with text files somewhere inside

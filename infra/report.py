@@ -112,8 +112,7 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 def plot_metrics(metrics_file, out_png) -> Path:
     """metrics.jsonl -> loss curve PNG (written atomically)."""
-    atomic.write_text(out_png, png_bytes(render(curves(checkpoint.read_metrics(Path(metrics_file))))))
-    return Path(out_png)
+    return atomic.write_text(out_png, png_bytes(render(curves(checkpoint.read_metrics(Path(metrics_file))))))
 
 
 def held_out_dataset(args, model_args, build_dataset):
