@@ -99,8 +99,12 @@ def load_model(model_dir, adapter=None, quant: str = "none", dtype=None, rope_fa
 
 
 def max_length(model) -> int:
-    """The longest sequence (prompt + generated) the model was made for."""
-    return rope_scaling.usable_context(model.args.rope_scaling, model.args.max_position_embeddings)
+    """The longest sequence (prompt + generated) the model was made for: PI and dynamic NTK stretch
+    max_position_embeddings by their factor (HF keeps the original length in the config); llama3 and yarn configs
+    state the extended one."""
+    scaling, length = model.args.rope_scaling, model.args.max_position_embeddings
+    stretched = scaling is not None and scaling["rope_type"] in ("linear", "dynamic")
+    return int(length * scaling["factor"]) if stretched else length
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
