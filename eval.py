@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags left unset that a published protocol changes stay None here; run() fills them in (infra/eval_data.py)."""
+    """Flags left unset that a published protocol changes stay None here; main() fills them in (infra/eval_data.py)."""
     unset = argparse.Namespace(quant=None, dtype=None, trials=None)     # argparse keeps these unless given
     args = cli.one_line_errors(build_parser()).parse_args(argv, unset)
     for L in args.seq_len:
@@ -248,7 +248,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args) -> dict:
+def main(argv=None) -> dict:
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    cli.set_threads(args.threads)
     show, perplexity = not args.no_progress, args.task == "perplexity"
     device = cli.device(args.device)
     eval_data.apply_eval_defaults(args, device.type == "cuda")      # prints a note where it changes the dtype
@@ -290,12 +292,6 @@ def run(args) -> dict:
     if args.out:
         print(f"results: {args.out}")
     return report
-
-
-def main(argv=None) -> dict:
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    cli.set_threads(args.threads)
-    return run(args)
 
 
 if __name__ == "__main__":
