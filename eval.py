@@ -196,7 +196,6 @@ def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int
 
 # --------------------------------------------------------------------------- command line
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelp)
     p.add_argument("--task", choices=("perplexity", "passkey"), default="perplexity", help="what to measure")
