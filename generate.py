@@ -30,8 +30,7 @@ from pathlib import Path
 
 from infra import cli
 
-# torch and the modules that import it load on first use, not here: --help and bad flags answer at once
-# instead of after the seconds torch takes to import.
+# torch and the modules that import it load on first use, not here: --help and bad flags answer at once.
 torch, F, data, hf, sources, adapter_files, rope_scaling = map(cli.LazyModule, (
     "torch", "torch.nn.functional", "data", "infra.hf", "infra.sources", "infra.adapter", "infra.rope_scaling"))
 
