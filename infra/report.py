@@ -169,8 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("metrics", help="a run's metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG to write (default: loss.png beside the metrics)")
     args = p.parse_args(argv)
-    out = plot_metrics(args.metrics, args.out or Path(args.metrics).with_name("loss.png"))
-    print(f"wrote {out}")
+    print(f"wrote {plot_metrics(args.metrics, args.out or Path(args.metrics).with_name('loss.png'))}")
 
 
 if __name__ == "__main__":
