@@ -14,8 +14,7 @@ x PI factor); a longer prompt is refused, or cut to its last tokens with --keep-
 Top-p (nucleus) sampling: sort the probabilities in decreasing order and keep the smallest prefix whose mass
 reaches top_p (the most likely token is always kept), renormalise, sample.
 
-RoPE scales as infra/rope_scaling.py rules (--rope-factor, else the adapter's recorded training factor, else the
-checkpoint's config), the same at every length. Chat uses the adapter's training template, or --template.
+RoPE scales as in training, at every length (infra/rope_scaling.py); chat uses the adapter's template or --template.
 
     python generate.py --model DIR --prompt "It was a dark and stormy night"
     python generate.py --model DIR --adapter ADAPTER --prompt-file book.txt --max-new-tokens 200
