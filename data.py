@@ -42,8 +42,6 @@ class PackedDataset:
     start mid-document. The stream is never materialised: a chunk is gathered from the memory-mapped documents."""
 
     def __init__(self, corpus: TokenCorpus, ctx: int, eos_id: int):
-        if ctx < 1:
-            raise ValueError(f"ctx must be positive, got {ctx}")
         self.corpus, self.ctx, self.eos_id = corpus, ctx, eos_id
         self.lengths = np.diff(corpus.offsets)
         self.starts = corpus.offsets[:-1] + np.arange(len(corpus))     # after the EOS of every earlier document
@@ -78,8 +76,6 @@ class TruncatedDataset:
     """LongQLoRA: one sequence per document, `(BOS + doc)[:ctx]`; shorter documents right-padded."""
 
     def __init__(self, corpus: TokenCorpus, ctx: int, pad_id: int):
-        if ctx < 1:
-            raise ValueError(f"ctx must be positive, got {ctx}")
         self.corpus, self.ctx, self.pad_id = corpus, ctx, pad_id
 
     def __len__(self):

@@ -14,14 +14,12 @@ nll_t = -log p(x_t | x_s .. x_{t-1}). Our protocols (disjoint the default), and 
              N, scores only its new targets x_{e_prev} .. x_{e-1}, with at least L - stride tokens of context.
              Windows are right-aligned, all exactly L long (the HF docs' last one is shorter); stride defaults to
              L // 2 and must be < L. The scored set is the same at every L, so lengths are comparable.
-  longqlora  LongQLoRA's evaluate.py: disjoint's loop with stride 8192 whatever L is (at L < 8192 most of the
-             text is skipped), the base in NF4 with fp16 compute, LongLoRA's `pg19-<split>.bin` preferred.
-  longlora   LongLoRA's eval.py: the same loop with stride 256 (overlapping windows: tokens scored several
-             times), the base dense in fp16, the `.bin` files preferred. (infra/published.py: the details.)
+  longqlora  LongQLoRA's evaluate.py and LongLoRA's eval.py (infra/eval_data.py): disjoint's loop with stride
+  longlora   8192 whatever L is, or 256 (overlapping windows: tokens scored several times).
 "tokens" in the results counts scored predictions (with multiplicity for longlora's overlaps). The loss is
 computed in chunks (model.chunked_cross_entropy), so an 8k window never holds (T, vocab) fp32 logits.
 
-Passkey retrieval (ours; --protocol longlora: LongLoRA's test, infra/published.py): filler text ("The grass
+Passkey retrieval (ours; --protocol longlora: LongLoRA's test, infra/eval_data.py): filler text ("The grass
 is green. ...") with one line "The pass key is K. Remember it. K is the pass key." at a random depth, then
 "What is the pass key? The pass key is"; K a random 5-digit number. The prompt is grown to seq_len -
 PASSKEY_NEW_TOKENS tokens (prompt and answer fit in seq_len), the answer decoded greedily with the KV cache;
@@ -44,12 +42,8 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from infra import atomic
-from infra import cli
-from infra import eval_data
-from infra import published
-from infra.published import FILLER, PASSKEY_LINE, PASSKEY_QUESTION, PASSKEY_TASK
-from infra import sources
+from infra import atomic, cli, eval_data, sources
+from infra.eval_data import FILLER, PASSKEY_LINE, PASSKEY_QUESTION, PASSKEY_TASK
 
 # torch and the modules that import it load on first use, not here: --help and bad flags answer at once.
 torch, generate, rope_scaling = map(cli.LazyModule, ("torch", "generate", "infra.rope_scaling"))
@@ -62,18 +56,14 @@ MAX_CONTEXT_MULTIPLE = 8        # longest --seq-len: this many times the model's
 
 def default_stride(protocol: str, seq_len: int) -> int:
     return {"disjoint": seq_len, "sliding": max(1, seq_len // 2),
-            **{name: d["stride"] for name, d in published.EVAL_DEFAULTS.items()}}[protocol]
+            **{name: d["stride"] for name, d in eval_data.EVAL_DEFAULTS.items()}}[protocol]
 
 
 def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
                        stride: int | None = None) -> list[tuple[int, int, int]]:
     """The windows of a protocol as (start, first_target, end): the model reads tokens[start:end] and the
     targets scored are the tokens at positions first_target .. end - 1 (see the module docstring)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
-    if seq_len < 2 or stride < 1:
-        raise ValueError(f"seq_len must be at least 2 and stride positive, got seq_len {seq_len}, stride {stride}")
     if protocol != "sliding":
         starts = list(range(0, n_tokens - seq_len, stride))[:-1]   # LongLoRA drops the last start
         if not starts:
@@ -105,8 +95,6 @@ def evaluate_perplexity(model, tokens, seq_len: int, protocol: str = "disjoint",
     """Perplexity of `tokens` (1-D ids) under one protocol: {"seq_len", "stride", "protocol", "ppl", "nll",
     "tokens", "windows", "seconds"}, nll = log(ppl). All windows have the same length, so they batch freely and
     the result does not depend on batch_size. A window whose loss is not finite is an error naming `name`."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be positive, got {batch_size}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
     windows = perplexity_windows(len(tokens), seq_len, protocol, stride)
     device = model.embed_tokens.weight.device
@@ -185,17 +173,15 @@ def passkey_summary(trials: list[dict], n_buckets: int = DEPTH_BUCKETS) -> dict:
 def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int = 0, progress: bool = True,
                      protocol: str | None = None) -> dict:
     """Passkey retrieval at one length: `trials` random (key, depth) pairs, greedy answers with the KV cache.
-    protocol "longlora": LongLoRA's prompts and exact-token scoring (infra/published.py); else ours."""
-    if trials < 1:
-        raise ValueError(f"--trials must be positive, got {trials}")
+    protocol "longlora": LongLoRA's prompts and exact-token scoring (infra/eval_data.py); else ours."""
     rng = random.Random(seed * 1_000_003 + seq_len)     # the same trials for a length whatever else runs
     records, t0 = [], time.perf_counter()
     for j in tqdm(range(trials), desc=f"passkey L={seq_len}", unit="trial", disable=not progress, dynamic_ncols=True):
         if protocol == "longlora":
-            text, key, depth = published.passkey_trial(seq_len, j, rng)
+            text, key, depth = eval_data.passkey_trial(seq_len, j, rng)
             prompt, key_ids = tokenizer.encode(text, bos=True), tokenizer.encode(key, bos=False)
             answer = generate.generate(model, tokenizer, prompt, len(key_ids), temperature=0.0)
-            correct = published.passkey_correct(answer, key_ids)
+            correct = eval_data.passkey_correct(answer, key_ids)
         else:
             key, depth = str(rng.randint(10000, 99999)), rng.random()
             prompt = passkey_prompt(tokenizer, seq_len - PASSKEY_NEW_TOKENS, depth, key)
@@ -209,7 +195,6 @@ def evaluate_passkey(model, tokenizer, seq_len: int, trials: int = 20, seed: int
 
 
 # --------------------------------------------------------------------------- command line
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__.split("\n")[0], formatter_class=cli.DefaultsHelp)
@@ -245,12 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags left unset that a published protocol changes stay None here; run() fills them in (infra/published.py)."""
+    """Flags left unset that a published protocol changes stay None here; main() fills them in (infra/eval_data.py)."""
     unset = argparse.Namespace(quant=None, dtype=None, trials=None)     # argparse keeps these unless given
     args = cli.one_line_errors(build_parser()).parse_args(argv, unset)
     for L in args.seq_len:
         cli.check_range("--seq-len", L, 2)
-    for flag, low in (("batch_size", 1), ("trials", 1), ("stride", 1), ("max_tokens", 2), ("rope_factor", 1)):
+    for flag, low in (("batch_size", 1), ("trials", 1), ("stride", 1), ("max_tokens", 2)):
         if getattr(args, flag) is not None:
             cli.check_range(f"--{flag.replace('_', '-')}", getattr(args, flag), low)
     if args.download and args.dataset != "pg19":
@@ -262,10 +247,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run(args) -> dict:
+def main(argv=None) -> dict:
+    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
+    cli.set_threads(args.threads)
     show, perplexity = not args.no_progress, args.task == "perplexity"
     device = cli.device(args.device)
-    published.apply_eval_defaults(args, device.type == "cuda")      # prints a note where it changes the dtype
+    eval_data.apply_eval_defaults(args, device.type == "cuda")      # prints a note where it changes the dtype
     if perplexity:  # missing data fails before the model is loaded
         path, reader_split, dataset, split = eval_data.eval_source(args)
     tokenizer = sources.load_tokenizer(args.model) if not perplexity or path.suffix != ".bin" else None
@@ -304,12 +291,6 @@ def run(args) -> dict:
     if args.out:
         print(f"results: {args.out}")
     return report
-
-
-def main(argv=None) -> dict:
-    args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    cli.set_threads(args.threads)
-    return run(args)
 
 
 if __name__ == "__main__":

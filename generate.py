@@ -14,8 +14,7 @@ x PI factor); a longer prompt is refused, or cut to its last tokens with --keep-
 Top-p (nucleus) sampling: sort the probabilities in decreasing order and keep the smallest prefix whose mass
 reaches top_p (the most likely token is always kept), renormalise, sample.
 
-RoPE scales as infra/rope_scaling.py rules (--rope-factor, else the adapter's recorded training factor, else the
-checkpoint's config), the same at every length. Chat uses the adapter's training template, or --template.
+RoPE scales as in training, at every length (infra/rope_scaling.py); chat uses the adapter's template or --template.
 
     python generate.py --model DIR --prompt "It was a dark and stormy night"
     python generate.py --model DIR --adapter ADAPTER --prompt-file book.txt --max-new-tokens 200
@@ -30,15 +29,14 @@ from pathlib import Path
 
 from infra import cli
 
-# torch and the modules that import it load on first use, not here: --help and bad flags answer at once
-# instead of after the seconds torch takes to import.
+# torch and the modules that import it load on first use, not here: --help and bad flags answer at once.
 torch, F, data, hf, sources, adapter_files, rope_scaling = map(cli.LazyModule, (
     "torch", "torch.nn.functional", "data", "infra.hf", "infra.sources", "infra.adapter", "infra.rope_scaling"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0],
-                                formatter_class=cli.DefaultsHelp)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = cli.one_line_errors(argparse.ArgumentParser(prog="generate.py", description=__doc__.split("\n")[0],
+                                                    formatter_class=cli.DefaultsHelp))
     cli.add_inference_flags(p)
     p.add_argument("--prompt", default=None, help="text to continue (with --chat: one user message)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from a UTF-8 file (long prompts)")
@@ -49,11 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling: keep the top tokens of this mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: none, a different sample each run)")
-    return p
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    args = cli.one_line_errors(build_parser()).parse_args(argv)
+    args = p.parse_args(argv)
     if args.prompt is not None and args.prompt_file is not None:
         raise ValueError("give --prompt or --prompt-file, not both")
     if args.prompt is None and args.prompt_file is None and not args.chat:
@@ -63,9 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.check_range("--max-new-tokens", args.max_new_tokens, 1)
     cli.check_range("--temperature", args.temperature, 0)
     cli.check_range("--top-p", args.top_p, 0, 1, open_low=True)
-    for flag, value in (("--rope-factor", args.rope_factor), ("--keep-last", args.keep_last)):
-        if value is not None:
-            cli.check_range(flag, value, 1)
+    if args.keep_last is not None:
+        cli.check_range("--keep-last", args.keep_last, 1)
     return args
 
 
@@ -104,8 +97,12 @@ def load_model(model_dir, adapter=None, quant: str = "none", dtype=None, rope_fa
 
 
 def max_length(model) -> int:
-    """The longest sequence (prompt + generated) the model was made for."""
-    return rope_scaling.usable_context(model.args.rope_scaling, model.args.max_position_embeddings)
+    """The longest sequence (prompt + generated) the model was made for: PI and dynamic NTK stretch
+    max_position_embeddings by their factor (HF keeps the original length in the config); llama3 and yarn configs
+    state the extended one."""
+    scaling, length = model.args.rope_scaling, model.args.max_position_embeddings
+    stretched = scaling is not None and scaling["rope_type"] in ("linear", "dynamic")
+    return int(length * scaling["factor"]) if stretched else length
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> int:
@@ -128,8 +125,6 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: flo
              seed: int | None = None, on_token=None, limit: int | None = None) -> list[int]:
     """Up to max_new_tokens after prompt_ids, stopping at the tokenizer's EOS (not returned; never when tokenizer
     is None) or when prompt + output reach `limit` tokens. on_token(id) gets each new token at once (streaming)."""
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     if bad := [i for i in prompt_ids if not 0 <= i < model.args.vocab_size]:

@@ -160,6 +160,23 @@ def eval_flops_per_token(*, dim: int, intermediate: int, layers: int, heads: int
     return 2 * f["decoder_linear_params"] + 2 * f["head_params"] + f["attention_forward"]
 
 
+def state_to_bnb(state):
+    """bitsandbytes.functional.QuantState holding the same tensors as quant.NF4State `state` (no copies): how
+    nf4_bench.py and the parity tests hand our NF4 state to bitsandbytes' kernels (run time never needs it)."""
+    import torch
+    from bitsandbytes.functional import QuantState  # importing bitsandbytes probes for CUDA: only when asked
+
+    state2 = offset = None
+    if state.double_quant:
+        state2 = QuantState(absmax=state.nested_absmax, code=state.nested_code,
+                            blocksize=state.nested_blocksize, dtype=torch.float32)
+        # torch.full launches a fill kernel; torch.tensor(float, device=cuda) would be a synchronising copy.
+        offset = torch.full((), state.offset, dtype=torch.float32, device=state.absmax.device)
+    return QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=state.code,
+                      blocksize=state.blocksize, quant_type="nf4", dtype=state.dtype,
+                      offset=offset, state2=state2)
+
+
 # --------------------------------------------------------------------------- running
 
 def log(message: str) -> None:

@@ -31,7 +31,6 @@ import torch
 
 import benchlib  # noqa: E402
 import quant  # noqa: E402  (benchlib put the repository root on sys.path)
-from infra import bnb as bnb_format  # noqa: E402
 
 RESULTS = []            # what --out writes: one dict per printed figure
 
@@ -63,7 +62,7 @@ def bench_codec(out_f, in_f, reps):
         "bnb": lambda: BF.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True),
     }, reps)
     packed, state = quant.quantize_nf4(w)
-    bnb_state = bnb_format.state_to_bnb(state)
+    bnb_state = benchlib.state_to_bnb(state)
     d = alternate({
         "ours": lambda: quant.dequantize_nf4(packed, state, torch.bfloat16),
         "bnb": lambda: BF.dequantize_4bit(packed, bnb_state),

@@ -5,9 +5,9 @@
     trainable_params.safetensors  LoRA+ embeddings and norms under their HF names, as LongLoRA saves them
     longqlora.json                the RoPE scaling and context the adapter was trained with (PEFT ignores it)
 
-save_adapter / load_adapter move a model's adapter to / from a folder; write_adapter / read_adapter are the
-file level. Ours, PEFT's and LongLoRA's folders load (`.bin` files of older versions too), every field and
-tensor checked before the model is touched.
+save_adapter / load_adapter move a model's adapter to / from a folder; read_adapter is the file level (the merge
+reads an adapter without a model). Ours, PEFT's and LongLoRA's folders load (`.bin` files of older versions too),
+every field and tensor checked before the model is touched.
 """
 from __future__ import annotations
 
@@ -42,20 +42,30 @@ def peft_key(key: str) -> str:
     return PEFT_PREFIX + hf_key(key) + ".weight"
 
 
-def lora_key_from_peft(key: str) -> str | None:
-    """Inverse of peft_key (PEFT's optional `.default` adapter name accepted); None for a non-LoRA key."""
-    m = _PEFT_LORA_KEY.match(key)
-    return None if m is None else our_key(m["module"]) + "." + m["which"]
-
-
 def save_adapter(model: nn.Module, out_dir, base_model_name_or_path=None, training: dict | None = None) -> Path:
-    """Write the adapter as a PEFT folder (PeftModel.from_pretrained loads it), atomically. training: how it
-    was trained ({"rope_scaling", "ctx", ...}, saved as longqlora.json); default: what it was loaded with."""
-    c = model.lora_config
-    tensors = {k: p.detach() for k, p in adapter_parameters(model).items()}
-    return write_adapter(out_dir, c["r"], c["alpha"], c["dropout"], c["targets"], tensors,
-                         base_model_name_or_path=base_model_name_or_path,
-                         training=training if training is not None else c["training"])
+    """Write the adapter as a PEFT folder (PeftModel.from_pretrained loads it), atomically: lora_A/lora_B to
+    adapter_model.safetensors, anything else (LoRA+ embeddings and norms) to trainable_params.safetensors with HF
+    names, as LongLoRA does. training: how it was trained ({"rope_scaling", "ctx", ...}, saved as longqlora.json);
+    default: what it was loaded with."""
+    c, training = model.lora_config, training if training is not None else model.lora_config["training"]
+    tensors = {k: p.detach().contiguous().cpu() for k, p in adapter_parameters(model).items()}
+    lora = {peft_key(k): v.float() for k, v in tensors.items() if k.endswith(("lora_A", "lora_B"))}
+    extra = {hf_key(k): v for k, v in tensors.items() if not k.endswith(("lora_A", "lora_B"))}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c["r"], "lora_alpha": c["alpha"],
+              "lora_dropout": c["dropout"], "target_modules": sorted(c["targets"]), "bias": "none",
+              "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+              "init_lora_weights": True, "modules_to_save": None,
+              "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path)}
+
+    def write(tmp: Path):
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_safetensors(lora, tmp / ADAPTER_WEIGHTS)
+        if extra:
+            save_safetensors(extra, tmp / TRAINABLE_PARAMS)
+        if training is not None:
+            (tmp / TRAINING_INFO).write_text(json.dumps(training, indent=2) + "\n")
+
+    return atomic.write_dir(out_dir, write)
 
 
 def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
@@ -106,29 +116,6 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     return model
 
 
-def write_adapter(out_dir, r: int, alpha: float, dropout: float, targets, tensors: dict, *,
-                  base_model_name_or_path=None, training: dict | None = None) -> Path:
-    """A PEFT adapter folder, atomically. tensors: {our key: tensor}, lora_A/lora_B go to adapter_model.safetensors,
-    anything else (LoRA+ embeddings and norms) to trainable_params.safetensors with HF names, as LongLoRA does.
-    training (rope_scaling, ctx, ...) goes to longqlora.json."""
-    lora = {peft_key(k): v.float().contiguous().cpu() for k, v in tensors.items() if k.endswith(("lora_A", "lora_B"))}
-    extra = {hf_key(k): v.contiguous().cpu() for k, v in tensors.items() if not k.endswith(("lora_A", "lora_B"))}
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-              "target_modules": sorted(targets), "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-              "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
-              "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path)}
-
-    def write(tmp: Path):
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        save_safetensors(lora, tmp / ADAPTER_WEIGHTS)
-        if extra:
-            save_safetensors(extra, tmp / TRAINABLE_PARAMS)
-        if training is not None:
-            (tmp / TRAINING_INFO).write_text(json.dumps(training, indent=2) + "\n")
-
-    return atomic.write_dir(out_dir, write)
-
-
 def read_adapter(adapter_dir):
     """(config, lora, extra, training) of an adapter folder written by us, PEFT or LongLoRA, all checked:
     lora {our key: tensor} of lora_A (r, in) / lora_B (out, r), extra {our key: tensor} of LoRA+ embeddings and
@@ -144,9 +131,10 @@ def read_adapter(adapter_dir):
         raise FileNotFoundError(f"{adapter_dir / ADAPTER_WEIGHTS}: missing (nor is there adapter_model.bin)")
     lora = {}
     for key, t in read_tensor_file(weights).items():
-        ours = lora_key_from_peft(key)
-        if ours is None:
+        m = _PEFT_LORA_KEY.match(key)      # peft_key's inverse; PEFT may add the adapter name `.default`
+        if m is None:
             raise ValueError(f"{weights}: unexpected tensor {key} (only LoRA A/B weights are supported)")
+        ours = our_key(m["module"]) + "." + m["which"]
         rank = t.shape[0] if ours.endswith("lora_A") else t.shape[-1]
         if t.dim() != 2 or rank != config["r"]:
             raise ValueError(f"{weights}: {key} has shape {tuple(t.shape)}, i.e. rank {rank}, but {config_file} "

@@ -20,10 +20,7 @@ def write_text(path, text) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        if isinstance(text, bytes):
-            tmp.write_bytes(text)
-        else:
-            tmp.write_text(text)
+        tmp.write_bytes(text if isinstance(text, bytes) else text.encode())      # str as UTF-8, whatever the locale
         os.replace(tmp, path)
     except OSError as e:
         raise OSError(f"{path}: cannot write ({e.strerror or e})") from None

@@ -1,6 +1,6 @@
-"""bitsandbytes' NF4 formats <-> quant.NF4State: its in-memory QuantState, and the serialised state a
-`*-bnb-4bit` checkpoint stores beside each quantized weight (QuantState.as_dict(packed=True)). The bytes
-themselves need no conversion: quant.py makes bitsandbytes' exact layout."""
+"""bitsandbytes' serialised NF4 state -> quant.NF4State: what a `*-bnb-4bit` checkpoint stores beside each
+quantized weight (QuantState.as_dict(packed=True)). The bytes themselves need no conversion: quant.py makes
+bitsandbytes' exact layout (bench/benchlib.py's state_to_bnb hands a state to bitsandbytes for the parity tests)."""
 import json
 import math
 
@@ -9,21 +9,6 @@ import torch
 from quant import BLOCKSIZES, NF4State, check_state
 
 _NF4_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def state_to_bnb(state: NF4State):
-    """bitsandbytes.functional.QuantState holding the same tensors (no copies)."""
-    from bitsandbytes.functional import QuantState  # importing bitsandbytes probes for CUDA: only when asked
-
-    state2 = offset = None
-    if state.double_quant:
-        state2 = QuantState(absmax=state.nested_absmax, code=state.nested_code,
-                            blocksize=state.nested_blocksize, dtype=torch.float32)
-        # torch.full launches a fill kernel; torch.tensor(float, device=cuda) would be a synchronising copy.
-        offset = torch.full((), state.offset, dtype=torch.float32, device=state.absmax.device)
-    return QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=state.code,
-                      blocksize=state.blocksize, quant_type="nf4", dtype=state.dtype,
-                      offset=offset, state2=state2)
 
 
 def nf4_state_from_tensors(tensors: dict, prefix: str = "") -> NF4State:

@@ -1,16 +1,14 @@
 """The offline demo of `python train.py` with no --model: the whole method on a model that needs no download.
 
-A small random LLaMA (saved as a real HF checkpoint, so it is then loaded like any model: NF4, LoRA, PI and
-all) is trained on a synthetic long-range key-value recall corpus in which the labelled tokens can only be
-predicted by attending far back. Its "trained" context is a quarter of --ctx, so Position Interpolation
-(factor 4) is really used, and the log says at the end whether the loss got below the floor that only
-long-range recall beats.
+A small random LLaMA (saved as a real HF checkpoint, so it is then loaded like any model: NF4, LoRA, PI and all) is
+trained on a synthetic long-range key-value recall corpus in which the labelled tokens can only be predicted by
+attending far back. Its "trained" context is a quarter of --ctx, so Position Interpolation (factor 4) is really used,
+and the log says at the end whether the loss got below the floor that only long-range recall beats.
 
-Why the demo recipe differs from the paper's: LoRA+ (trainable embeddings and norms) and a large LoRA scale
-(alpha/r = 4) let the adapter learn the recall at ctx 8192 within the demo's 80 steps (about 2,000 labelled
-tokens each); in trials without them (r=64, alpha=16, LoRA alone) the loss stayed at or above the floor for
-hundreds of steps. The frozen lm_head is initialised fan-in (std dim^-1/2) so that it can express a peaked
-distribution at all.
+Why the demo recipe differs from the paper's: LoRA+ (trainable embeddings and norms) and a large LoRA scale (alpha/r
+of 4) let the adapter learn the recall at ctx 8192 within the demo's 80 steps (about 2,000 labelled tokens each); in
+trials without them (r=64, alpha=16, LoRA alone) the loss stayed at or above the floor for hundreds of steps. The
+frozen lm_head is initialised fan-in (std dim^-1/2) so that it can express a peaked distribution at all.
 """
 from __future__ import annotations
 

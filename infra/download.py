@@ -12,8 +12,7 @@ backoff, resuming with HTTP Range. Errors are one line naming the URL or file: V
 that is not JSON, e.g. a captive portal's page; an item without a checksum; unsafe object names: nothing is
 written then), OSError for the network and the disk.
 
-    python -m infra.download pg19 --split validation --out data/pg19 [--base-url URL] [--bucket NAME]
-        [--timeout S] [--min-rate BYTES_PER_S] [--rate-window S] [--retries N] [--no-progress]
+    python -m infra.download pg19 --split validation --out data/pg19    (--help: the server and network flags)
 """
 from __future__ import annotations
 

@@ -14,6 +14,10 @@ from pathlib import Path
 
 from infra import cli
 
+# Loaded on first use: `python -m infra.merge --help` answers before torch has loaded.
+torch, adapter, hf, lora, rope_scaling = map(cli.LazyModule, ("torch", "infra.adapter", "infra.hf", "lora",
+                                                               "infra.rope_scaling"))
+
 
 def check_out(out_dir, inputs, overwrite: bool) -> None:
     """Refuse an --out whose replacement would destroy something: an input folder or one holding an input, and
@@ -30,29 +34,18 @@ def check_out(out_dir, inputs, overwrite: bool) -> None:
 
 def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None = None,
                      max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> tuple[Path, dict | None, str]:
-    """Merge an adapter into the 16-bit weights of `base_dir` and write a full HF checkpoint to `out_dir`, which
-    check_out allows (a new or empty folder; a non-empty one with overwrite). Returns (out_dir, the RoPE scaling
-    written into its config.json, where that scaling came from).
-
-    Tensors are read, merged and written one at a time (peak memory: one shard plus one tensor). The RoPE
-    scaling is the one eval.py would use (rope_scaling.inference_scaling): --rope-factor, else the adapter's
-    recorded training scaling, else the base's; an adapter whose scaling is unknown needs rope_factor."""
-    # imported here, not at the top: they load torch, and `python -m infra.merge --help` should answer at once
-    import torch
-
-    from infra import adapter, hf
-    from lora import lora_pairs, merged_weight
-    from infra.rope_scaling import inference_scaling
-
+    """Merge an adapter into the 16-bit weights of `base_dir` and write a full HF checkpoint to `out_dir` (one that
+    check_out allows), a tensor at a time (peak memory: one shard plus one tensor). Returns (out_dir, the RoPE
+    scaling written into its config.json, which is eval.py's (rope_scaling.inference_scaling), where it came from)."""
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     check_out(out_dir, (base_dir, adapter_dir), overwrite)
-    config, lora, extra, training = adapter.read_adapter(adapter_dir)
+    config, lora_weights, extra, training = adapter.read_adapter(adapter_dir)
     base_config = hf.load_config(base_dir)
     if base_config.get("quantization_config"):
         raise ValueError(f"{base_dir / 'config.json'}: the base is quantised; merging needs the original 16-bit "
                          "weights")
     base_args = hf.read_config(base_dir)
-    scaling, source = inference_scaling(rope_factor, base_args.rope_scaling, adapter_dir, training)
+    scaling, source = rope_scaling.inference_scaling(rope_factor, base_args.rope_scaling, adapter_dir, training)
     base_args.rope_scaling = scaling
     out_config = {**base_config, **hf.config_json(base_args)}
     out_config.pop("rope_parameters", None)   # transformers 5 form; we write the portable top-level one
@@ -62,7 +55,7 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
         raise FileNotFoundError(f"{base_dir / 'tokenizer.model'}: not found (nor in {adapter_dir}); eval.py and "
                                 "generate.py need it beside the merged weights: copy it from the original model")
     files = hf.checkpoint_files(base_dir)
-    pairs = lora_pairs(lora)
+    pairs = lora.lora_pairs(lora_weights)
     replaced = {hf.hf_key(k): v for k, v in extra.items()}
     for key in [*pairs, *replaced]:
         if key not in files:
@@ -80,7 +73,7 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
                 t = replaced[name].to(t.dtype)
             if name in pairs:
                 try:
-                    t = merged_weight(t, *pairs[name], scale)
+                    t = lora.merged_weight(t, *pairs[name], scale)
                 except ValueError as e:
                     raise ValueError(f"{adapter_dir / adapter.ADAPTER_WEIGHTS}: {name}: {e} (an adapter for a "
                                      "different model?)") from None
@@ -93,7 +86,7 @@ def merge_and_export(base_dir, adapter_dir, out_dir, rope_factor: float | None =
     return out, scaling, source
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def main(argv=None) -> None:
     p = cli.one_line_errors(argparse.ArgumentParser(
         prog="python -m infra.merge", formatter_class=cli.DefaultsHelp,
         description="Merge a LoRA adapter into its 16-bit base and write a dense HF checkpoint."))
@@ -105,16 +98,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rope-factor", type=cli.rope_factor, default=None,
                    help="linear PI factor written into config.json (default: the adapter's longqlora.json, "
                         "else the base config's)")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    from infra.rope_scaling import describe_scaling, hf_rope_scaling   # after parsing: loads torch
+    args = p.parse_args(argv)
     out, scaling, source = merge_and_export(args.base, args.adapter, args.out, args.rope_factor,
                                             overwrite=args.overwrite)
-    print(f"wrote {out}: {args.adapter} merged into {args.base}; rope_scaling {hf_rope_scaling(scaling)} "
-          f"(RoPE factor {describe_scaling(scaling)}, from {source})")
+    print(f"wrote {out}: {args.adapter} merged into {args.base}; rope_scaling {rope_scaling.hf_rope_scaling(scaling)} "
+          f"(RoPE factor {rope_scaling.describe_scaling(scaling)}, from {source})")
 
 
 if __name__ == "__main__":

@@ -112,8 +112,7 @@ def png_bytes(img: np.ndarray) -> bytes:
 
 def plot_metrics(metrics_file, out_png) -> Path:
     """metrics.jsonl -> loss curve PNG (written atomically)."""
-    atomic.write_text(out_png, png_bytes(render(curves(checkpoint.read_metrics(Path(metrics_file))))))
-    return Path(out_png)
+    return atomic.write_text(out_png, png_bytes(render(curves(checkpoint.read_metrics(Path(metrics_file))))))
 
 
 def held_out_dataset(args, model_args, build_dataset):
@@ -170,8 +169,7 @@ def main(argv=None) -> None:
     p.add_argument("metrics", help="a run's metrics.jsonl")
     p.add_argument("--out", default=None, help="PNG to write (default: loss.png beside the metrics)")
     args = p.parse_args(argv)
-    out = plot_metrics(args.metrics, args.out or Path(args.metrics).with_name("loss.png"))
-    print(f"wrote {out}")
+    print(f"wrote {plot_metrics(args.metrics, args.out or Path(args.metrics).with_name('loss.png'))}")
 
 
 if __name__ == "__main__":

@@ -116,13 +116,6 @@ def inference_scaling(rope_factor, base_scaling, adapter=None, training: dict | 
     return base_scaling, "the checkpoint's config.json"
 
 
-def usable_context(scaling: dict | None, max_position_embeddings: int) -> int:
-    """Tokens a model with this scaling was made for: PI and dynamic NTK stretch max_position_embeddings by
-    their factor (HF keeps the original length in the config); llama3 and yarn configs state the extended one."""
-    stretched = scaling is not None and scaling["rope_type"] in ("linear", "dynamic")
-    return int(max_position_embeddings * scaling["factor"]) if stretched else max_position_embeddings
-
-
 def hf_rope_scaling(scaling: dict | None) -> dict | None:
     """A normalised scaling dict as config.json gets it: linear/dynamic in the legacy {"type", "factor"} form
     that transformers 4.31 through 5.x all read, other rules with "rope_type"."""

@@ -9,10 +9,9 @@ ids), a PG19-layout folder (train/, validation/, test/ of .txt books: a split mu
 folder of .txt / .jsonl / .jsonl.gz files (recursive, sorted by relative path, hidden entries skipped).
 Invalid UTF-8 is replaced by U+FFFD and reported in one warning per source.
 
-The token cache (`python data.py tokenize SRC --model DIR`, or any first use) is a flat token file `<name>.bin`
-beside a JSON index `<name>.json` (document offsets, content hashes of the tokenizer, the source files and the
-token file); a changed tokenizer, source or token file rebuilds it. The index is written last: it marks a
-complete cache.
+The token cache (`python data.py tokenize SRC --model DIR`, or any first use) is a flat token file `<name>.bin` beside
+a JSON index `<name>.json` (document offsets, content hashes of the tokenizer, the source files and the token file); a
+changed tokenizer, source or token file rebuilds it. The index is written last: it marks a complete cache.
 """
 from __future__ import annotations
 
@@ -335,8 +334,6 @@ def tokenize_source(path, tokenizer: Tokenizer | None, split=None, cache_dir=Non
         tokens = load_token_file(path, vocab_size=vocab, dtype=dtype)
         return TokenCorpus(tokens, np.array([0, len(tokens)], dtype=np.int64), [path.name], False, path)
     files = source_files(path, split)
-    if tokenizer is None:
-        raise ValueError(f"{path}: a text source needs the model's tokenizer")
     source_sha = source_fingerprint(files, source_root(path, split))
     bin_path, index_path = cache_paths(path, split, tokenizer, cache_dir)
     corpus = read_cache(bin_path, index_path, tokenizer.fingerprint, source_sha)

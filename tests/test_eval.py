@@ -13,7 +13,6 @@ from conftest import PG19_MINI, ROOT, hf_model, make_hf_checkpoint
 
 from infra import cli
 from infra import eval_data
-from infra import published
 from infra import sources
 import eval as ev
 import generate as gen
@@ -223,7 +222,7 @@ def test_published_protocols_windows_at_seq_len_below_the_stride():
 def test_published_protocols_default_quantization_and_dtype(capsys):
     def resolved(*argv, cuda=False):
         args = ev.parse_args(["--model", "m", *argv])
-        published.apply_eval_defaults(args, cuda)
+        eval_data.apply_eval_defaults(args, cuda)
         return args.stride, args.quant, args.dtype, args.trials
     assert resolved() == (None, "none", "auto", 20)
     assert resolved("--protocol", "longqlora", cuda=True) == (8192, "nf4", "fp16", 10)
@@ -358,21 +357,21 @@ def test_passkey_evaluation_runs_with_the_kv_cache(ckpt):
 def test_longlora_passkey_prompt_text_on_fixed_seeds():
     """LongLoRA's test: int(3.75 * seq_len) filler characters cut at a random point, key randint(1, 50000) seeded
     with the trial's number (the same key at every length), five lines joined by newlines."""
-    text, key, depth = published.passkey_trial(8, 0, random.Random(0))       # 30 characters, cut after 27
+    text, key, depth = eval_data.passkey_trial(8, 0, random.Random(0))       # 30 characters, cut after 27
     assert key == str(random.Random(0).randint(1, 50000)) == "25248" and depth == 27 / 30
     assert text == ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I "
                     "will quiz you about the important information there.\nThe grass is green. The sky\nThe pass key "
                     "is 25248. Remember it. 25248 is the pass key.\nThe\nWhat is the pass key? The pass key is")
-    assert published.passkey_trial(4000, 0, random.Random(7))[1] == key
-    lines = published.passkey_trial(1000, 5, random.Random(1))[0].split("\n")
+    assert eval_data.passkey_trial(4000, 0, random.Random(7))[1] == key
+    lines = eval_data.passkey_trial(1000, 5, random.Random(1))[0].split("\n")
     assert len(lines) == 5 and len(lines[1]) + len(lines[3]) == 3750
-    assert published.filler(45) == "The grass is green. The sky is blue. The sun i"[:45]
+    assert eval_data.filler(45) == "The grass is green. The sky is blue. The sun i"[:45]
 
 
 def test_longlora_passkey_scoring_is_an_exact_token_match(ckpt, monkeypatch):
-    assert published.passkey_correct([29871, 29896, 29906], [29871, 29896, 29906])
-    assert not published.passkey_correct([29871, 29896], [29871, 29896, 29906])          # EOS came early
-    assert not published.passkey_correct([29896, 29906, 29871], [29871, 29896, 29906])
+    assert eval_data.passkey_correct([29871, 29896, 29906], [29871, 29896, 29906])
+    assert not eval_data.passkey_correct([29871, 29896], [29871, 29896, 29906])          # EOS came early
+    assert not eval_data.passkey_correct([29896, 29906, 29871], [29871, 29896, 29906])
     model, tok = load(ckpt, dtype=torch.float32), sources.load_tokenizer(ckpt)
     r = ev.evaluate_passkey(model, tok, 192, trials=4, seed=5, progress=False, protocol="longlora")
     assert [t["key"] for t in r["records"]] == [str(random.Random(j).randint(1, 50000)) for j in range(4)]

@@ -3,13 +3,18 @@ infra/bnb.py's reader of bitsandbytes' serialised NF4 state."""
 import dataclasses
 import glob
 import json
+import sys
 
 import pytest
 import torch
 
+from conftest import ROOT
 from infra import hf
 import quant
 from infra import bnb as bnb_format
+
+sys.path.insert(0, str(ROOT / "bench"))
+from benchlib import state_to_bnb  # noqa: E402
 
 bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
@@ -229,13 +234,13 @@ def test_round_trip_through_bnb_quant_state(dtype):
     w = weight((70, 130), dtype, seed=2)
     packed, state = quant.quantize_nf4(w)
     # ours -> bnb dequantize
-    assert torch.equal(bnb_dequantize(packed, bnb_format.state_to_bnb(state)), quant.dequantize_nf4(packed, state).view(-1))
+    assert torch.equal(bnb_dequantize(packed, state_to_bnb(state)), quant.dequantize_nf4(packed, state).view(-1))
     # bnb quantize -> ours
     ref_packed, ref_state = bnb_quantize(w)
     back = state_from_bnb(ref_state)
     assert_same_state(back, ref_state)
     assert torch.equal(quant.dequantize_nf4(ref_packed, back).view(-1), bnb_dequantize(ref_packed, ref_state))
-    assert bnb_format.state_to_bnb(back) == ref_state  # QuantState.__eq__
+    assert state_to_bnb(back) == ref_state  # QuantState.__eq__
 
 
 def test_reads_bnb_serialized_state():

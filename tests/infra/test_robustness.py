@@ -130,7 +130,8 @@ def test_nan_in_prequantized_statistics_is_reported_at_load(tiny, tmp_path, stat
     """A `*-bnb-4bit` folder: a NaN in a block scale, a code book or the offset would spread to whole blocks."""
     pytest.importorskip("bitsandbytes")
     import quant
-    from infra import bnb
+    sys.path.insert(0, str(ROOT / "bench"))
+    from benchlib import state_to_bnb
 
     model = copy_model(tiny["model"], tmp_path / "bnb")
     shard = sorted(model.glob("model-*.safetensors"))[0]
@@ -139,7 +140,7 @@ def test_nan_in_prequantized_statistics_is_reported_at_load(tiny, tmp_path, stat
     tensors[name], state = quant.quantize_nf4(tensors[name], double_quant=stat != "absmax")
     if stat == "nested_offset":
         state.offset = float("inf")
-    serialised = {f"{name}.{k}": v.clone() for k, v in bnb.state_to_bnb(state).as_dict(packed=True).items()}
+    serialised = {f"{name}.{k}": v.clone() for k, v in state_to_bnb(state).as_dict(packed=True).items()}
     if stat != "nested_offset":
         serialised[f"{name}.{stat}"].view(-1)[0] = float("nan")
     save_file({**tensors, **serialised}, shard, metadata={"format": "pt"})
