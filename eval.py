@@ -63,6 +63,8 @@ def perplexity_windows(n_tokens: int, seq_len: int, protocol: str,
                        stride: int | None = None) -> list[tuple[int, int, int]]:
     """The windows of a protocol as (start, first_target, end): the model reads tokens[start:end] and the
     targets scored are the tokens at positions first_target .. end - 1 (see the module docstring)."""
+    if protocol not in PROTOCOLS:       # benchmarks call this directly: a typo must not score as disjoint
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
     stride = default_stride(protocol, seq_len) if stride is None else stride
     if protocol != "sliding":
         starts = list(range(0, n_tokens - seq_len, stride))[:-1]   # LongLoRA drops the last start

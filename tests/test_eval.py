@@ -205,6 +205,8 @@ def test_longlora_windows_drop_the_last_start():
         ev.perplexity_windows(150, 100, "disjoint")
     with pytest.raises(ValueError, match="smaller than seq_len"):
         ev.perplexity_windows(500, 100, "sliding", stride=100)
+    with pytest.raises(ValueError, match="unknown protocol 'disjiont'"):
+        ev.perplexity_windows(1000, 100, "disjiont", stride=100)     # never scored as disjoint
 
 
 def test_published_protocols_windows_at_seq_len_below_the_stride():
