@@ -48,11 +48,14 @@ def lora_key_from_peft(key: str) -> str | None:
     return None if m is None else our_key(m["module"]) + "." + m["which"]
 
 
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path=None, training: dict | None = None) -> Path:
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path=None, training: dict | None = None,
+                 tensors: dict | None = None) -> Path:
     """Write the adapter as a PEFT folder (PeftModel.from_pretrained loads it), atomically. training: how it
-    was trained ({"rope_scaling", "ctx", ...}, saved as longqlora.json); default: what it was loaded with."""
+    was trained ({"rope_scaling", "ctx", ...}, saved as longqlora.json); default: what it was loaded with.
+    tensors: {our key: tensor} when not the model's own (--fsdp gathers them from the ranks' shards)."""
     c = model.lora_config
-    tensors = {k: p.detach() for k, p in adapter_parameters(model).items()}
+    if tensors is None:
+        tensors = {k: p.detach() for k, p in adapter_parameters(model).items()}
     return write_adapter(out_dir, c["r"], c["alpha"], c["dropout"], c["targets"], tensors,
                          base_model_name_or_path=base_model_name_or_path,
                          training=training if training is not None else c["training"])
