@@ -18,6 +18,7 @@ forward (and its checkpointed recompute) and again before its backward, freed af
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -28,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler  # noqa: F401  (train.py's fp16 scaler)
 
-from lora import adapter_parameters
+from infra import hf
+from lora import LoRALinear, adapter_parameters
 from model import RMSNorm
 from quant import Linear4bit
 
@@ -55,6 +57,48 @@ def shard(model: nn.Module) -> list[nn.Parameter]:
         unit.set_force_sum_reduction_for_comms(True)     # a plain sum (gloo has no pre-multiplied one)
     register_fsdp_forward_method(model, "loss")          # train_step calls model.loss, not forward
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def load_weights(model: nn.Module, path, dtype, device, seed: int, quant_backend: str = "auto") -> None:
+    """Fill `model`, built on the meta device and sharded, from the HF checkpoint in `path`: each rank reads one
+    tensor at a time, whole, quantizes a decoder linear as hf.load_model does (NF4's second-level offset is the
+    mean over the whole tensor) and keeps only its slices; so a rank's host memory stays near one 16-bit tensor
+    plus its shards. Then LoRA's initialisation, as add_lora draws it from `seed` in one process."""
+    model.to_empty(device=device)
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor, file in hf.read_tensors(hf.checkpoint_files(path)):
+            key = hf.our_key(name)
+            base = modules.get(key.removesuffix(".weight") + ".base_layer")     # a decoder linear under LoRA
+            if ".weight." in name:                       # bitsandbytes' statistics (hf._weight_name)
+                raise ValueError(f"{file}: {name}: --fsdp reads 16-bit checkpoints, not bitsandbytes' NF4 ones")
+            if key not in params and base is None:
+                continue                                 # a tied lm_head: it is the embedding
+            hf.check_finite(tensor, name, file, dtype)
+            tensor = tensor.to(device=device, dtype=dtype)
+            if isinstance(base, Linear4bit):
+                nf4 = Linear4bit.from_weight(tensor, compute_dtype=dtype, backend=quant_backend)
+                base._meta = nf4._meta                   # the shape and the offset: the same on every rank
+                for attr in NF4_TENSORS:
+                    keep(getattr(base, attr), getattr(nf4, attr))
+            else:
+                keep(params[key] if base is None else base.weight, tensor)
+            del tensor
+        torch.manual_seed(seed)          # add_lora's order: every q_proj's A, then every k_proj's A, ...
+        for target in model.lora_config["targets"]:
+            for name, m in modules.items():
+                if isinstance(m, LoRALinear) and name.rsplit(".", 1)[-1] == target:
+                    a = torch.empty(m.lora_A.shape, device=device)
+                    keep(m.lora_A, nn.init.kaiming_uniform_(a, a=math.sqrt(5)))
+                    keep(m.lora_B, torch.zeros(m.lora_B.shape, device=device))
+
+
+def keep(param, full: torch.Tensor) -> None:
+    """This rank's slice of `full` into the sharded `param`: FSDP2 cuts dim 0 as torch.chunk does."""
+    chunks = full.chunk(dist.get_world_size())
+    if dist.get_rank() < len(chunks):
+        param.to_local().copy_(chunks[dist.get_rank()])
 
 
 def gather_adapter(model: nn.Module) -> dict | None:

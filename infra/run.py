@@ -104,9 +104,12 @@ class Run:
             self.log(f"warning: --warmup {args.warmup} is longer than the run ({args.max_steps} steps): the full LR "
                      "is never reached")
         torch.manual_seed(args.seed)          # the same LoRA initialisation on every rank
-        self.model, self.trainable, self.factor = build_model(args, self.dtype, self.device)
+        # --fsdp: the structure on meta, sharded, then each rank reads what it keeps (infra/fsdp.py)
+        self.model, self.trainable, self.factor = build_model(args, self.dtype, "meta" if self.fsdp else self.device)
         if self.fsdp:
             self.trainable = fsdp.shard(self.model)
+            fsdp.load_weights(self.model, args.model, self.dtype, self.device, args.seed, args.quant_backend)
+            self.model.set_memory_savings(args.mlp_chunk, args.offload_activations and self.device.type == "cuda")
         self.training = {"rope_scaling": self.model.args.rope_scaling, "ctx": args.ctx,
                          "max_position_embeddings": model_args.max_position_embeddings,
                          **({"template": args.template} if args.sft else {})}

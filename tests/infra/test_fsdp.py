@@ -1,7 +1,9 @@
-"""--fsdp (infra/fsdp.py) on CPU with gloo, two ranks: one sharded step computes the single-process loss and LoRA
-gradients of the same global batch, the NF4 base is sharded too, both ranks agree on an fp16 overflow that only
-one rank's shard saw; a sharded run trains the single-process adapter, and a run whose rank is SIGKILLed resumes
-bit for bit; a checkpoint refuses another world size. And the dry run's prediction for one rank of N."""
+"""--fsdp (infra/fsdp.py) on CPU with gloo, two ranks: one sharded step (a loaded model, sharded) computes the
+single-process loss and LoRA gradients of the same global batch, the NF4 base is sharded too, both ranks agree on
+an fp16 overflow that only one rank's shard saw; a train.py --fsdp run (the structure sharded on meta, each rank
+reading its slices and drawing LoRA's initialisation as one process does) trains the single-process adapter, and a
+run whose rank is SIGKILLed resumes bit for bit; a checkpoint refuses another world size. And the dry run's
+prediction for one rank of N."""
 import copy
 import json
 import math
