@@ -6,6 +6,8 @@ every tensor of a unit: the packed NF4 bytes and their quantization state (absma
 without gradient, as FSDP2 shards parameters only), the 16-bit weights and the LoRA weights, hence also the
 LoRA gradients and AdamW states. A unit's whole tensors exist only while it computes: all-gathered before its
 forward (and its checkpointed recompute) and again before its backward, freed after. The rules:
+  - no rank holds the whole base, not even while loading: the model is built on the meta device and sharded,
+    then each rank reads the checkpoint one tensor at a time and keeps its slices (load_weights);
   - gradients are reduce-scattered as sums, never averages: train.py's loss weights already divide by the
     tokens of all ranks, as under data parallel, so the update is the single-process one of the global batch;
   - the gradient norm for clipping is the norm over every rank's shards (clip_grad_norm_ of sharded tensors),

@@ -257,8 +257,9 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, q
     nf4 = dict(compute_dtype=dtype, backend=quant_backend) if quantize == "nf4" else None
     if torch.device(device).type != "meta":
         _load_weights(model, files, dtype, torch.device(device), nf4)
-    elif nf4:
-        for key in [k for k, _ in model.named_parameters() if _DECODER_LINEAR.match(k)]:
+    else:
+        model.to(dtype)                 # what loading would give every weight
+        for key in [k for k, _ in model.named_parameters() if _DECODER_LINEAR.match(k)] if nf4 else ():
             _put(model, key.removesuffix(".weight"), _meta_nf4(model.get_parameter(key).shape, nf4))
     return model.eval()
 

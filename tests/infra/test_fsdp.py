@@ -1,7 +1,7 @@
 """--fsdp (infra/fsdp.py) on CPU with gloo, two ranks: one sharded step (a loaded model, sharded) computes the
 single-process loss and LoRA gradients of the same global batch, the NF4 base is sharded too, both ranks agree on
 an fp16 overflow that only one rank's shard saw; a train.py --fsdp run (the structure sharded on meta, each rank
-reading its slices and drawing LoRA's initialisation as one process does) trains the single-process adapter, and a
+reading its slices and drawing LoRA's initialisation as one process does; bf16) trains the single-process adapter, and a
 run whose rank is SIGKILLed resumes bit for bit; a checkpoint refuses another world size. And the dry run's
 prediction for one rank of N."""
 import copy
@@ -139,7 +139,7 @@ def test_one_sharded_step_equals_one_process_and_ranks_agree_on_overflow(tiny, t
 
 def flags(tiny, out, *extra):
     return [str(x) for x in ["--model", tiny["model"], "--data", PG19_MINI, "--split", "validation", "--cache-dir",
-                             tiny["cache"], "--out", out, "--dtype", "fp32", "--ctx", 128, "--log-every", 100,
+                             tiny["cache"], "--out", out, "--dtype", "bf16", "--ctx", 128, "--log-every", 100,
                              "--lr", "1e-3", "--warmup", 1, "--batch-size", 1, "--lora-dropout", 0, "--save-every", 2,
                              *extra]]
 
