@@ -190,7 +190,8 @@ class Run:
     def out_of_memory(self, step: int, e: BaseException) -> str:
         """What a step that ran out of memory needed: infra/memory.py's prediction for this run's shapes."""
         args, where = self.args, "GPU" if self.device.type == "cuda" else "CPU"
-        need = memory.predict_peak_memory(self.model.args, args.ctx, **memory.options(args, self.dtype.itemsize))
+        need = memory.predict_peak_memory(self.model.args, args.ctx, **{**memory.options(args, self.dtype.itemsize),
+                                                                        "world_size": self.world, "fsdp": self.fsdp})
         return (f"step {step}: out of {where} memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                 f"one step of --ctx {args.ctx} x --batch-size {args.batch_size} is predicted to need "
                 f"{need['peak_bytes'] / 1e9:.1f} GB (infra/memory.py). See what fits with the same flags plus "
@@ -249,6 +250,8 @@ class Run:
         if self.rank == 0 or self.fsdp:       # a sharded model computes on every rank
             result = report.held_out_loss(self.model, self.heldout, self.args.eval_sequences, self.args.batch_size,
                                           self.pad_id)
+            if self.fsdp:       # no backward followed to free the root unit's gathered weights
+                self.model.reshard()
             if self.rank == 0:
                 self.write_row({"step": step, **result, "time": now()})
             self.log(f"step {step}/{self.args.max_steps} held-out loss {result['eval_loss']:.4f} ppl "
