@@ -192,7 +192,7 @@ def predict_peak_memory(args_model: ModelArgs, ctx: int, batch_size: int = 1, lo
     layer, loss = max(layer_moments.values()), max(loss_moments.values())
     parts = {"nf4_weights" if quant == "nf4" else "dense_weights": base, "embed_and_head": embed, "norms": norms,
              "trainable_grads_and_adam" if full_finetune else "lora_weights_grads_adam": trainable}
-    if fsdp:
+    if fsdp and world_size > 1:          # (one process: train.py runs it unsharded)
         parts = {k: -(-v // world_size) for k, v in parts.items()}              # each rank's shard
         lora_bytes = 4 * lora_params // a.n_layers
         unit = (base + norms - a.dim * b) // a.n_layers + lora_bytes             # one decoder layer, whole
