@@ -3,7 +3,8 @@
     python train.py --model DIR --data PATH --ctx 8192 [--preset llama2-7b-8k]   # the paper's recipe
     python train.py --ctx 8192                                                     # offline demo (no --model)
     torchrun --nproc_per_node 8 train.py --model DIR ...                          # data parallel
-    python train.py --preset llama2-7b-12k --dry-run [--budget 32GB]               # predicted peak memory
+    torchrun --nproc_per_node 8 train.py --model DIR ... --fsdp    # sharded (infra/fsdp.py): a base too big for a GPU
+    python train.py --preset llama2-7b-12k --dry-run [--budget 32GB] [--world-size 8 --fsdp]   # predicted peak
 
 One optimizer step, following a token from the data to the update (the functions below, in this order):
   1. build_dataset: data.py cuts the token stream into sequences of exactly ctx tokens (packed documents,
@@ -40,8 +41,8 @@ from infra import cli
 
 # torch and every module that imports it load on first use, not here: the flags below answer --help and a
 # bad value at once instead of after the seconds torch takes to import.
-torch, data, lora, rope, demo, hf, memory, run, sources = map(cli.LazyModule, (
-    "torch", "data", "lora", "rope", "infra.demo", "infra.hf", "infra.memory", "infra.run", "infra.sources"))
+torch, data, lora, rope, demo, fsdp, hf, memory, run, sources = map(cli.LazyModule, ("torch", "data", "lora", "rope",
+    "infra.demo", "infra.fsdp", "infra.hf", "infra.memory", "infra.run", "infra.sources"))
 
 # --------------------------------------------------------------------------- the flags
 
@@ -100,6 +101,8 @@ RUN = [         # how the run is carried out: free to change on --resume
     ("mlp_chunk", 0, "[0, inf)", "MLP of the recomputed layer in tiles of this many tokens: less memory, one "
                                  "more MLP forward (0: untiled)"),
     ("offload_activations", False, None, "keep the checkpointed layer inputs in pinned CPU memory (CUDA only)"),
+    ("fsdp", False, None, "with torchrun: shard the base, LoRA, gradients and AdamW states across the ranks (FSDP2, "
+                          "infra/fsdp.py) instead of a whole copy per rank: for a base one device cannot hold"),
     ("compile", False, None, "torch.compile every decoder layer (slower on the CPUs measured so far, see README)"),
     ("eval_every", 0, "[0, inf)", "every N steps and at the end: held-out loss at --ctx, full attention (0: never)"),
     ("eval_data", str, None, "held-out data, read like --data (default: a PG19 --data's validation split; synthetic)"),
@@ -114,6 +117,9 @@ PRESETS = {
     "llama2-7b-12k": dict(LONGQLORA, ctx=12288),
     "vicuna-13b-sft-8k": dict(LONGQLORA, ctx=8192, lr=1e-4, sft=True, max_steps=None, template="longqlora",
                               loss_weighting="micro-batch"),
+    # LLaMA-2-70B, sharded (--fsdp): 8k on 2+ GPUs of 40 GB, 32k on 8 (README: DDP or FSDP)
+    "llama2-70b-8k": dict(LONGQLORA, ctx=8192, fsdp=True, mlp_chunk=2048),
+    "llama2-70b-32k": dict(LONGQLORA, ctx=32768, fsdp=True, mlp_chunk=2048, offload_activations=True),
 }
 DEMO = dict(max_steps=80, lr=4e-3, warmup=5, max_grad_norm=1.0, lora_r=16, lora_alpha=64.0, train_embed_norm=True,
             save_every=0, log_every=5, out="out/demo", data="synthetic", eval_every=40, eval_sequences=4)
@@ -124,6 +130,7 @@ COMMAND = [     # what this invocation does; not saved with the run
     ("threads", int, None, "CPU threads for torch (default: all cores; the demo: up to 4 idle ones)"),
     ("dry_run", False, None, "print the predicted peak memory of one step and exit"),
     ("budget", str, None, "with --dry-run: also print the longest ctx whose step fits this much memory (e.g. 32GB)"),
+    ("world_size", int, "[1, inf)", "with --dry-run: predict one rank of this many (default 1; --fsdp shards)"),
 ]
 FLAGS = RECIPE + RUN + COMMAND
 # --as-published: LongQLoRA's code where our defaults deliberately differ (README: the deviation table).
@@ -151,26 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.resolve(args, FLAGS, published, PRESETS.get(args.preset, {}), DEMO if args.demo else {})
     if args.out is None and args.model is not None:
         args.out = f"out/{Path(args.model).name}-{args.ctx}"
-    check_args(args)
+    cli.check_train_args(args)
     return args
-
-
-def check_args(args) -> None:
-    """Impossible settings fail here, before anything is read or written (cli.resolve checked the ranges)."""
-    if args.attn == "s2" and int(args.ctx * args.group_size_ratio) < 1:
-        raise ValueError(f"--ctx {args.ctx} x --group-size-ratio {args.group_size_ratio} gives S²-Attn groups of "
-                         f"{int(args.ctx * args.group_size_ratio)} tokens; a group needs at least 1")
-    if args.full_finetune and (args.quant == "nf4" or args.dtype == "fp16"):
-        raise ValueError("--full-finetune trains the dense weights: it needs --quant none and bf16 or fp32")
-    if args.sft and args.data in (None, "synthetic") and not args.dry_run:
-        raise ValueError("--sft needs --data pointing to a JSONL of conversations")
-    for flag, value in (("--data", args.data), ("--eval-data", args.eval_data or "synthetic")):
-        if args.demo and value != "synthetic":
-            raise ValueError(f"{flag} {value}: text data needs the tokenizer of a --model (the demo uses synthetic)")
-    if args.resume and args.overwrite:
-        raise ValueError("--resume and --overwrite contradict each other")
-    if args.budget is not None and not args.dry_run:
-        raise ValueError("--budget goes with --dry-run")
 
 
 # --------------------------------------------------------------------------- data, model, one optimizer step
@@ -230,10 +219,11 @@ def loss_tokens(batch: dict) -> int:
 
 
 def train_step(model, micro_batches, optimizer, scaler, max_grad_norm: float = 0.3, weighting: str = "tokens",
-               world_size: int = 1) -> dict:
+               world_size: int = 1, sharded: bool = False) -> dict:
     """One optimizer step over this rank's micro-batches (the module docstring, point 3). Returns {loss
     (all ranks), grad_norm (before clipping), lr, tokens (real input tokens, all ranks), skipped (fp16
-    overflow), finite}. A non-finite loss or gradient is never applied: finite=False, weights untouched."""
+    overflow), finite}. A non-finite loss or gradient is never applied: finite=False, weights untouched.
+    sharded (--fsdp): backward already summed each gradient shard over the ranks, the norm covers all shards."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = params[0].device
     n_loss = [loss_tokens(b) for b in micro_batches]
@@ -251,11 +241,13 @@ def train_step(model, micro_batches, optimizer, scaler, max_grad_norm: float = 0
         scaler.scale(nll).backward()
         loss += nll.detach().double()
     if world_size > 1:
-        for handle in [torch.distributed.all_reduce(t, async_op=True) for t in [loss] + [p.grad for p in params]]:
+        grads = [] if sharded else [p.grad for p in params]
+        for handle in [torch.distributed.all_reduce(t, async_op=True) for t in [loss] + grads]:
             handle.wait()
     lr = optimizer.param_groups[0]["lr"]
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+    grad_norm = float(norm.full_tensor() if sharded else norm)
     # fp16: GradScaler skips a step whose gradients overflowed (exactly when the norm is not finite) and
     # lowers the scale; without it a non-finite loss or gradient is a broken run, never applied.
     skipped = scaler.is_enabled() and not math.isfinite(grad_norm)
@@ -268,9 +260,10 @@ def train_step(model, micro_batches, optimizer, scaler, max_grad_norm: float = 0
             "skipped": skipped, "finite": finite}
 
 
-def make_optimizer(params, lr: float, weight_decay: float, device):
-    """Paged AdamW (32-bit states) on CUDA; plain torch AdamW on CPU, where there is nothing to page to."""
-    if device.type == "cuda":
+def make_optimizer(params, lr: float, weight_decay: float, device, sharded: bool = False):
+    """Paged AdamW (32-bit states) on CUDA; plain torch AdamW on CPU, where there is nothing to page to, and for
+    --fsdp's sharded parameters, which bitsandbytes' optimizers do not take."""
+    if device.type == "cuda" and not sharded:
         import bitsandbytes as bnb   # here: importing it probes CUDA for seconds, and the CPU path never needs it
         return bnb.optim.PagedAdamW32bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay, foreach=False)
@@ -290,16 +283,17 @@ def train(args) -> dict:
     """Optimizer steps up to --max-steps. infra/run.py does the rest: --out (locked while the run writes it),
     loading (build_dataset, build_model), --resume, the log, checkpoints every --save-every steps and on Ctrl-C."""
     with run.Run(args, build_dataset, build_model, [f[0] for f in RECIPE], [f[0] for f in RECIPE + RUN]) as r:
-        optimizer = make_optimizer(r.trainable, args.lr, args.weight_decay, r.device)
+        optimizer = make_optimizer(r.trainable, args.lr, args.weight_decay, r.device, r.fsdp)
         scheduler = constant_with_warmup(optimizer, args.warmup, hf=args.as_published)
-        scaler = torch.amp.GradScaler(r.device.type, enabled=r.dtype == torch.float16)
+        scaling = fsdp.ShardedGradScaler if r.fsdp else torch.amp.GradScaler    # --fsdp: the ranks agree on overflow
+        scaler = scaling(r.device.type, enabled=r.dtype == torch.float16)
         start = r.restore(optimizer, scheduler, scaler)         # 0, or the checkpoint's step, everything as it was
         batches = data.batches(r.dataset, r.sampler, args.batch_size, r.pad_id)
         with r.progress(start):
             for step in range(start + 1, args.max_steps + 1):
                 t0 = time.perf_counter()
                 result = train_step(r.model, [next(batches) for _ in range(args.grad_accum)], optimizer, scaler,
-                                    args.max_grad_norm, args.loss_weighting, r.world)
+                                    args.max_grad_norm, args.loss_weighting, r.world, r.fsdp)
                 r.check(step, result, scaler)     # not finite, or fp16 overflow at every scale: stop, nothing saved
                 if not result["skipped"]:
                     scheduler.step()              # a skipped step does not advance the schedule

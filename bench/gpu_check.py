@@ -45,6 +45,15 @@ with --out bench/results/gpu_check.json.
     python bench/gpu_check.py --dtypes bf16 --cases 12288:1024 65536:1024:offload --steps 1
     python bench/gpu_check.py --cpu-smoke              # the same code path on a tiny model on the CPU
 
+--fsdp (under torchrun, one GPU per rank): the model sharded across the ranks as train.py --fsdp shards it
+(infra/fsdp.py), each rank's peak against the dry run's --world-size N --fsdp prediction; --geometry llama2-70b
+for LongLoRA's 70B (the 70B presets' goals: 8k <= 40 GB per rank on 2 ranks with tiles of 2048, <= 30 GB with
+offload too; 32k <= 60 GB on 8 ranks):
+
+    torchrun --nproc_per_node 2 bench/gpu_check.py --fsdp --geometry llama2-70b --dtypes bf16 \
+        --cases 8192:2048 8192:2048:offload --steps 1
+    torchrun --nproc_per_node 2 bench/gpu_check.py --fsdp --cpu-smoke     # gloo, the tiny model on the CPU
+
 It refuses to run (exit 2) without CUDA, except with --cpu-smoke, which runs dim 128, 2 layers, vocab 1024,
 trained context 256 at 512 and 768 tokens (PI factors 2 and 3, like 8k and 12k), 768 in MLP tiles of 256 and
 1024 with tiles and offload, on the CPU, where memory is the process's peak RSS (VmHWM), offload only adds a
@@ -55,6 +64,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import sys
 import time
 
 import benchlib
@@ -176,7 +187,7 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
     utilisation."""
     import torch
 
-    from infra import memory
+    from infra import fsdp, memory
     import train
 
     ctx = case["ctx"]
@@ -186,9 +197,10 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
     for p in trainable:
         p.grad = None
     meter.reset()
-    optimizer = train.make_optimizer(trainable, args.lr, 0.0, device)
+    optimizer = train.make_optimizer(trainable, args.lr, 0.0, device, sharded=args.fsdp)
     optimizer_name = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    scaler = (fsdp.ShardedGradScaler if args.fsdp else torch.amp.GradScaler)(device.type,
+                                                                              enabled=dtype == torch.float16)
     g = torch.Generator().manual_seed(args.seed)
 
     def step():
@@ -196,7 +208,7 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
         for _ in range(args.grad_accum):
             tokens = torch.randint(3, margs.vocab_size, (1, ctx), generator=g)
             batches.append({"input_ids": tokens, "labels": tokens, "padding_mask": None})
-        return train.train_step(model, batches, optimizer, scaler, max_grad_norm=0.3)
+        return train.train_step(model, batches, optimizer, scaler, 0.3, "tokens", args.world, args.fsdp)
 
     host_before = benchlib.rss_bytes()     # pinned host memory (offloaded checkpoints) shows in RSS
     results = [step()]                            # warm-up: optimizer state, kernels, allocator
@@ -214,7 +226,7 @@ def run_config(model, trainable, margs, case, dtype, args, device, meter) -> dic
     tok_s = tokens / seconds
     pred = memory.predict_peak_memory(margs, ctx, 1, args.lora_r, quant="nf4", dtype_bytes=2,
                                      lora_dropout=0.05, loss_chunk=args.loss_chunk, mlp_chunk=case["mlp_chunk"],
-                                     offload=case["offload"])
+                                     offload=case["offload"], world_size=args.world, fsdp=args.fsdp)
     paged = 8 * n_lora if "Paged" in optimizer_name else 0
     del optimizer
     return {
@@ -253,6 +265,8 @@ def build_parser():
                    help="dense 16-bit peak of the device in TFLOP/s for MFU (H100/H200 SXM: 989)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny geometry on the CPU: exercises the same code path")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: the model sharded across the ranks (FSDP2)")
+    p.add_argument("--geometry", choices=["llama2-7b", "llama2-13b", "llama2-70b"], default="llama2-7b")
     p.add_argument("--out", help="write the results JSON here")
     return p
 
@@ -261,11 +275,15 @@ def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     import torch
 
+    from infra import fsdp, memory, run
     from model import ModelArgs
     import lora
 
     if a.ctx is not None and a.cases is not None:
         raise ValueError("give --ctx (plain cases) or --cases, not both")
+    rank, a.world, device = run.init_distributed() if a.fsdp else (0, 1, None)
+    if rank:
+        sys.stdout = open(os.devnull, "w")      # rank 0 reports
     if a.cpu_smoke:
         device, geometry, defaults = torch.device("cpu"), SMOKE, SMOKE_CASES
         a.steps = 1 if a.steps is None else a.steps
@@ -274,7 +292,8 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise ValueError("bench/gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                              "use --cpu-smoke to exercise the code path on a tiny model on the CPU")
-        device, geometry, defaults = torch.device("cuda", 0), LLAMA2_7B, DEFAULT_CASES
+        device, defaults = device or torch.device("cuda", 0), DEFAULT_CASES
+        geometry = dict(memory.ARCHS[a.geometry])
         a.steps = 2 if a.steps is None else a.steps
     cases = ([parse_case(c) for c in a.ctx] if a.ctx is not None else a.cases or [parse_case(c) for c in defaults])
     a.ctx = [c["ctx"] for c in cases]
@@ -284,6 +303,7 @@ def main(argv=None) -> int:
     margs = ModelArgs(**geometry)
     meter = Meter(device)
     name = "GPU " + torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke test)"
+    name += f", {a.world} ranks sharded by FSDP2 (memory per rank)" if a.fsdp else ""
     print(f"{name}; torch {torch.__version__}; geometry dim {margs.dim}, intermediate {margs.intermediate_size}, "
           f"{margs.n_layers} layers, {margs.n_heads} heads, vocab {margs.vocab_size}, trained ctx "
           f"{margs.max_position_embeddings}; attention {a.attn}; {a.grad_accum} micro-batch(es) x 1 sequence per step; "
@@ -296,6 +316,8 @@ def main(argv=None) -> int:
         torch.manual_seed(a.seed)
         model = build_random_nf4_model(margs, dtype, device, a.seed)
         trainable = lora.add_lora(model, r=a.lora_r, alpha=16, dropout=0.05, targets=LINEARS)
+        if a.fsdp:
+            trainable = fsdp.shard(model)
         model.gradient_checkpointing, model.loss_chunk = True, a.loss_chunk
         model.set_attention(a.attn, 0.25, "segment")
         model.train()
@@ -349,7 +371,8 @@ def main(argv=None) -> int:
     if a.out:
         config = {k: getattr(a, k) for k in ("ctx", "dtypes", "steps", "grad_accum", "attn", "lora_r", "lr",
                                              "loss_chunk", "peak_tflops", "seed")}
-        benchlib.write_json(a.out, {"device": name, "cpu_smoke": a.cpu_smoke, "results": rows, "seconds": seconds,
+        benchlib.write_json(a.out, {"device": name, "cpu_smoke": a.cpu_smoke, "fsdp": a.fsdp, "world_size": a.world,
+                                    "results": rows, "seconds": seconds,
                                     "cases": cases, "config": config, "machine": benchlib.machine()})
         print(f"wrote {a.out}")
     return 0 if len(ok) == len(rows) else 1

@@ -42,13 +42,16 @@ def peft_key(key: str) -> str:
     return PEFT_PREFIX + hf_key(key) + ".weight"
 
 
-def save_adapter(model: nn.Module, out_dir, base_model_name_or_path=None, training: dict | None = None) -> Path:
+def save_adapter(model: nn.Module, out_dir, base_model_name_or_path=None, training: dict | None = None,
+                 tensors: dict | None = None) -> Path:
     """Write the adapter as a PEFT folder (PeftModel.from_pretrained loads it), atomically: lora_A/lora_B to
     adapter_model.safetensors, anything else (LoRA+ embeddings and norms) to trainable_params.safetensors with HF
     names, as LongLoRA does. training: how it was trained ({"rope_scaling", "ctx", ...}, saved as longqlora.json);
-    default: what it was loaded with."""
+    default: what it was loaded with. tensors: {our key: tensor} when not the model's own (--fsdp gathers them
+    from the ranks' shards)."""
     c, training = model.lora_config, training if training is not None else model.lora_config["training"]
-    tensors = {k: p.detach().contiguous().cpu() for k, p in adapter_parameters(model).items()}
+    tensors = adapter_parameters(model) if tensors is None else tensors
+    tensors = {k: p.detach().contiguous().cpu() for k, p in tensors.items()}
     lora = {peft_key(k): v.float() for k, v in tensors.items() if k.endswith(("lora_A", "lora_B"))}
     extra = {hf_key(k): v for k, v in tensors.items() if not k.endswith(("lora_A", "lora_B"))}
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": c["r"], "lora_alpha": c["alpha"],

@@ -5,6 +5,7 @@
     out/checkpoint-<step>/  adapter/ (model/ for full fine-tuning) + trainer_state.pt (optimizer, scheduler,
                             loss scaler, data position, every RNG) + train_config.json (the run's, as above);
                             written under a hidden name and renamed, so checkpoint-<step> is always complete
+                            (--fsdp: + sharded/, every rank's shards of the LoRA weights and AdamW states)
     out/adapter/            the final adapter (PEFT format + longqlora.json), or model/; written last
 
 Rules that keep a run from being lost:
@@ -124,7 +125,9 @@ def check_same_recipe(ckpt: Path, config: dict, recipe: list[str]) -> None:
     changed = [k for k in recipe if k in saved and saved[k] != config.get(k)]
     if changed:
         what = ", ".join(f"{k}: {saved[k]!r} -> {config.get(k)!r}" for k in changed)
-        hint = " (the base model's weights changed)" if "base_fingerprint" in changed else ""
+        hints = {"base_fingerprint": " (the base model's weights changed)",
+                 "world_size": " (a run resumes on as many ranks as it began with: data order and RNGs are per rank)"}
+        hint = "".join(hints[k] for k in changed if k in hints)
         raise ValueError(f"{path}: cannot resume with a different recipe ({what}){hint}")
 
 
@@ -174,20 +177,22 @@ def trainer_state(step: int, optimizer, scheduler, scaler, sampler, world: int) 
     if world > 1:                  # every rank's dropout RNG, so that a resumed run is exact on all of them
         rngs = [None] * world
         torch.distributed.all_gather_object(rngs, rng_state())
-    parts = zip(RESUMABLE, (optimizer, scheduler, scaler, sampler))
-    return {"step": step, **{name: part.state_dict() for name, part in parts}, "rng": rngs}
+    parts = zip(RESUMABLE, (optimizer, scheduler, scaler, sampler))      # optimizer None: --fsdp shards it
+    return {"step": step, **{name: part.state_dict() for name, part in parts if part is not None}, "rng": rngs}
 
 
-def save_weights(model, folder: Path, full_finetune: bool, base_model, training: dict) -> None:
-    """The trained weights into `folder`: adapter/ (PEFT format + longqlora.json), or model/ (full fine-tuning)."""
+def save_weights(model, folder: Path, full_finetune: bool, base_model, training: dict, tensors=None) -> None:
+    """The trained weights into `folder`: adapter/ (PEFT format + longqlora.json), or model/ (full fine-tuning).
+    tensors: the adapter's, when not the model's own (--fsdp: gathered from the ranks)."""
     if full_finetune:
         hf.save_model(model, folder / "model", copy_from=base_model)
     else:
-        save_adapter(model, folder / "adapter", base_model_name_or_path=base_model, training=training)
+        save_adapter(model, folder / "adapter", base_model_name_or_path=base_model, training=training, tensors=tensors)
 
 
 def restore(ckpt: Path, model, full_finetune: bool, optimizer, scheduler, scaler, sampler, rank: int) -> None:
-    """Put the run back as it was when `ckpt` was written: weights, optimizer, schedule, scaler, data, RNGs."""
+    """Put the run back as it was when `ckpt` was written: weights, optimizer, schedule, scaler, data, RNGs.
+    optimizer None (--fsdp): the LoRA weights and the optimizer are restored from the shards (fsdp.load_sharded)."""
     try:
         state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)   # no pickled code
     except Exception as e:          # zip / pickle errors of a damaged file come in many types
@@ -195,10 +200,11 @@ def restore(ckpt: Path, model, full_finetune: bool, optimizer, scheduler, scaler
                          "the checkpoint before it") from None
     if full_finetune:
         hf.load_state(model, ckpt / "model")
-    else:
+    elif optimizer is not None:
         load_adapter(model, ckpt / "adapter")
     for name, part in zip(RESUMABLE, (optimizer, scheduler, scaler, sampler)):
-        part.load_state_dict(state[name])
+        if part is not None:
+            part.load_state_dict(state[name])
     set_rng_state(state["rng"][rank])
 
 

@@ -130,6 +130,24 @@ def check_range(name: str, value, low=None, high=None, *, open_low: bool = False
     return value
 
 
+def check_train_args(args) -> None:
+    """train.py's impossible settings fail here, before anything is read or written (resolve checked the ranges)."""
+    if args.attn == "s2" and int(args.ctx * args.group_size_ratio) < 1:
+        raise ValueError(f"--ctx {args.ctx} x --group-size-ratio {args.group_size_ratio} gives S²-Attn groups of "
+                         f"{int(args.ctx * args.group_size_ratio)} tokens; a group needs at least 1")
+    if args.full_finetune and (args.quant == "nf4" or args.dtype == "fp16" or args.fsdp):
+        raise ValueError("--full-finetune trains the dense weights: it needs --quant none, bf16 or fp32, no --fsdp")
+    if args.sft and args.data in (None, "synthetic") and not args.dry_run:
+        raise ValueError("--sft needs --data pointing to a JSONL of conversations")
+    for flag, value in (("--data", args.data), ("--eval-data", args.eval_data or "synthetic")):
+        if args.demo and value != "synthetic":
+            raise ValueError(f"{flag} {value}: text data needs the tokenizer of a --model (the demo uses synthetic)")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume and --overwrite contradict each other")
+    if (args.budget is not None or args.world_size is not None) and not args.dry_run:
+        raise ValueError("--budget and --world-size go with --dry-run")
+
+
 class LazyModule:
     """Module `name`, imported on the first attribute access: a script names torch and its own modules at the
     top and still answers --help and bad flags before torch has loaded (seconds)."""

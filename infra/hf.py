@@ -33,7 +33,7 @@ from infra import atomic
 from infra.bnb import nf4_state_from_tensors
 from infra.rope_scaling import hf_rope_scaling, normalize_rope_scaling, rope_inv_freq
 from model import DECODER_LINEARS, ModelArgs, Transformer
-from quant import Linear4bit, dequantize_nf4
+from quant import NESTED_BLOCKSIZE, Linear4bit, NF4State, dequantize_nf4
 
 # --------------------------------------------------------------------------- config.json
 
@@ -243,7 +243,8 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, q
                quant_backend: str = "auto") -> Transformer:
     """An HF LLaMA folder as our Transformer in eval mode. rope_scaling (e.g. {"type": "linear", "factor": 2.0})
     replaces the config's: Position Interpolation applied at load time. quantize="nf4" stores the seven decoder
-    linears of every layer in NF4 (quant.Linear4bit), quantised as each tensor is read."""
+    linears of every layer in NF4 (quant.Linear4bit), quantised as each tensor is read. device "meta": the model's
+    structure alone, nothing read (--fsdp shards it first, then each rank reads what it keeps: infra/fsdp.py)."""
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be None or 'nf4', got {quantize!r}")
     args = read_config(path)
@@ -254,8 +255,23 @@ def load_model(path, *, dtype=torch.bfloat16, device="cpu", rope_scaling=None, q
     with torch.device("meta"):
         model = Transformer(args)
     nf4 = dict(compute_dtype=dtype, backend=quant_backend) if quantize == "nf4" else None
-    _load_weights(model, files, dtype, torch.device(device), nf4)
+    if torch.device(device).type != "meta":
+        _load_weights(model, files, dtype, torch.device(device), nf4)
+    else:
+        model.to(dtype)                 # what loading would give every weight
+        for key in [k for k, _ in model.named_parameters() if _DECODER_LINEAR.match(k)] if nf4 else ():
+            _put(model, key.removesuffix(".weight"), _meta_nf4(model.get_parameter(key).shape, nf4))
     return model.eval()
+
+
+def _meta_nf4(shape, nf4: dict) -> Linear4bit:
+    """A Linear4bit of a (out, in) weight on the meta device: the shapes of its NF4 tensors (quant.py), no values."""
+    n = math.prod(shape)
+    blocks = -(-n // 64)
+    empty = lambda size, dtype=torch.uint8: torch.empty(size, dtype=dtype, device="meta")     # noqa: E731
+    state = NF4State(tuple(shape), nf4["compute_dtype"], 64, empty(blocks), empty(16, torch.float32), 0.0,
+                     empty(-(-blocks // NESTED_BLOCKSIZE), torch.float32), NESTED_BLOCKSIZE, empty(256, torch.float32))
+    return Linear4bit(empty(((n + 1) // 2, 1)), state, **nf4)
 
 
 def _weight_name(name: str) -> str:

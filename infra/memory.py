@@ -52,6 +52,12 @@ segment shift, whose shifted half pads its last group, else 1; k = 1.5 copies of
 The checkpoints of layers already back-propagated are freed, so the layer peak is at the last layer. The
 fixed parts for LLaMA-2-7B equal REFERENCE §7's first-principles table; bench/width_memory.py measures the
 per-token parts at 7B width on CPU (within 10%), bench/gpu_check.py the whole on a GPU.
+
+One rank of N (--world-size N): data parallel keeps everything above on every rank. --fsdp (infra/fsdp.py) keeps
+1/N of the weights and of the LoRA weight + grad + moments, and adds what FSDP2 all-gathers: the decoder layer
+being computed and the one prefetched (its NF4 bytes, norms and fp32 LoRA, + their unsharded fp32 LoRA gradients
+and the reduce-scatter's copy of them in backward), and the root unit (embeddings, final norm, head), which
+stays whole from its forward to the end of the backward. The activations are each rank's own, unsharded.
 """
 from __future__ import annotations
 
@@ -64,11 +70,14 @@ from model import ModelArgs
 from lora import LORA_CHUNK_ELEMENTS    # fp32 elements of each per-chunk temporary of LoRA's backward
 
 # Architectures a dry run uses when there is no --model (LLaMA-2 7B / 13B config.json values).
-PRESET_ARCHS = {"llama2-7b-8k": "llama2-7b", "llama2-7b-12k": "llama2-7b", "vicuna-13b-sft-8k": "llama2-13b"}
+PRESET_ARCHS = {"llama2-7b-8k": "llama2-7b", "llama2-7b-12k": "llama2-7b", "vicuna-13b-sft-8k": "llama2-13b",
+                "llama2-70b-8k": "llama2-70b", "llama2-70b-32k": "llama2-70b"}
 ARCHS = {
     "llama2-7b": dict(vocab_size=32000, dim=4096, intermediate_size=11008, n_layers=32, n_heads=32,
                       norm_eps=1e-5, max_position_embeddings=4096),
     "llama2-13b": dict(vocab_size=32000, dim=5120, intermediate_size=13824, n_layers=40, n_heads=40,
+                       norm_eps=1e-5, max_position_embeddings=4096),
+    "llama2-70b": dict(vocab_size=32000, dim=8192, intermediate_size=28672, n_layers=80, n_heads=64, n_kv_heads=8,
                        norm_eps=1e-5, max_position_embeddings=4096),
 }
 
@@ -150,8 +159,9 @@ def predict_peak_memory(args_model: ModelArgs, ctx: int, batch_size: int = 1, lo
                         quant: str = "nf4", dtype_bytes: int = 2, lora_dropout: float = 0.05,
                         loss_chunk: int = 1024, train_embed_norm: bool = False, full_finetune: bool = False,
                         mlp_chunk: int = 0, offload: bool = False, share_inputs: bool = True, attn: str = "s2",
-                        group_size_ratio: float = 0.25, s2_shift: str = "segment") -> dict:
-    """Predicted peak device memory (bytes) of one training step, by part (see the module docstring)."""
+                        group_size_ratio: float = 0.25, s2_shift: str = "segment", world_size: int = 1,
+                        fsdp: bool = False) -> dict:
+    """Predicted peak device memory (bytes) of one training step on one rank, by part (the module docstring)."""
     a, b = args_model, dtype_bytes
     n = batch_size * ctx                                     # tokens in one micro-batch
     shapes = linear_shapes(a)
@@ -181,15 +191,20 @@ def predict_peak_memory(args_model: ModelArgs, ctx: int, batch_size: int = 1, lo
     loss_moments = loss_bytes(a, n, b, loss_chunk, full_finetune)
     layer, loss = max(layer_moments.values()), max(loss_moments.values())
     parts = {"nf4_weights" if quant == "nf4" else "dense_weights": base, "embed_and_head": embed, "norms": norms,
-             "trainable_grads_and_adam" if full_finetune else "lora_weights_grads_adam": trainable,
-             "checkpointed_hidden_states": 0 if offload else checkpoints, "layer_recompute": layer,
-             "loss_chunk": loss}
+             "trainable_grads_and_adam" if full_finetune else "lora_weights_grads_adam": trainable}
+    if fsdp and world_size > 1:          # (one process: train.py runs it unsharded)
+        parts = {k: -(-v // world_size) for k, v in parts.items()}              # each rank's shard
+        lora_bytes = 4 * lora_params // a.n_layers
+        unit = (base + norms - a.dim * b) // a.n_layers + lora_bytes             # one decoder layer, whole
+        root = embed + a.dim * b
+        parts["fsdp_gathered_units"] = 2 * (unit + 2 * lora_bytes) + root - parts["embed_and_head"]
+    parts.update(checkpointed_hidden_states=0 if offload else checkpoints, layer_recompute=layer, loss_chunk=loss)
     parts["peak_bytes"] = sum(parts.values()) - layer - loss + max(layer, loss)
     parts.update(host_checkpoints=checkpoints if offload else 0, layer_recompute_per_token=per_token,
                  layer_moments=layer_moments, loss_moments=loss_moments,
                  layer_peak_moment=max(layer_moments, key=layer_moments.get),
                  loss_peak_moment=max(loss_moments, key=loss_moments.get),
-                 lora_params=lora_params, linear_params=linear_params)
+                 lora_params=lora_params, linear_params=linear_params, world_size=world_size, fsdp=fsdp)
     return parts
 
 
@@ -220,7 +235,7 @@ def options(args, dtype_bytes: int) -> dict:
                 lora_dropout=args.lora_dropout, loss_chunk=args.loss_chunk, train_embed_norm=args.train_embed_norm,
                 full_finetune=args.full_finetune, mlp_chunk=args.mlp_chunk, offload=args.offload_activations,
                 attn=args.attn, group_size_ratio=args.group_size_ratio, s2_shift=args.s2_shift,
-                share_inputs=args.lora_dropout_masks == "shared")
+                share_inputs=args.lora_dropout_masks == "shared", world_size=args.world_size or 1, fsdp=args.fsdp)
 
 
 def dry_run(args) -> dict:
@@ -241,12 +256,16 @@ def dry_run(args) -> dict:
     print(f"predicted peak device memory of one training step: {name}, ctx {args.ctx}, micro-batch "
           f"{args.batch_size}, {base} base, {'full fine-tuning' if args.full_finetune else f'LoRA r={args.lora_r}'}, "
           f"{compute}, {args.attn} attention (fused SDPA), loss chunk {args.loss_chunk}, MLP tiles "
-          f"{args.mlp_chunk or 'off'}, checkpoints {'offloaded to the host' if args.offload_activations else 'on device'}")
+          f"{args.mlp_chunk or 'off'}, checkpoints {'offloaded to the host' if args.offload_activations else 'on device'}"
+          + (f"; one rank of {p['world_size']}, " + ("the weights and the LoRA states sharded (--fsdp)" if args.fsdp
+             else "each holding everything (data parallel)") if p["world_size"] > 1 else ""))
     rows = [(f"{base} decoder weights ({p['linear_params'] / 1e9:.2f}B params)", p[f"{base.lower()}_weights"]),
             (f"{8 * b}-bit embedding + lm_head", p["embed_and_head"]), ("norms", p["norms"]),
             ("every weight: 16-bit grad + 2 fp32 AdamW moments", p["trainable_grads_and_adam"]) if args.full_finetune
             else (f"LoRA {p['lora_params'] / 1e6:.0f}M params: fp32 weight + grad + 2 AdamW moments"
                   + (" (+ embeddings, norms)" if args.train_embed_norm else ""), p["lora_weights_grads_adam"]),
+            *([("FSDP all-gathers: the layer computed, the one prefetched, the root", p["fsdp_gathered_units"])]
+              if "fsdp_gathered_units" in p else []),
             (f"checkpointed hidden states (the input of each of {model_args.n_layers} layers)",
              p["checkpointed_hidden_states"]),
             (f"one layer's recompute + backward (widest: {p['layer_peak_moment'].replace('_', ' ')})",

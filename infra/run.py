@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from infra import atomic, checkpoint, cli, demo, hf, memory, report
+from infra import atomic, checkpoint, cli, demo, fsdp, hf, memory, report
 from model import DECODER_LINEARS
 
 PRETRAIN_STEPS = 1000   # the paper's 1000 steps when --max-steps is not given (SFT: one epoch)
@@ -45,6 +45,7 @@ class Run:
         self.args, self.out, self.last_saved = args, Path(args.out), None
         self.output = self.out / ("model" if args.full_finetune else "adapter")      # the final weights
         self.rank, self.world, self.device = init_distributed()
+        self.fsdp, self.gathered = args.fsdp and self.world > 1, None    # gathered: --fsdp's adapter, for rank 0
         self.dtype = cli.compute_dtype(args.dtype, self.device)
         created = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)
         self.lock = checkpoint.lock(self.out) if self.rank == 0 else None
@@ -103,7 +104,12 @@ class Run:
             self.log(f"warning: --warmup {args.warmup} is longer than the run ({args.max_steps} steps): the full LR "
                      "is never reached")
         torch.manual_seed(args.seed)          # the same LoRA initialisation on every rank
-        self.model, self.trainable, self.factor = build_model(args, self.dtype, self.device)
+        # --fsdp: the structure on meta, sharded, then each rank reads what it keeps (infra/fsdp.py)
+        self.model, self.trainable, self.factor = build_model(args, self.dtype, "meta" if self.fsdp else self.device)
+        if self.fsdp:
+            self.trainable = fsdp.shard(self.model)
+            fsdp.load_weights(self.model, args.model, self.dtype, self.device, args.seed, args.quant_backend)
+            self.model.set_memory_savings(args.mlp_chunk, args.offload_activations and self.device.type == "cuda")
         self.training = {"rope_scaling": self.model.args.rope_scaling, "ctx": args.ctx,
                          "max_position_embeddings": model_args.max_position_embeddings,
                          **({"template": args.template} if args.sft else {})}
@@ -112,7 +118,7 @@ class Run:
                        "compute_dtype": str(self.dtype)[6:], "base_fingerprint": hf.fingerprint(args.model),
                        "device": str(self.device), "torch": torch.__version__}
         if start is not None:
-            checkpoint.check_same_recipe(start[1], self.config, [*recipe, "base_fingerprint", "world_size"])
+            checkpoint.check_same_recipe(start[1], self.config, [*recipe, "base_fingerprint", "world_size", "fsdp"])
         # --resume of a run whose last checkpoint is its last step and whose final weights are saved: nothing to do
         self.complete = start is not None and start[0] == args.max_steps and self.output.is_dir()
         if self.rank == 0 and start is None:        # --- from here on --out is written (on resume: once restored)
@@ -132,8 +138,8 @@ class Run:
                 + f": {sum(p.numel() for p in self.trainable):,} trainable parameters; attention "
                 + (f"S²-Attn (groups of {int(args.ctx * args.group_size_ratio)}, shift {args.s2_shift})"
                    if args.attn == "s2" else "full") + f"; {len(self.dataset):,} sequences of {args.ctx} tokens, "
-                f"{args.batch_size} x {args.grad_accum} x {self.world} rank(s) per step; {args.max_steps} steps -> "
-                f"{self.out}")
+                f"{args.batch_size} x {args.grad_accum} x {self.world} rank(s){' (FSDP)' if self.fsdp else ''} per step; "
+                f"{args.max_steps} steps -> {self.out}")
 
     def restore(self, optimizer, scheduler, scaler) -> int:
         """The step to continue after: 0 for a fresh run, or the checkpoint's, with the weights, optimizer,
@@ -146,8 +152,10 @@ class Run:
             checkpoint.remove_temporaries(self.out)     # what a kill during a write left (no other run: locked)
         if self.complete:
             return step
-        checkpoint.restore(self.last_saved, self.model, self.args.full_finetune, optimizer, scheduler, scaler,
-                           self.sampler, self.rank)
+        checkpoint.restore(self.last_saved, self.model, self.args.full_finetune, None if self.fsdp else optimizer,
+                           scheduler, scaler, self.sampler, self.rank)
+        if self.fsdp:
+            fsdp.load_sharded(self.last_saved / fsdp.SHARDED, self.model, optimizer)
         if self.rank == 0:
             checkpoint.truncate_metrics(self.out / "metrics.jsonl", step)
             atomic.write_json(self.out / "train_config.json", self.config)
@@ -182,7 +190,8 @@ class Run:
     def out_of_memory(self, step: int, e: BaseException) -> str:
         """What a step that ran out of memory needed: infra/memory.py's prediction for this run's shapes."""
         args, where = self.args, "GPU" if self.device.type == "cuda" else "CPU"
-        need = memory.predict_peak_memory(self.model.args, args.ctx, **memory.options(args, self.dtype.itemsize))
+        need = memory.predict_peak_memory(self.model.args, args.ctx, **{**memory.options(args, self.dtype.itemsize),
+                                                                        "world_size": self.world, "fsdp": self.fsdp})
         return (f"step {step}: out of {where} memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                 f"one step of --ctx {args.ctx} x --batch-size {args.batch_size} is predicted to need "
                 f"{need['peak_bytes'] / 1e9:.1f} GB (infra/memory.py). See what fits with the same flags plus "
@@ -238,17 +247,23 @@ class Run:
         """Every --eval-every steps and at the last: the held-out loss at --ctx (rank 0; the others wait)."""
         if not self.args.eval_every or (step % self.args.eval_every and step != self.args.max_steps):
             return
-        if self.rank == 0:
+        if self.rank == 0 or self.fsdp:       # a sharded model computes on every rank
             result = report.held_out_loss(self.model, self.heldout, self.args.eval_sequences, self.args.batch_size,
                                           self.pad_id)
-            self.write_row({"step": step, **result, "time": now()})
+            if self.fsdp:       # no backward followed to free the root unit's gathered weights
+                self.model.reshard()
+            if self.rank == 0:
+                self.write_row({"step": step, **result, "time": now()})
             self.log(f"step {step}/{self.args.max_steps} held-out loss {result['eval_loss']:.4f} ppl "
                      f"{result['eval_ppl']:.2f} ({result['eval_tokens']} tokens, full attention)")
         if self.world > 1:
             dist.barrier()
 
-    def save_weights(self, folder: Path) -> None:
-        checkpoint.save_weights(self.model, folder, self.args.full_finetune, self.args.model, self.training)
+    def save_weights(self, folder: Path, shards: Path | None = None) -> None:
+        if shards is not None:
+            os.replace(shards, folder / fsdp.SHARDED)
+        checkpoint.save_weights(self.model, folder, self.args.full_finetune, self.args.model, self.training,
+                                self.gathered)
 
     def save_if_due(self, step: int, optimizer, scheduler, scaler) -> None:
         """A checkpoint every --save-every steps; after Ctrl-C (on any rank) one more, then stop."""
@@ -258,10 +273,15 @@ class Run:
             dist.all_reduce(flag)
             interrupted = bool(flag.item())
         if interrupted or (self.args.save_every and step % self.args.save_every == 0):
-            state = checkpoint.trainer_state(step, optimizer, scheduler, scaler, self.sampler, self.world)
+            state = checkpoint.trainer_state(step, None if self.fsdp else optimizer, scheduler, scaler, self.sampler,
+                                             self.world)
+            shards = fsdp.staging(self.out, step) if self.fsdp else None
+            if self.fsdp:       # every rank writes its shards, then rank 0 moves them into the checkpoint
+                fsdp.save_sharded(shards, self.model, optimizer)
+                self.gathered = fsdp.gather_adapter(self.model)
             if self.rank == 0:
-                self.last_saved = checkpoint.save(self.out, step, self.save_weights, state, self.config,
-                                                  self.args.keep_checkpoints)
+                self.last_saved = checkpoint.save(self.out, step, lambda tmp: self.save_weights(tmp, shards), state,
+                                                  self.config, self.args.keep_checkpoints)
         if interrupted:
             self.log(f"stopped at step {step}; checkpoint {self.last_saved}; continue with --resume")
             raise KeyboardInterrupt
@@ -274,6 +294,7 @@ class Run:
         if self.complete:
             self.log(f"{out}: the run is already complete ({args.max_steps} steps, {self.last_saved}); nothing to do")
             return {**summary, "complete": True}
+        self.gathered = fsdp.gather_adapter(self.model) if self.fsdp else None
         if self.rank == 0:
             self.save_weights(out)
         if self.world > 1:

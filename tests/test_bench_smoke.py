@@ -2,11 +2,13 @@
 
 bench/train_speed.py (ours vs HF + PEFT + bitsandbytes, its deadline, its FLOP count and dtype choice),
 bench/ctx_memory.py (peak RSS against ctx) and
-bench/gpu_check.py --cpu-smoke (the 7B GPU check's code path on a tiny model) each run as the user would
+bench/gpu_check.py --cpu-smoke (the 7B GPU check's code path on a tiny model; with --fsdp on 2 gloo ranks) each run
+as the user would
 run them, in subprocesses, with their JSON output checked.
 """
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +70,28 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert len(r["losses"]) == 2 and all(abs(x - math.log(1024)) < 0.05 for x in r["losses"])
     assert not any(r["skipped"]) and r["tokens_per_s"] > 0 and r["peak_allocated"] > 0
     assert r["predicted_peak"] > 0 and 0 < r["mfu"] < r["hfu"]
+
+
+
+def test_gpu_check_fsdp_cpu_smoke(tmp_path):
+    """--fsdp under torchrun (gloo): the same step sharded, predicted per rank with the dry run's --fsdp model."""
+    import gpu_check
+    from infra import memory
+    from model import ModelArgs
+
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(BENCH / "gpu_check.py"), "--fsdp", "--cpu-smoke", "--ctx", "512", "--dtypes", "bf16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=240, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    r = res["results"][0]
+    assert res["fsdp"] is True and res["world_size"] == 2 and r["lora_params"] == 2 * 64 * (4 * 256 + 3 * 472)
+    assert len(r["losses"]) == 2 and all(abs(x - math.log(1024)) < 0.05 for x in r["losses"])
+    one = memory.predict_peak_memory(ModelArgs(**gpu_check.SMOKE), 512, dtype_bytes=2, loss_chunk=1024)
+    parts = r["predicted_parts"]                                        # one rank of two: half the weights
+    assert parts["nf4_weights"] == -(-one["nf4_weights"] // 2) and parts["fsdp_gathered_units"] > 0
 
 
 TINY = ("--vocab", 512, "--dim", 64, "--intermediate", 128, "--layers", 2, "--heads", 4, "--ctx", 128,
