@@ -47,6 +47,9 @@ class Run:
         self.rank, self.world, self.device = init_distributed()
         self.fsdp, self.gathered = args.fsdp and self.world > 1, None    # gathered: --fsdp's adapter, for rank 0
         self.dtype = cli.compute_dtype(args.dtype, self.device)
+        if self.dtype == torch.float16 and args.train_embed_norm:     # (--dtype fp16, --as-published, auto on a V100)
+            raise ValueError("--train-embed-norm with fp16 compute: the embeddings and norms would be trained in "
+                             "fp16, whose gradients loss scaling cannot unscale; use --dtype bf16 or fp32")
         created = next((p for p in [*reversed(self.out.parents), self.out] if not p.exists()), None)
         self.lock = checkpoint.lock(self.out) if self.rank == 0 else None
         try:

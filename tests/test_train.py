@@ -274,6 +274,14 @@ def test_fp16_run_records_loss_scale(tiny, tmp_path):
     assert json.loads((out / "train_config.json").read_text())["compute_dtype"] == "float16"
 
 
+def test_fp16_with_trained_embeddings_and_norms_is_refused_before_out_is_written(tiny, tmp_path):
+    """GradScaler unscales fp32 gradients only: LoRA+'s fp16 embeddings and norms used to fail at step 1."""
+    out = tmp_path / "fp16-embed"
+    with pytest.raises(ValueError, match="--train-embed-norm with fp16 compute.*use --dtype bf16 or fp32"):
+        train.main(common(tiny, out, "--max-steps", 1, "--dtype", "fp16", "--ctx", 64, "--train-embed-norm"))
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- data parallel
 
 def test_two_process_gloo_equals_one_process_with_double_accumulation(tiny, tmp_path):
