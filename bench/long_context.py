@@ -79,17 +79,18 @@ CONFIGS = {
                  corpus=dict(chunk=(4, 24), queries_per_token=1 / 16, passkey_prob=0.55, finetune_sequences=512),
                  budgets={"1x": 1, "4x": 4},
                  eval=dict(ctx=(256, 512, 1024), probes_per_band=48, queries=4, batch_size=8, bootstrap=1000),
-                 passkey=dict(seq_len=(256, 512, 1024, 2048), trials=50, seed=0, protocols=("ours", "longlora"),
-                              at=1024)),
+                 passkey=dict(trials=50, seed=0, at=1024,
+                              protocols={"ours": (256, 512, 1024, 2048), "longlora": (256, 512, 1024)})),
     "smoke": dict(base=passkey_base.CONFIGS["smoke"], tokenizer=passkey_base.CONFIGS["smoke"]["tokenizer"],
                   short_ctx=32, long_ctx=128,
                   finetune=dict(steps=2, sequences=2, lr=1e-3, full_ft_lr=1e-3, warmup=1),
                   corpus=dict(chunk=(2, 6), queries_per_token=1 / 16, passkey_prob=0.5, finetune_sequences=16),
                   budgets={"1x": 1, "4x": 4},
                   eval=dict(ctx=(32, 64, 128), probes_per_band=3, queries=2, batch_size=4, bootstrap=50),
-                  passkey=dict(seq_len=(320, 384), trials=2, seed=0, protocols=("ours", "longlora"), at=320)),
+                  passkey=dict(trials=2, seed=0, at=320, protocols={"ours": (320, 384), "longlora": (320,)})),
 }
-# passkey "at": the length of the depth and remedy tables (long_ctx; smoke: its shortest prompt that fits).
+# passkey: the lengths per protocol (LongLoRA's prompts come out ~1.3x longer in this tokenizer: 1024 -> 1293
+# tokens); "at": the length of the depth and remedy tables (long_ctx; smoke: its shortest prompt that fits).
 # What the default run trains at each budget; the remedies at 1x (what fitted the hour).
 REMEDY_NAMES = ["s2_full_last_10", "s2_full_last_25", "s2_group_1_2", "s2_3_of_4_micro", "s2_growing_groups"]
 DEFAULT_RUNS = {"1x": ["longqlora", "lora_full_attn", "longqlora_roll", "full_ft", *REMEDY_NAMES],
@@ -339,6 +340,21 @@ def score_probes(model, cfg: dict, probes: dict, masks: dict) -> list[dict]:
     return rows
 
 
+def evaluate_variant(model, cfg: dict, probes: dict, masks: dict, tokenizer, attn: str) -> dict:
+    """{"rows": score_probes' rows, "passkey": a row per protocol and length (full attention only: passkey decodes
+    with the KV cache), "seconds"}."""
+    t = time.perf_counter()
+    rows, passkey = score_probes(model, cfg, probes, masks), []
+    protocols = cfg["passkey"]["protocols"] if attn == "full" else {}
+    for protocol, lengths in protocols.items():
+        for L in lengths:
+            r = evaluation.evaluate_passkey(model, tokenizer, L, cfg["passkey"]["trials"], cfg["passkey"]["seed"],
+                                            progress=False, protocol=protocol)
+            passkey.append({"protocol": protocol, "seq_len": L, **{k: r[k] for k in (
+                "accuracy", "correct", "trials", "depth_accuracy", "mean_prompt_tokens", "seconds")}})
+    return {"rows": rows, "passkey": passkey, "seconds": time.perf_counter() - t}
+
+
 # --------------------------------------------------------------------------- report
 
 def fact_bands(cfg: dict, prefix: str = "") -> list[str]:
@@ -390,8 +406,9 @@ def markdown_tables(results, passkey_rows, cfg, remedies=()) -> str:
 
 def passkey_tables(names: list[str], passkey_rows: list, cfg: dict) -> list[str]:
     """Passkey accuracy by length, one table per protocol, and by depth at long_ctx (ours)."""
-    lens, lines = list(cfg["passkey"]["seq_len"]), []
-    for protocol in cfg["passkey"].get("protocols", ("ours",)):      # .get: JSONs from before the protocols
+    protocols = cfg["passkey"].get("protocols", {"ours": cfg["passkey"].get("seq_len")})    # older JSONs: ours
+    lines = []
+    for protocol, lens in protocols.items():
         acc = {(label(r), r["seq_len"]): r for r in passkey_rows if r.get("protocol", "ours") == protocol}
         pk_names = [n for n in names if any((n, L) in acc for L in lens)]
         if not pk_names:
@@ -420,7 +437,7 @@ def plot(results, passkey_rows, cfg, path: Path) -> bool:
     plt = benchlib.pyplot()
     if plt is None:
         return False
-    ctxs, lens = list(cfg["eval"]["ctx"]), list(cfg["passkey"]["seq_len"])
+    ctxs, lens = list(cfg["eval"]["ctx"]), list(cfg["passkey"]["protocols"]["ours"])
     panels = fact_bands(cfg) + fact_bands(cfg, "copy ") + ["all"]
     fig, axes = plt.subplots(2, 4, figsize=(17, 8.4))
     axes = [axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1], axes[1, 2], axes[0, 3], axes[1, 3]]
@@ -536,35 +553,36 @@ def run(args) -> dict:
             with attention_schedule(schedule, steps, cfg["finetune"]["sequences"]) if schedule else contextlib.nullcontext():
                 summary, cached = miniature.finetune(source, ["--model", str(base_dir), "--log-every",
                                                               str(max(1, steps // 4))] + flags, run_dir, not args.retrain)
-            timings[f"train {source} {steps}"] = took = time.perf_counter() - t
+            took = time.perf_counter() - t
+            timings[f"train {source} {steps}"] = summary["seconds"]      # the run's own time, also when cached
             trained[(source, steps)] = Path(summary["output"])
             train_info[f"{source} ({steps})"] = {**summary, "flags": flags, "cached": cached}
             log(f"train {source} ({steps} steps): " + ("cached" if cached else f"{took:.0f} s")
                 + f", loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
-        t = time.perf_counter()
-        model = miniature.load_variant(base_dir, trained.get((source, steps)), ev)
-        scaling = model.args.rope_scaling
-        if (1.0 if scaling is None else float(scaling["factor"])) != ev["rope_factor"]:
-            raise AssertionError(f"{name}: RoPE scaling {scaling}, expected factor {ev['rope_factor']}")
         tag = {"variant": name, "steps": steps, "budget": budget, "rope_factor": ev["rope_factor"],
                "quant": ev["quant"], "attn": ev.get("attn", "full")}
-        rows = score_probes(model, cfg, probes, masks)
+        weights = trained.get((source, steps), base_dir)
+        done = runs_dir / "evals" / f"{name}-{benchlib.config_key([cfg['eval'], cfg['passkey'], ev, corpus.name, str(weights)])}.json"
+        if done.is_file() and not args.retrain:      # evaluated before (by this or a parallel run)
+            scores = json.loads(done.read_text())
+        else:
+            model = miniature.load_variant(base_dir, trained.get((source, steps)), ev)
+            scaling = model.args.rope_scaling
+            if (1.0 if scaling is None else float(scaling["factor"])) != ev["rope_factor"]:
+                raise AssertionError(f"{name}: RoPE scaling {scaling}, expected factor {ev['rope_factor']}")
+            scores = evaluate_variant(model, cfg, probes, masks, tokenizer, tag["attn"])
+            benchlib.write_json(done, scores)
+            del model
+        rows = scores["rows"]
         results += [{**tag, **r} for r in rows]
-        if tag["attn"] == "full":     # passkey decodes with the KV cache: full attention only
-            pk = cfg["passkey"]
-            for protocol, L in itertools.product(pk["protocols"], pk["seq_len"]):
-                r = evaluation.evaluate_passkey(model, tokenizer, L, pk["trials"], pk["seed"], progress=False,
-                                                protocol=protocol)
-                passkey_rows.append({**tag, "protocol": protocol, "seq_len": L, **{k: r[k] for k in (
-                    "accuracy", "correct", "trials", "depth_accuracy", "mean_prompt_tokens", "seconds")}})
-        timings[f"eval {name} {steps}"] = took = time.perf_counter() - t
+        passkey_rows += [{**tag, **r} for r in scores["passkey"]]
+        timings[f"eval {name} {steps}"] = took = scores["seconds"]
         timings["eval"] += took
         by = {(r["band"], r["eval_ctx"]): r["ppl"] for r in rows}
         log(f"eval {name} ({steps}): " + "; ".join(
             f"{b} " + "/".join(f"{by[(b, c)]:.1f}" for c in cfg["eval"]["ctx"]) for b in BAND_ORDER(cfg))
             + "; passkey " + "/".join(f"{r['accuracy']:.2f}" for r in passkey_rows if r["variant"] == name
                                       and r["steps"] == steps) + f" ({took:.0f} s)")
-        del model
         extra["remedies"] = remedy_rows(cfg, specs, results, passkey_rows)
         write_report(False)
 

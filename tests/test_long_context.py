@@ -198,7 +198,7 @@ def test_passkey_rows_and_settings(smoke):
     full_attn = {(r["variant"], r["steps"]) for r in report["results"] if r["attn"] == "full"}
     got = {(r["variant"], r["steps"], r["protocol"], r["seq_len"]) for r in report["passkey"]}
     pk = SMOKE["passkey"]
-    assert got == {(v, s, p, L) for v, s in full_attn for p in pk["protocols"] for L in pk["seq_len"]}
+    assert got == {(v, s, p, L) for v, s in full_attn for p, lens in pk["protocols"].items() for L in lens}
     assert len(got) == len(report["passkey"])
     for r in report["passkey"]:
         assert 0 <= r["accuracy"] <= 1 and r["trials"] == pk["trials"] and r["correct"] == round(r["accuracy"] * r["trials"])
@@ -278,18 +278,27 @@ def test_attention_schedule_sets_the_attention_before_every_micro_batch(monkeypa
     assert seen == [("s2", 0.25, "roll")] * 4 + [("s2", 0.5, "roll")] * 2 + [("full", 1.0, "roll")] * 2
 
 
-def test_rerun_uses_every_cache(smoke):
+def test_rerun_uses_every_cache_and_a_fresh_evaluation_agrees(smoke):
     _, out, args = smoke
-    report = run_smoke(*args, "--variants", "base", "longqlora", "--budgets", "1x",
-                       "--out", str(out / "again" / "r.json"))
-    assert report["timings"]["base"] < 5
-    assert all(info["cached"] for info in report["config"]["train"].values())
-    first = json.loads((out / "results" / "long_context.json").read_text())["results"]
-    again = {(r["variant"], r["steps"], r["eval_ctx"], r["band"]): r["ppl"] for r in report["results"]}
-    for r in first:
-        key = (r["variant"], r["steps"], r["eval_ctx"], r["band"])
-        if key in again:
-            assert again[key] == pytest.approx(r["ppl"], rel=1e-6)
+    first = json.loads((out / "results" / "long_context.json").read_text())
+    for fresh in (False, True):
+        if fresh:               # the evaluations recomputed from the cached base and adapter
+            for f in (out / "cache").glob("runs-*/evals/*.json"):
+                f.unlink()
+        report = run_smoke(*args, "--variants", "base", "longqlora", "--budgets", "1x",
+                           "--out", str(out / "again" / f"r{fresh}.json"))
+        assert report["timings"]["base"] < 5 and report["config"]["base_train"]["cached"]
+        assert all(info["cached"] for info in report["config"]["train"].values())
+        assert (report["timings"]["eval longqlora 2"] == first["timings"]["eval longqlora 2"]) != fresh
+        again = {(r["variant"], r["steps"], r["eval_ctx"], r["band"]): r["ppl"] for r in report["results"]}
+        assert len(again) == 2 * len(SMOKE["eval"]["ctx"]) * len(lc.BAND_ORDER(SMOKE))
+        for r in first["results"]:
+            key = (r["variant"], r["steps"], r["eval_ctx"], r["band"])
+            if key in again:
+                assert again[key] == pytest.approx(r["ppl"], rel=1e-6)
+        pk = {(r["variant"], r["protocol"], r["seq_len"]): r["correct"] for r in report["passkey"]}
+        assert pk == {(r["variant"], r["protocol"], r["seq_len"]): r["correct"] for r in first["passkey"]
+                      if r["variant"] in ("base", "longqlora") and r["steps"] in (0, 2)}
 
 
 def test_table_prints_the_markdown_of_an_existing_json(smoke, capsys):
@@ -298,7 +307,8 @@ def test_table_prints_the_markdown_of_an_existing_json(smoke, capsys):
     assert lc.main(["--table", "--out", str(out / "results" / "long_context.json")]) == {}
     text = capsys.readouterr().out
     assert "| variant (steps) |" in text and "| base |" in text and "| longqlora (2) |" in text
-    assert "Passkey retrieval accuracy" in text and "passkey @320" in text
+    assert "Passkey retrieval accuracy" in text and "passkey @320" in text and "LongLoRA's protocol" in text
+    assert "by the depth of the key" in text and "| s2_growing_groups (2) |" in text
 
 
 def test_diagnose_runs_its_variants_and_counts_the_answerable_queries(smoke):
