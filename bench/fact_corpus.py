@@ -157,7 +157,7 @@ def build_sequence(rng, text: TextSource, episodes, ctx: int, c: dict, bos: int,
     room = max(ctx - start, 2)
     n_q = int(round(room * c["queries_per_token"]))
     events = []                        # (position, order, what, key): statements first at equal positions
-    for what in ("lookup", "copy"):
+    for what in ("lookup", "copy") if c.get("facts", True) else ():
         events += [(p, 0, what, k) for p, k in zip(rng.integers(start, start + room, size=Facts.N).tolist(),
                                                      rng.permutation(Facts.N).tolist())]
         events += [(p, 1, what, -1) for p in rng.integers(start, start + room, size=n_q).tolist()]

@@ -76,25 +76,29 @@ CONFIGS = {
     "full": dict(base=passkey_base.CONFIGS["full"], tokenizer=passkey_base.CONFIGS["full"]["tokenizer"],
                  short_ctx=256, long_ctx=1024,
                  finetune=dict(steps=30, sequences=4, lr=2e-4 * LR_SCALE, full_ft_lr=2e-5 * LR_SCALE, warmup=3),
-                 corpus=dict(chunk=(4, 24), queries_per_token=1 / 16, passkey_prob=0.55, finetune_sequences=512),
-                 budgets={"1x": 1, "4x": 4},
+                 corpus=dict(chunk=(4, 24), queries_per_token=1 / 16, passkey_prob=0.55, finetune_sequences=1024,
+                             facts=False),
+                 budgets={"1x": 1, "4x": 4, "8x": 8},
                  eval=dict(ctx=(256, 512, 1024), probes_per_band=48, queries=4, batch_size=8, bootstrap=1000),
                  passkey=dict(trials=50, seed=0, at=1024,
                               protocols={"ours": (256, 512, 1024, 2048), "longlora": (1024,)})),
     "smoke": dict(base=passkey_base.CONFIGS["smoke"], tokenizer=passkey_base.CONFIGS["smoke"]["tokenizer"],
                   short_ctx=32, long_ctx=128,
                   finetune=dict(steps=2, sequences=2, lr=1e-3, full_ft_lr=1e-3, warmup=1),
-                  corpus=dict(chunk=(2, 6), queries_per_token=1 / 16, passkey_prob=0.5, finetune_sequences=16),
-                  budgets={"1x": 1, "4x": 4},
+                  corpus=dict(chunk=(2, 6), queries_per_token=1 / 16, passkey_prob=0.5, finetune_sequences=16,
+                              facts=False),
+                  budgets={"1x": 1, "4x": 4, "8x": 8},
                   eval=dict(ctx=(32, 64, 128), probes_per_band=3, queries=2, batch_size=4, bootstrap=50),
                   passkey=dict(trials=2, seed=0, at=320, protocols={"ours": (320, 384), "longlora": (320,)})),
 }
 # passkey: the lengths per protocol (LongLoRA's at 1024 only, for time; its prompts come out ~1.3x longer in this
 # tokenizer: 1024 -> 1293 tokens); "at": the length of the depth and remedy tables (long_ctx; smoke: the shortest).
-# What the default run trains at each budget; the remedies at 1x (what fitted the hour).
+# What the default run trains at each budget: the remedies at 4x, where full attention first retrieves at 1024;
+# 8x for the two ends of the gap (what fitted the time).
 REMEDY_NAMES = ["s2_full_last_10", "s2_full_last_25", "s2_group_1_2", "s2_3_of_4_micro", "s2_growing_groups"]
-DEFAULT_RUNS = {"1x": ["longqlora", "lora_full_attn", "longqlora_roll", "full_ft", *REMEDY_NAMES],
-                "4x": ["longqlora", "lora_full_attn", "full_ft", "longqlora_roll"]}
+DEFAULT_RUNS = {"1x": ["longqlora", "lora_full_attn", "longqlora_roll", "full_ft"],
+                "4x": ["longqlora", "lora_full_attn", "full_ft", *REMEDY_NAMES],
+                "8x": ["longqlora", "lora_full_attn"]}
 UNTRAINED = ["base", "pi"]
 
 
@@ -227,28 +231,34 @@ LLAMA2_7B = dict(dim=4096, intermediate=11008, layers=32, heads=32, kv_heads=32,
 
 
 def remedy_rows(cfg: dict, specs: dict, results: list, passkey_rows: list) -> list[dict]:
-    """For every trained longqlora-like run: its lookup ppl 512-1024 back at long_ctx, passkey accuracy at long_ctx
-    (ours), text ppl at long_ctx, its training FLOPs over pure S²-Attn's (this model; LLaMA-2-7B at 8k, 32k), and
-    whether it comes within 10% of lora_full_attn at the same steps on both retrieval measures at <= 1.3x."""
+    """For every trained longqlora-like run: passkey accuracy at `at` (ours), over all depths and for the far keys
+    (depth 0-40%: 60-100% of the prompt back), text ppl and lookup ppl 512-1024 back at long_ctx, its training
+    FLOPs over pure S²-Attn's (this model; LLaMA-2-7B at 8k, 32k), and whether it comes within 10% of
+    lora_full_attn at the same steps on both passkey measures at <= 1.3x. (The lookup values are not a measure on
+    the passkey base, which never saw the fact tokens: reported, not judged.)"""
     L, far, at = cfg["long_ctx"], band_name(bands(cfg)[-1]), cfg["passkey"]["at"]
     accum, shape = cfg["finetune"]["sequences"], model_shape(cfg["base"]["model"], cfg["tokenizer"]["vocab_size"])
     ppl = {(r["variant"], r["steps"], r["band"]): r["ppl"] for r in results if r["eval_ctx"] == L}
-    pk = {(r["variant"], r["steps"]): r["accuracy"] for r in passkey_rows
-          if r["seq_len"] == at and r["protocol"] == "ours"}
+    pk = {(r["variant"], r["steps"]): r for r in passkey_rows if r["seq_len"] == at and r["protocol"] == "ours"}
+
+    def deep(r):
+        near = [r["depth_accuracy"][b] for b in ("0-20%", "20-40%") if r["depth_accuracy"][b] is not None]
+        return sum(near) / len(near) if near else 0.0
     rows = []
     for name in ["longqlora", "lora_full_attn", *REMEDIES]:
         for steps in sorted({s for v, s, _ in ppl if v == name}):
             if (name, steps) not in pk or ("lora_full_attn", steps) not in pk:
                 continue
-            ref_ppl, ref_pk = ppl[("lora_full_attn", steps, far)], pk[("lora_full_attn", steps)]
-            row = {"variant": name, "steps": steps, "far_band": far, "far_ppl": ppl[(name, steps, far)],
-                   "passkey": pk[(name, steps)], "text_ppl": ppl[(name, steps, "text")],
+            ref = pk[("lora_full_attn", steps)]
+            row = {"variant": name, "steps": steps, "passkey": pk[(name, steps)]["accuracy"],
+                   "passkey_far": deep(pk[(name, steps)]), "text_ppl": ppl[(name, steps, "text")],
+                   "far_band": far, "far_ppl": ppl[(name, steps, far)],
                    "flops_ratio": flops_ratio(specs[name], steps, accum, shape, L),
                    "flops_ratio_llama2_7b_8k": flops_ratio(specs[name], steps, accum, LLAMA2_7B, 8192),
                    "flops_ratio_llama2_7b_32k": flops_ratio(specs[name], steps, accum, LLAMA2_7B, 32768),
                    "what": REMEDIES[name][2] if name in REMEDIES else REFERENCES[name]}
-            row["qualifies"] = (name in REMEDIES and row["far_ppl"] <= 1.1 * ref_ppl
-                                and row["passkey"] >= 0.9 * ref_pk and row["flops_ratio"] <= 1.3)
+            row["qualifies"] = (name in REMEDIES and row["passkey"] >= 0.9 * ref["accuracy"]
+                                and row["passkey_far"] >= 0.9 * deep(ref) and row["flops_ratio"] <= 1.3)
             rows.append(row)
     return rows
 
@@ -394,14 +404,14 @@ def markdown_tables(results, passkey_rows, cfg, remedies=()) -> str:
                    f"positions of the probes ({n_tok['all']} / {n_tok['text']} targets):", ["all", "text"])
     lines += passkey_tables(names, passkey_rows, cfg)
     if remedies:
-        far = remedies[0]["far_band"]
-        lines += ["", f"The S²-Attn gap and its remedies: lookup values {far} back and text at {cfg['long_ctx']} "
-                  f"tokens, passkey (ours) at {cfg['passkey']['at']}; training FLOPs over pure S²-Attn's (this model; "
-                  "LLaMA-2-7B at 8k and 32k); qualifies: within 10% of lora_full_attn on both retrieval measures at "
-                  "<= 1.3x (this model):", "", *benchlib.markdown_table(
-                      ["variant (steps)", "what", f"lookup {far}", "passkey", "text", "FLOPs", "7B 8k", "7B 32k",
+        L = cfg["passkey"]["at"]
+        lines += ["", f"The S²-Attn gap and its remedies: passkey accuracy (ours) at {L} tokens, over all depths and "
+                  "for the far keys (depth 0-40%), text ppl at the same length; training FLOPs over pure S²-Attn's "
+                  "(this model; LLaMA-2-7B at 8k and 32k); qualifies: within 10% of lora_full_attn on both passkey "
+                  "measures at <= 1.3x (this model):", "", *benchlib.markdown_table(
+                      ["variant (steps)", "what", f"passkey @{L}", "far keys", "text", "FLOPs", "7B 8k", "7B 32k",
                        "qualifies"],
-                      [[label(r), r["what"], f"{r['far_ppl']:.2f}", f"{100 * r['passkey']:.0f}%",
+                      [[label(r), r["what"], f"{100 * r['passkey']:.0f}%", f"{100 * r['passkey_far']:.0f}%",
                         f"{r['text_ppl']:.2f}", f"{r['flops_ratio']:.2f}x", f"{r['flops_ratio_llama2_7b_8k']:.2f}x",
                         f"{r['flops_ratio_llama2_7b_32k']:.2f}x", "yes" if r["qualifies"] else "no"]
                        for r in remedies])]
@@ -506,6 +516,8 @@ def run(args) -> dict:
         print(markdown_tables(report["results"], report["passkey"], report["config"], report.get("remedies", ())))
         return {}
     cfg = CONFIGS["smoke" if args.smoke else "full"]
+    if args.diagnose:           # its measure is the lookup facts: an extension corpus that has them
+        cfg = {**cfg, "corpus": {**cfg["corpus"], "facts": True}}
     data_dir, cache_dir = miniature.setup(args)
     plan, untrained = plan_runs(args, cfg)
     timings, t_start = {}, time.perf_counter()
