@@ -223,7 +223,7 @@ def test_passkey_rows_and_settings(smoke):
     # every trained run whose attention differs is a different model: none agrees with another on the far band
     # (a remedy whose schedule never switches at smoke size trains exactly longqlora, and is left out)
     specs, accum = lc.variant_flags(SMOKE, Path("corpus")), SMOKE["finetune"]["sequences"]
-    reference = {s: lc.spans(specs["longqlora"], s, accum, SMOKE["long_ctx"]) for s in (2, 8, 16)}
+    reference = {s: lc.spans(specs["longqlora"], s, accum, SMOKE["long_ctx"]) for s in (2, 8, 16, 32)}
     far = fc.band_name(fc.bands(SMOKE)[-1])
     values = [r["nll"] for r in report["results"] if r["band"] == far and r["eval_ctx"] == SMOKE["long_ctx"]
               and not (r["variant"] in lc.REMEDIES and r["steps"] and
