@@ -450,14 +450,17 @@ def passkey_tables(names: list[str], passkey_rows: list, cfg: dict) -> list[str]
 
 
 def plot(results, passkey_rows, cfg, path: Path) -> bool:
-    """Perplexity against context, one panel per band and kind, and passkey accuracy; False without matplotlib."""
+    """Perplexity against context, one panel per band and kind (without facts in the extension corpus: the text
+    only), and passkey accuracy; False without matplotlib."""
     plt = benchlib.pyplot()
     if plt is None:
         return False
     ctxs, lens = list(cfg["eval"]["ctx"]), list(cfg["passkey"]["protocols"]["ours"])
-    panels = fact_bands(cfg) + fact_bands(cfg, "copy ") + ["all"]
-    fig, axes = plt.subplots(2, 4, figsize=(17, 8.4))
-    axes = [axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1], axes[1, 2], axes[0, 3], axes[1, 3]]
+    facts = cfg["corpus"].get("facts", True)
+    panels = fact_bands(cfg) + fact_bands(cfg, "copy ") + ["all"] if facts else ["text"]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 8.4)) if facts else plt.subplots(1, 2, figsize=(13, 5.2))
+    axes = ([axes[0, 0], axes[0, 1], axes[0, 2], axes[1, 0], axes[1, 1], axes[1, 2], axes[0, 3], axes[1, 3]]
+            if facts else list(axes))
     names = list(dict.fromkeys(label(r) for r in results))
     variants = list(dict.fromkeys(r["variant"] for r in results))
     longest = max(r["steps"] for r in results)
@@ -475,14 +478,15 @@ def plot(results, passkey_rows, cfg, path: Path) -> bool:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(ctxs, [str(c) for c in ctxs])
-        ax.set_title(("copy" if band.startswith("copy") else "lookup") + f" values, evidence {band.split()[-1]} back"
-                     if band != "all" else "all tokens (last 255)", fontsize=9)
+        title = {"all": "all tokens (last 255)", "text": "ordinary text (last 255 positions of the probes)"}
+        ax.set_title(title.get(band) or ("copy" if band.startswith("copy") else "lookup")
+                     + f" values, evidence {band.split()[-1]} back", fontsize=9)
         ax.set_xlabel("evaluation context (tokens)")
         ax.grid(alpha=0.3)
-    for ax in axes[:-2]:
+    for ax in axes[:-2] if facts else ():
         ax.axhline(Facts.N, color="grey", linewidth=0.8, linestyle=":")      # chance: uniform over the values
-    axes[0].set_ylabel("perplexity of the same targets (held-out)")
-    axes[3].set_ylabel("perplexity of the same targets (held-out)")
+    for ax in (axes[0], axes[3]) if facts else axes[:1]:
+        ax.set_ylabel("perplexity of the same targets (held-out)")
     pk = axes[-1]
     pk.set_xscale("log", base=2)
     pk.set_xticks(lens, [str(c) for c in lens])
