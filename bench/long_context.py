@@ -1,20 +1,23 @@
 """Does the extended model USE the longer window? A miniature where more context must help, with passkey retrieval.
 
-Measured: passkey retrieval accuracy (eval.py's task, ours and LongLoRA's protocol, 50 trials per length, by
-depth) at 256, 512, 1024 and 2048 tokens, and the perplexity of tokens that can be predicted only from evidence
-64-256, 256-512 or 512-1024 tokens back, at 256, 512 and 1024 tokens of context, for bench/passkey_base.py's base
+Measured: passkey retrieval accuracy (eval.py's task, 50 trials per length, by depth, at 256, 512, 1024 and 2048
+tokens; LongLoRA's protocol at 1024) and the perplexity of the same text tokens at 256, 512 and 1024 tokens of
+context, for bench/passkey_base.py's base
 (1.84M parameters, trained at 256 tokens; it retrieves a passkey inside its window and not beyond) and its
-extensions to 1024 (PI x4) at "1x" (30 steps x 4 x 1024 tokens, mini_paper's budget) and "4x" (120 steps).
+extensions to 1024 (PI x4) at "1x" (30 steps x 4 x 1024 tokens, mini_paper's budget), "4x" (120 steps), and
+"8x" / "16x" for some (DEFAULT_RUNS).
 Baselines: the base and PI without training (where the extension starts), chance (ppl 8: a uniform guess among
-the 8 values). Then remedies for what S²-Attn training loses against full attention (REMEDIES), each on the
-same tokens, with its training FLOPs relative to pure S²-Attn (benchlib.train_flops_per_token).
+the 8 values). Then remedies for what S²-Attn training loses against full attention (REMEDIES, at 4x), each on
+the same tokens, with its training FLOPs relative to pure S²-Attn (benchlib.train_flops_per_token).
 
 Data: infra/pg19-mini, the sample shipped with the repository (--data-dir: another PG19-layout folder), with
-passkey episodes and key-value facts written into it (bench/fact_corpus.py): 1024-token extension sequences of
-the train split (an answered passkey episode of any length and depth in 55% of them), and 1024-token probes of
-the held-out validation split whose evidence lies in one band. Every probe is read at every length L as BOS +
-its last L - 1 tokens, so every variant and length scores the same targets; a band's score is exp(mean nll) of
-its value tokens, with a 95% bootstrap interval over probes. bench/README.md describes the design and results.
+passkey episodes written into it (bench/fact_corpus.py): 1024-token extension sequences of the train split (an
+answered passkey episode of any length and depth in 55% of them; no key-value facts: the base never saw their
+tokens, and LoRA cannot learn them), and 1024-token probes of the held-out validation split, whose text tokens
+give the text ppl (their fact bands are computed too, but measure nothing on this base). Every probe is read at
+every length L as BOS + its last L - 1 tokens, so every variant and length scores the same targets; a band's
+score is exp(mean nll) of its tokens, with a 95% bootstrap interval over probes. bench/README.md describes the
+design and results.
 
 Variants (train.py flags in variant_flags):
   base               the passkey base, RoPE factor 1
