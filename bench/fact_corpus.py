@@ -7,11 +7,12 @@ some tokens can be predicted only from far back, and the probes that score exact
               after the earlier key, an induction circuit like passkey retrieval). (A first design, verbatim
               copies of text spans at a distance, was dropped: the 5.3M base did not learn in-context copying of
               text in its pretraining budget; it does not learn the copy facts either, but it learns the lookups.)
-  sequences   BOS, with probability passkey_prob a passkey episode in eval.py's exact format, answered, then
-              natural text with, per kind, the 8 statements and ctx / 16 queries at uniform positions, so the
-              distances from query to evidence spread over the whole window (build_sequence). Pretraining:
-              256-token sequences of the train split; extension: 1024-token ones, and the same tokens cut at 256
-              for `control`, placed so that its step k reads the others' step k (control_file).
+  sequences   BOS, with probability passkey_prob a passkey episode in eval.py's exact format (any depth, any
+              length that fits), answered, then natural text with, per kind, the 8 statements and ctx / 16 queries
+              at uniform positions, so the distances from query to evidence spread over the whole window
+              (build_sequence). The extension corpus: 1024-token sequences of the train split, and the same
+              tokens cut at 256 for `control`, placed so that its step k reads the others' step k (control_file).
+              (The base is bench/passkey_base.py's, trained without facts.)
   probes      1024 tokens of the held-out validation split ending with 4 copy and 4 lookup queries whose
               statements lie in one band of distances (64-256, 256-512, 512-1024), the other keys stated just
               before the queries as distractors (build_probes).
@@ -156,7 +157,7 @@ def build_sequence(rng, text: TextSource, episodes, ctx: int, c: dict, bos: int,
     room = max(ctx - start, 2)
     n_q = int(round(room * c["queries_per_token"]))
     events = []                        # (position, order, what, key): statements first at equal positions
-    for what in ("lookup", "copy"):
+    for what in ("lookup", "copy") if c.get("facts", True) else ():
         events += [(p, 0, what, k) for p, k in zip(rng.integers(start, start + room, size=Facts.N).tolist(),
                                                      rng.permutation(Facts.N).tolist())]
         events += [(p, 1, what, -1) for p in rng.integers(start, start + room, size=n_q).tolist()]
@@ -297,11 +298,11 @@ def build_probes(rng, text: TextSource, facts: Facts, cfg: dict, bos: int) -> di
 
 
 def prepare_corpus(cfg: dict, data_dir: Path, tok_dir: Path, cache_dir: Path) -> tuple[Path, dict]:
-    """Build (or reuse) the pretraining, extension and control token files and the probes."""
+    """Build (or reuse) the extension and control token files and the probes."""
     c = cfg["corpus"]
-    key = benchlib.config_key([c, cfg["short_ctx"], cfg["long_ctx"], cfg["pretrain"]["steps"], cfg["pretrain"]["batch_size"],
-                      cfg["eval"], tok_dir.name, miniature.data_fingerprint(data_dir, "train"),
-                      miniature.data_fingerprint(data_dir, "validation"), "v2"])
+    key = benchlib.config_key([c, cfg["short_ctx"], cfg["long_ctx"], cfg["eval"], tok_dir.name,
+                               miniature.data_fingerprint(data_dir, "train"),
+                               miniature.data_fingerprint(data_dir, "validation"), "v3"])
     out = cache_dir / f"longctx-corpus-{key}"
     if (out / "corpus.json").is_file():
         return out, json.loads((out / "corpus.json").read_text())
@@ -310,10 +311,7 @@ def prepare_corpus(cfg: dict, data_dir: Path, tok_dir: Path, cache_dir: Path) ->
     train_text = TextSource(split_documents(data_dir, "train", tokenizer, cache_dir / "tokens"))
     valid_text = TextSource(split_documents(data_dir, "validation", tokenizer, cache_dir / "tokens"))
     episodes, facts = PasskeyEpisodes(tokenizer), Facts(tokenizer)
-    p = cfg["pretrain"]
-    stats = {"pretrain": build_training_file(out / "pretrain.bin", np.random.default_rng([SEED, 1]), train_text,
-                                             episodes, facts, cfg["short_ctx"], p["steps"] * p["batch_size"], c, bos),
-             "finetune": build_training_file(out / "finetune.bin", np.random.default_rng([SEED, 2]), train_text,
+    stats = {"finetune": build_training_file(out / "finetune.bin", np.random.default_rng([SEED, 2]), train_text,
                                              episodes, facts, cfg["long_ctx"], c["finetune_sequences"], c, bos)}
     control_file(out / "finetune.bin", out / "control.bin", cfg["long_ctx"], cfg["short_ctx"])
     probes = build_probes(np.random.default_rng([SEED, 3]), valid_text, facts, cfg, bos)
