@@ -100,7 +100,7 @@ CONFIGS = {
 # 8x for the two ends of the gap, 16x (1.9 epochs of the corpus) for full attention (what fitted the time).
 REMEDY_NAMES = ["s2_full_last_10", "s2_full_last_25", "s2_group_1_2", "s2_3_of_4_micro", "s2_growing_groups"]
 DEFAULT_RUNS = {"1x": ["longqlora", "lora_full_attn", "longqlora_roll", "full_ft"],
-                "4x": ["longqlora", "lora_full_attn", "full_ft", *REMEDY_NAMES],
+                "4x": ["longqlora", "lora_full_attn", "longqlora_roll", "full_ft", *REMEDY_NAMES],
                 "8x": ["longqlora", "lora_full_attn"],
                 "16x": ["lora_full_attn"]}
 UNTRAINED = ["base", "pi"]
