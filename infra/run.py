@@ -60,6 +60,9 @@ class Run:
                 shutil.rmtree(created, ignore_errors=True)
             raise
         self.log(self.describe())
+        if args.fsdp and self.world == 1:       # e.g. a 70B preset started with python instead of torchrun
+            self.log("warning: --fsdp in one process: nothing to shard, the whole model is loaded here "
+                     "(start it with torchrun --nproc_per_node N)")
 
     def log(self, message: str) -> None:
         """A line on rank 0's stdout, written above the progress bar (tqdm.write), not into it."""

@@ -223,3 +223,11 @@ def test_per_rank_prediction_shards_the_weights_and_states_and_meets_the_70b_tar
     # --budget per rank: more ranks, smaller shards, a longer context in the same memory
     fits = [memory.largest_ctx(a, 40e9, world_size=n, fsdp=True, mlp_chunk=2048) for n in (2, 8)]
     assert 8192 <= fits[0] < fits[1]
+
+
+def test_fsdp_in_one_process_says_it_shards_nothing(tiny, tmp_path, capsys):
+    """A plain run, as predicted by the one-process dry run; but never silently so (a 70B preset would OOM)."""
+    train.main(["--model", str(tiny["model"]), "--data", "synthetic", "--ctx", "64", "--max-steps", "1",
+                "--out", str(tmp_path / "out"), "--fsdp", "--save-every", "0"])
+    assert "--fsdp in one process: nothing to shard" in capsys.readouterr().out
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
