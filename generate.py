@@ -125,6 +125,8 @@ def generate(model, tokenizer, prompt_ids, max_new_tokens: int, temperature: flo
              seed: int | None = None, on_token=None, limit: int | None = None) -> list[int]:
     """Up to max_new_tokens after prompt_ids, stopping at the tokenizer's EOS (not returned; never when tokenizer
     is None) or when prompt + output reach `limit` tokens. on_token(id) gets each new token at once (streaming)."""
+    if not 0 < top_p <= 1:       # callers from Python too: top_p 0 would silently decode greedily
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if not prompt_ids:
         raise ValueError("the prompt is empty")
     if bad := [i for i in prompt_ids if not 0 <= i < model.args.vocab_size]:

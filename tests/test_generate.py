@@ -200,6 +200,8 @@ def test_token_ids_outside_the_vocabulary_and_unsampleable_logits_are_clear_erro
     tok = sources.load_tokenizer(tmp_path / "small")                # the tokenizer has more ids than the model
     with pytest.raises(ValueError, match="token id 300 of the prompt is outside the model's vocabulary of 100"):
         gen.generate(small, None, [1, 5, 300], 3)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 0"):
+        gen.generate(small, None, [1, 5], 3, temperature=0.7, top_p=0)     # never a silent greedy decode
     with pytest.raises(ValueError, match="outside the model's vocabulary of 100 ids"):
         ev.evaluate_passkey(small, tok, 200, trials=1, progress=False)
     args = types.SimpleNamespace(template="vicuna", max_new_tokens=2, temperature=0.0, top_p=1.0, seed=0)
